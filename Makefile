@@ -1,0 +1,35 @@
+# The README's two commands are `make demo` and `make test`; both set up .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU wheel of torch 2.13.0 lies on disk here; an unpinned `torch` would pull a multi-GB CUDA build.
+# Override for another machine, e.g. `make test TORCH="torch==2.6.0"`; an installed torch is kept.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+LINT_PATHS := moekit kernels tests bench
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(BIN)/python -m moekit.demo
+
+lint: setup
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+
+test: lint
+	$(BIN)/python -m pytest -q --durations=15
+
+bench: setup
+	$(BIN)/python bench/merge_memory.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,205 @@
+"""The `moekit` command: a thin click layer over the Python API.
+
+User errors (moekit.errors.UserError) print one line on stderr and exit 2; an interrupt exits 130 after the
+atomic writer has removed its temporary directory; anything else is a bug and keeps its traceback (exit 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import sys
+
+import click
+
+from moekit.errors import UserError
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MB', '1.5GiB' or a plain byte count -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B?)\s*", str(text).upper())
+    if not m:
+        raise UserError(f"--shard-size: cannot read {text!r}; use bytes or a size like 500MB or 2GB")
+    number, prefix, unit = m.groups()
+    base = 1024 if unit.startswith("I") else 1000
+    return int(float(number) * base ** " KMGT".index(prefix or " "))
+
+
+class _Terminate(BaseException):
+    """Raised by the SIGTERM handler so that cleanup runs as it does for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminate()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="moekit")
+def cli() -> None:
+    """moekit: merge models, build Mixture-of-Experts models, and see where tokens go.
+
+    \b
+    Examples:
+      moekit merge merge_configs/linear.yaml -o out/linear
+      moekit merge merge_configs/clown_moe.yaml --dry-run
+      moekit route-stats out/moe --prompts code=code.txt --prompts legal=legal.txt --plot load.png
+    """
+
+
+@cli.command("merge")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", type=click.Path(file_okay=False), help="Output directory (default: the config's `out:`).")
+@click.option("--force", is_flag=True, help="Replace an existing output (the old one is kept until the new one is complete).")
+@click.option("--dry-run", is_flag=True, help="Validate everything and print the plan and a memory estimate; write nothing.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Device for MoE hidden-state gates.")
+@click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard, in bytes (e.g. 500MB, 2GB, 1GiB).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for randomised methods (DARE, DELLA, random gates).")
+@click.option("--allow-nonfinite", is_flag=True, help="Write tensors that came out NaN/Inf instead of stopping.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-v", "--verbose", is_flag=True, help="More logging.")
+def merge_command(config, out, force, dry_run, device, shard_size, seed, allow_nonfinite, quiet, verbose) -> None:
+    """Merge models as described by a YAML CONFIG (mergekit's format is accepted unchanged).
+
+    \b
+    Dense merges: linear, task_arithmetic, ties, dare_ties, slerp, passthrough, ...
+    MoE: a mergekit-moe config (or merge_method: moe) builds a Mixtral / Qwen-MoE model.
+
+    \b
+    Example:
+      moekit merge merge_configs/ties.yaml -o out/ties --seed 1
+    """
+    from moekit.merging.api import merge
+
+    _setup_logging(quiet, verbose)
+    result = merge(
+        config, out, force=force, dry_run=dry_run, shard_size=parse_size(shard_size), seed=seed,
+        allow_nonfinite=allow_nonfinite, progress=not quiet and sys.stderr.isatty(), device=device,
+        print_fn=click.echo,
+    )  # fmt: skip
+    if result is not None and not quiet:
+        click.echo(f"wrote {result}")
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("moekit").setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the click group and maps errors to exit codes."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        cli.main(args=argv, prog_name="moekit", standalone_mode=False)
+    except UserError as e:
+        click.echo(f"moekit: error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("moekit: interrupted; no output was written", err=True)
+        sys.exit(130)
+    except (KeyboardInterrupt, _Terminate) as e:
+        click.echo("moekit: interrupted; no output was written", err=True)
+        sys.exit(143 if isinstance(e, _Terminate) else 130)
+    except click.ClickException as e:
+        click.echo(f"moekit: error: {e.format_message()}", err=True)
+        sys.exit(2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    sys.exit(0)
+
+
+# --- more commands are registered below (route-stats, ...) ---
+
+
+# --- route-stats (moekit.stats) ---
+@cli.command("route-stats")
+@click.argument("model_dir", type=click.Path())
+@click.option(
+    "--prompts",
+    "prompts",
+    multiple=True,
+    required=True,
+    metavar="[LABEL=]FILE",
+    help="Prompts file; repeat it. LABEL=FILE labels a set and turns on the per-label specialisation report.",
+)
+@click.option("--max-tokens", type=int, default=None, help="Take at most N tokens from each prompts file.")
+@click.option(
+    "--window", type=int, default=256, show_default=True, help="Longest token window fed to the model."
+)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward pass.")
+@click.option(
+    "--json", "json_out", type=click.Path(dir_okay=False), help="Write every number and the run's metadata."
+)
+@click.option("--csv", "csv_out", type=click.Path(dir_okay=False), help="Write one row per (layer, expert).")
+@click.option(
+    "--plot", "plot_out", type=click.Path(dir_okay=False), help="Write a PNG heatmap (layers x experts)."
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No table and no progress bar.")
+def route_stats_command(
+    model_dir, prompts, max_tokens, window, batch_size, json_out, csv_out, plot_out, device, quiet
+):
+    """Show where an MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE) routes the tokens of your prompts.
+
+    Per layer and overall: tokens per expert, load imbalance (max/mean, CV, Switch aux loss), router entropy
+    and top-1 probability, dead experts, expert co-selection, and how often consecutive layers pick the same
+    top-1 expert. With labelled prompt sets: each label's expert distribution, its top expert, and the mutual
+    information between label and expert.
+
+    \b
+    A prompts file with a blank line between paragraphs is plain text (code, prose) and is read whole;
+    any other file holds one prompt per line. Prompts are cut into windows of --window tokens.
+
+    \b
+    Example:
+      moekit route-stats out/moe --prompts code=code.txt --prompts legal=licence.txt \\
+          --max-tokens 4000 --json stats.json --csv stats.csv --plot load.png
+    """
+    from moekit.stats import route_stats
+    from moekit.stats.prompts import parse_prompts_option
+    from moekit.stats.report import plot, print_report
+
+    parsed = [parse_prompts_option(value) for value in prompts]
+    if all(label is None for label, _ in parsed):
+        sources = str(parsed[0][1]) if len(parsed) == 1 else _unlabelled_sources(parsed)
+    else:
+        sources = _labelled_sources(parsed)
+    stats = route_stats(
+        model_dir, sources, max_tokens=max_tokens, window=window, batch_size=batch_size, device=device,
+        progress=not quiet and sys.stderr.isatty(),
+    )  # fmt: skip
+    if not quiet:
+        print_report(stats)
+    for path, write in (
+        (json_out, stats.to_json),
+        (csv_out, stats.to_csv),
+        (plot_out, lambda p: plot(stats, p)),
+    ):
+        if path:
+            write(path)
+            if not quiet:
+                click.echo(f"wrote {path}")
+
+
+def _unlabelled_sources(parsed):
+    from moekit.stats.prompts import PromptSource, read_prompts_file
+
+    return [PromptSource(None, str(path), read_prompts_file(path)) for _, path in parsed]
+
+
+def _labelled_sources(parsed):
+    """Labelled files, several files under one label pooled; a file without a label is an error."""
+    from moekit.stats.prompts import PromptSource, read_prompts_file
+
+    by_label: dict[str, list] = {}
+    for label, path in parsed:
+        if label is None:
+            raise UserError(f"--prompts {path}: label every prompts file (LABEL=FILE) or none of them")
+        by_label.setdefault(label, []).append(path)
+    return [
+        PromptSource(
+            label, ",".join(map(str, paths)), tuple(p for path in paths for p in read_prompts_file(path))
+        )
+        for label, paths in by_label.items()
+    ]

@@ -1,0 +1,349 @@
+"""Merge configs: YAML loading, mergekit-compatible schema, validation with suggestions.
+
+mergekit ignores keys it does not know and parameters the method does not take, so a typo like `densty:` merges
+silently with the default. Here every key is checked against the schema and every parameter against the method's
+declaration, with a "did you mean" for near misses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from moekit.errors import UserError, did_you_mean
+from moekit.merging.registry import MergeMethod, Param, get_method
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+DENSE_KEYS = {
+    "merge_method": "the method, e.g. linear, ties, slerp",
+    "base_model": "path of the base model",
+    "models": "list of {model, parameters}",
+    "slices": "list of {sources: [{model, layer_range, parameters}], parameters}",
+    "parameters": "global method parameters",
+    "dtype": "dtype the inputs are cast to",
+    "out_dtype": "dtype of the output tensors",
+    "compute_dtype": "dtype of the arithmetic (moekit; default float32)",
+    "tokenizer_source": "base, union, or a model path",
+    "tokenizer": "{source, pad_to_multiple_of}",
+    "chat_template": "chat template name or Jinja text for the output tokenizer",
+    "out": "output directory (moekit)",
+    "name": "a name for the model card (moekit)",
+}
+MODEL_KEYS = {"model", "parameters"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
+SLICE_KEYS = {"sources", "parameters", "base_model"}
+TOKENIZER_KEYS = {"source", "pad_to_multiple_of", "tokens"}
+
+
+@dataclass
+class Source:
+    """One input to a slice: a model and (for slices) a layer range, with its per-model parameters."""
+
+    model: str
+    layer_range: tuple[int, int] | None
+    parameters: dict[str, Any]
+    where: str
+
+
+@dataclass
+class Slice:
+    sources: list[Source]
+    parameters: dict[str, Any]
+    base_model: str | None
+    where: str
+
+
+@dataclass
+class MergeConfig:
+    """A validated dense-merge config. `models` configs become one slice over every layer at plan time."""
+
+    method: MergeMethod
+    base_model: str | None
+    models: list[Source] | None
+    slices: list[Slice] | None
+    parameters: dict[str, Any]
+    dtype: torch.dtype | None
+    out_dtype: torch.dtype | None
+    compute_dtype: torch.dtype
+    tokenizer_source: str | None
+    pad_to_multiple_of: int | None
+    chat_template: str | None
+    out: str | None
+    name: str | None
+    raw: dict
+    path: Path | None
+    base_dir: Path | None = field(default=None)
+
+
+def read_yaml(source: str | Path | dict) -> tuple[dict, Path | None]:
+    """The config as a dict, and the file it came from. YAML errors name the line and column."""
+    if isinstance(source, dict):
+        return source, None
+    path = Path(source)
+    text = None
+    if isinstance(source, Path) or ("\n" not in str(source) and len(str(source)) < 4096):
+        if not path.exists():
+            if isinstance(source, str) and ":" in source and not source.endswith((".yaml", ".yml")):
+                text, path = source, None
+            else:
+                raise UserError(f"config file '{source}' does not exist")
+        elif path.is_dir():
+            raise UserError(f"config '{source}' is a directory; pass the YAML file")
+        else:
+            try:
+                text = path.read_text()
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"config '{source}': cannot read ({e})") from None
+    else:
+        text, path = str(source), None
+    name = str(path) if path else "<config>"
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise UserError(f"{name}{at}: YAML syntax error: {problem}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{name}: the config must be a YAML mapping (key: value), not {type(raw).__name__}")
+    return raw, path
+
+
+def is_moe_config(raw: dict) -> bool:
+    return raw.get("merge_method") == "moe" or ("experts" in raw and "merge_method" not in raw)
+
+
+def check_keys(obj: object, allowed, where: str) -> dict:
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a mapping, got {type(obj).__name__} {_short(obj)}")
+    for key in obj:
+        if key not in allowed:
+            raise UserError(f"{where}: unknown key '{key}'{did_you_mean(key, allowed)}; allowed: {', '.join(sorted(allowed))}")
+    return obj
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+def parse_dtype(value: object, where: str) -> torch.dtype | None:
+    if value is None:
+        return None
+    if value not in DTYPES:
+        raise UserError(f"{where}: unknown dtype {value!r}{did_you_mean(str(value), DTYPES)}; use float32, float16 or bfloat16")
+    return DTYPES[value]
+
+
+def parse_merge_config(raw: dict, path: Path | None = None) -> MergeConfig:
+    """Validate a dense-merge config; everything that can be checked without the model files is checked here."""
+    name = str(path) if path else "<config>"
+    check_keys(raw, DENSE_KEYS, name)
+    if "merge_method" not in raw:
+        raise UserError(f"{name}: missing 'merge_method' (e.g. merge_method: linear)")
+    method = get_method(raw["merge_method"], f"{name}: merge_method")
+    has_models, has_slices = raw.get("models") is not None, raw.get("slices") is not None
+    if has_models == has_slices:
+        raise UserError(f"{name}: give exactly one of 'models' or 'slices'")
+
+    base_model = _model_ref(raw.get("base_model"), f"{name}: base_model", optional=True)
+    models = slices = None
+    if has_models:
+        models = [_parse_model(m, f"{name}: models[{i}]") for i, m in enumerate(_list(raw["models"], f"{name}: models"))]
+    else:
+        slices = [_parse_slice(s, f"{name}: slices[{i}]") for i, s in enumerate(_list(raw["slices"], f"{name}: slices"))]
+
+    parameters = _params(raw.get("parameters"), f"{name}: parameters")
+    cfg_tokenizer = raw.get("tokenizer")
+    tokenizer_source = raw.get("tokenizer_source")
+    pad_to = None
+    if cfg_tokenizer is not None:
+        check_keys(cfg_tokenizer, TOKENIZER_KEYS, f"{name}: tokenizer")
+        if tokenizer_source is not None:
+            raise UserError(f"{name}: give either 'tokenizer_source' or 'tokenizer', not both")
+        if cfg_tokenizer.get("tokens"):
+            raise UserError(f"{name}: tokenizer.tokens is not supported yet; remove it and use tokenizer.source")
+        tokenizer_source = cfg_tokenizer.get("source")
+        pad_to = cfg_tokenizer.get("pad_to_multiple_of")
+        if pad_to is not None and (not isinstance(pad_to, int) or isinstance(pad_to, bool) or pad_to < 1):
+            raise UserError(f"{name}: tokenizer.pad_to_multiple_of must be a positive integer, got {_short(pad_to)}")
+    if tokenizer_source is not None and not isinstance(tokenizer_source, str):
+        raise UserError(f"{name}: tokenizer_source must be 'base', 'union' or a model path, got {_short(tokenizer_source)}")
+    if tokenizer_source == "base" and base_model is None:
+        raise UserError(f"{name}: tokenizer_source: base needs a base_model")
+    for key in ("chat_template", "out", "name"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise UserError(f"{name}: '{key}' must be a string, got {_short(raw[key])}")
+
+    config = MergeConfig(
+        method=method,
+        base_model=base_model,
+        models=models,
+        slices=slices,
+        parameters=parameters,
+        dtype=parse_dtype(raw.get("dtype"), f"{name}: dtype"),
+        out_dtype=parse_dtype(raw.get("out_dtype"), f"{name}: out_dtype"),
+        compute_dtype=parse_dtype(raw.get("compute_dtype", "float32"), f"{name}: compute_dtype"),
+        tokenizer_source=tokenizer_source,
+        pad_to_multiple_of=pad_to,
+        chat_template=raw.get("chat_template"),
+        out=raw.get("out"),
+        name=raw.get("name"),
+        raw=raw,
+        path=path,
+        base_dir=path.parent if path else None,
+    )
+    check_parameters(config, name)
+    return config
+
+
+def _list(value: object, where: str) -> list:
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: expected a non-empty list, got {_short(value)}")
+    return value
+
+
+def _model_ref(value: object, where: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{where}: expected a model path (a string), got {_short(value)}")
+    return value
+
+
+def _params(value: object, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: expected a mapping of parameter: value, got {_short(value)}")
+    return dict(value)
+
+
+def _parse_model(entry: object, where: str) -> Source:
+    if isinstance(entry, str):  # mergekit accepts a bare path in `models`
+        return Source(entry, None, {}, where)
+    check_keys(entry, MODEL_KEYS, where)
+    return Source(_model_ref(entry.get("model"), f"{where}.model"), None, _params(entry.get("parameters"), f"{where}.parameters"), where)
+
+
+def _parse_slice(entry: object, where: str) -> Slice:
+    check_keys(entry, SLICE_KEYS, where)
+    sources = []
+    for j, src in enumerate(_list(entry.get("sources"), f"{where}.sources")):
+        swhere = f"{where}.sources[{j}]"
+        check_keys(src, SOURCE_KEYS, swhere)
+        lr = src.get("layer_range")
+        if (
+            not isinstance(lr, list | tuple)
+            or len(lr) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+        ):
+            raise UserError(f"{swhere}.layer_range: expected [start, end] integers, got {_short(lr)}")
+        if not 0 <= lr[0] < lr[1]:
+            raise UserError(f"{swhere}.layer_range: {list(lr)} must satisfy 0 <= start < end")
+        model = _model_ref(src.get("model"), f"{swhere}.model")
+        sources.append(Source(model, (lr[0], lr[1]), _params(src.get("parameters"), f"{swhere}.parameters"), swhere))
+    lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
+    if len(lengths) > 1:
+        raise UserError(f"{where}: all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+    base = _model_ref(entry.get("base_model"), f"{where}.base_model", optional=True)
+    return Slice(sources, _params(entry.get("parameters"), f"{where}.parameters"), base, where)
+
+
+def check_parameters(config: MergeConfig, name: str) -> None:
+    """Every parameter name is known to the method, placed where it can act, and every value is valid."""
+    method = config.method
+    known = {p.name for p in method.params}
+
+    def check_block(params: dict, where: str, per_model_block: bool) -> None:
+        for key, setting in params.items():
+            p = method.param(key)
+            if p is None:
+                hint = did_you_mean(key, known)
+                takes = ", ".join(sorted(known)) or "no parameters"
+                raise UserError(f"{where}: '{method.name}' has no parameter '{key}'{hint}; it takes: {takes}")
+            if per_model_block and not p.per_model:
+                raise UserError(f"{where}: '{key}' is a global parameter of '{method.name}'; move it to the top-level parameters")
+            for value in setting_values(setting, f"{where}.{key}"):
+                check_value(p, value, f"{where}.{key}")
+
+    check_block(config.parameters, f"{name}: parameters", False)
+    for src in config.models or []:
+        check_block(src.parameters, f"{src.where}.parameters", True)
+    for sl in config.slices or []:
+        check_block(sl.parameters, f"{sl.where}.parameters", False)
+        for src in sl.sources:
+            check_block(src.parameters, f"{src.where}.parameters", True)
+
+
+def setting_values(setting: object, where: str) -> list[Any]:
+    """The scalar values a parameter setting can produce (a scalar, a gradient list, or filter conditions)."""
+    if isinstance(setting, bool | int | float | str):
+        return [setting]
+    if isinstance(setting, dict):
+        check_keys(setting, {"filter", "value"}, where)
+        if "value" not in setting:
+            raise UserError(f"{where}: a conditional parameter needs a 'value'")
+        if setting.get("filter") is not None and not isinstance(setting["filter"], str):
+            raise UserError(f"{where}.filter: must be a string (a substring of tensor names)")
+        return setting_values(setting["value"], f"{where}.value")
+    if isinstance(setting, list):
+        if not setting:
+            raise UserError(f"{where}: an empty list is not a gradient; give a value or a list of values")
+        if all(isinstance(v, bool | int | float | str) for v in setting):
+            return list(setting)
+        if all(isinstance(v, dict) for v in setting):
+            return [x for i, v in enumerate(setting) for x in setting_values(v, f"{where}[{i}]")]
+        raise UserError(f"{where}: mix of values and conditions; use a list of numbers or a list of {{filter, value}}")
+    raise UserError(f"{where}: expected a number, a list of numbers, or {{filter, value}} conditions, got {_short(setting)}")
+
+
+def check_value(p: Param, value: object, where: str) -> None:
+    if p.kind is bool:
+        ok = isinstance(value, bool)
+    elif p.kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif p.kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, p.kind)
+    if not ok:
+        raise UserError(f"{where}: expected {p.kind.__name__}, got {_short(value)}")
+    if p.check is not None and (problem := p.check(value)):
+        raise UserError(f"{where}: {value!r} {problem}")
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+    """mergekit's rule: scalars as is; numeric lists interpolated over t in [0, 1]; conditions by substring, first wins."""
+    if isinstance(setting, bool | int | float | str):
+        return setting
+    if isinstance(setting, dict):
+        setting = [setting]
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in setting):
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    if all(not isinstance(v, dict) for v in setting):
+        return setting[int(t * (len(setting) - 1))]
+    for cond in setting:
+        flt = cond.get("filter")
+        if flt is None or flt == "*" or flt in tensor_name:
+            return evaluate_setting(cond["value"], tensor_name, t)
+    return None

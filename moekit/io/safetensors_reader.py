@@ -1,0 +1,250 @@
+"""Lazy, validating reader for safetensors checkpoints (single file or sharded with an index).
+
+We parse the header ourselves instead of using `safetensors.safe_open`: safe_open memory-maps whole files, and every
+page a merge touches then counts towards resident memory until the map is dropped. Reading each tensor with
+`readinto` into a fresh buffer keeps peak memory at the tensors in flight, lets us read row ranges of a tensor,
+and lets us check every offset against the file size and explain a broken file in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moekit.errors import UserError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, absolute byte range, dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    path: Path
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate one safetensors file's header. Every problem is a one-line UserError naming the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise UserError(f"{path}: not a safetensors file (only {size} bytes); re-download it")
+            n = int.from_bytes(head, "little")
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise UserError(
+                    f"{path}: header length {n} does not fit in the file ({size} bytes); the file is truncated or "
+                    "not safetensors; re-download it"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: corrupt safetensors header (not JSON: {e}); re-download the file") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt safetensors header (not a JSON object); re-download the file")
+
+    data_start = 8 + n
+    data_len = size - data_start
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        infos[name] = _tensor_info(path, name, entry, data_start, data_len)
+    _check_no_overlap(path, infos)
+    return infos
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
+    where = f"{path}: tensor '{name}'"
+    if not isinstance(entry, dict):
+        raise UserError(f"{where}: header entry is not an object; the file is corrupt")
+    dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype_name not in DTYPES:
+        raise UserError(f"{where}: unknown dtype {dtype_name!r}; known: {', '.join(DTYPES)}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise UserError(f"{where}: bad shape {shape!r} in the header; the file is corrupt")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise UserError(f"{where}: bad data_offsets {offsets!r} in the header; the file is corrupt")
+    begin, end = offsets
+    dtype = DTYPES[dtype_name]
+    expected = math.prod(shape) * dtype.itemsize
+    if not 0 <= begin <= end:
+        raise UserError(f"{where}: data_offsets {offsets} are not ordered; the file is corrupt")
+    if end - begin != expected:
+        raise UserError(
+            f"{where}: header says {dtype_name} {shape} ({expected} bytes) but its data_offsets span "
+            f"{end - begin} bytes; the header lies about dtype, shape or offsets"
+        )
+    if end > data_len:
+        raise UserError(
+            f"{where}: data ends at byte {end} but the file holds only {data_len} data bytes; the file is "
+            "truncated: re-download it"
+        )
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+
+
+def _check_no_overlap(path: Path, infos: dict[str, TensorInfo]) -> None:
+    spans = sorted((i.start, i.end, i.name) for i in infos.values() if i.end > i.start)
+    for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise UserError(f"{path}: tensors '{name_a}' and '{name_b}' overlap in the file; the header is corrupt")
+
+
+class TensorReader:
+    """Reads tensors (or row ranges of them) from a set of safetensors files, one at a time, without mmap."""
+
+    def __init__(self, infos: dict[str, TensorInfo]):
+        self.infos = infos
+        self._handles: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor `name` in its stored dtype; with `rows=(a, b)`, only rows a..b of dimension 0."""
+        info = self.infos[name]
+        start, shape = info.start, list(info.shape)
+        if rows is not None:
+            row_bytes = info.nbytes // shape[0] if shape and shape[0] else 0
+            a, b = rows
+            start += a * row_bytes
+            shape[0] = b - a
+        nbytes = math.prod(shape) * info.dtype.itemsize
+        buf = bytearray(nbytes)
+        f = self._handle(info.path)
+        f.seek(start)
+        got = f.readinto(buf) if nbytes else 0
+        if got != nbytes:
+            raise UserError(f"{info.path}: tensor '{name}' is cut short ({got} of {nbytes} bytes); re-download the file")
+        if nbytes == 0:
+            return torch.empty(shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
+
+    def _handle(self, path: Path):
+        f = self._handles.get(path)
+        if f is None:
+            try:
+                f = open(path, "rb")  # noqa: SIM115 - kept open across reads, closed in close()
+            except OSError as e:
+                raise UserError(f"{path}: cannot open: {e.strerror or e}") from None
+            self._handles[path] = f
+        return f
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def safe_child(model_dir: Path, filename: object, what: str) -> Path:
+    """`model_dir / filename`, refusing names (or symlinks) that lead outside `model_dir`."""
+    if not isinstance(filename, str) or not filename or "\x00" in filename:
+        raise UserError(f"{what}: shard name {filename!r} is not a file name")
+    if os.path.isabs(filename) or Path(filename).drive:
+        raise UserError(f"{what}: shard name '{filename}' is an absolute path; only files inside the model directory are read")
+    root = model_dir.resolve()
+    target = (model_dir / filename).resolve()
+    if target != root and root not in target.parents:
+        raise UserError(f"{what}: shard name '{filename}' points outside the model directory {model_dir}; refusing it")
+    return model_dir / filename
+
+
+def checkpoint_infos(model_dir: Path) -> dict[str, TensorInfo]:
+    """All tensors of a checkpoint directory: the index and its shards, or a single safetensors file."""
+    index_path = model_dir / INDEX_NAME
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{index_path}: not valid JSON ({e}); re-download the index") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{index_path}: no 'weight_map' object; the index is corrupt")
+        shards: dict[str, list[str]] = {}
+        for tensor, shard in weight_map.items():
+            shards.setdefault(shard, []).append(tensor)
+        infos: dict[str, TensorInfo] = {}
+        for shard, tensors in shards.items():
+            path = safe_child(model_dir, shard, str(index_path))
+            if not path.is_file():
+                raise UserError(f"{index_path}: shard '{shard}' (holding '{tensors[0]}') is missing; re-download it")
+            header = read_header(path)
+            for tensor in tensors:
+                if tensor not in header:
+                    raise UserError(f"{index_path}: tensor '{tensor}' is mapped to '{shard}' but that file does not hold it")
+                infos[tensor] = header[tensor]
+        return infos
+    single = model_dir / SINGLE_NAME
+    if single.is_file():
+        safe_child(model_dir, SINGLE_NAME, str(model_dir))
+        return read_header(single)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if len(files) == 1:
+        safe_child(model_dir, files[0].name, str(model_dir))
+        return read_header(files[0])
+    if files:
+        raise UserError(
+            f"{model_dir}: {len(files)} safetensors files but no {INDEX_NAME}; add the index or keep one file"
+        )
+    if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")) or any(model_dir.glob("*.pth")):
+        raise UserError(
+            f"{model_dir}: only pickled weights (.bin/.pt) found; convert them to safetensors, or pass "
+            "--allow-pickle to load them with torch.load(weights_only=True)"
+        )
+    raise UserError(f"{model_dir}: no model weights (no {SINGLE_NAME} or {INDEX_NAME})")

@@ -1,0 +1,142 @@
+"""`moekit.merge(config, out, **options)`: the Python entry point behind `moekit merge`."""
+
+from __future__ import annotations
+
+import copy
+import errno
+from collections import Counter
+from pathlib import Path
+
+from moekit.config import is_moe_config, parse_merge_config, read_yaml
+from moekit.errors import UserError
+from moekit.io.output_files import copy_generation_config, copy_tokenizer, set_config_dtype, write_json, write_recipe
+from moekit.io.writer import ShardedWriter, atomic_output_dir, check_output_free
+from moekit.merging.engine import MergeRunner
+from moekit.merging.plan import Plan, build_plan
+from moekit.progress import tensor_progress
+
+DEFAULT_SHARD_SIZE = 2_000_000_000
+PROCESS_BASELINE_BYTES = 350 * 1024 * 1024  # python + torch + safetensors imported, measured on CPU
+
+
+def resolve_out(out: str | Path | None, config_out: str | None, base_dir: Path | None) -> Path:
+    if out is not None:
+        return Path(out)
+    if config_out:
+        p = Path(config_out).expanduser()
+        return p if p.is_absolute() or base_dir is None else base_dir / p
+    raise UserError("no output directory: pass -o/--out DIR or set 'out:' in the config")
+
+
+def merge(
+    config: str | Path | dict,
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    seed: int = 0,
+    allow_nonfinite: bool = False,
+    progress: bool = False,
+    device: str = "cpu",
+    print_fn=print,
+) -> Path | None:
+    """Merge the models described by `config` into the directory `out` (or the config's `out:`).
+
+    Everything is validated before the first byte is written; the output appears atomically. Returns the output
+    path, or None for a dry run (which prints the plan instead).
+    """
+    raw, path = read_yaml(config)
+    if is_moe_config(raw):
+        from moekit.moe.api import build_moe
+
+        return build_moe(
+            raw, path, out, force=force, dry_run=dry_run, shard_size=shard_size, seed=seed,
+            allow_nonfinite=allow_nonfinite, progress=progress, device=device, print_fn=print_fn,
+        )  # fmt: skip
+    if shard_size <= 0:
+        raise UserError(f"--shard-size must be a positive number of bytes, got {shard_size}")
+    cfg = parse_merge_config(raw, path)
+    out_path = resolve_out(out, cfg.out, cfg.base_dir)
+    if not dry_run:
+        check_output_free(out_path, force)
+    plan = build_plan(cfg)
+    try:
+        if dry_run:
+            describe_plan(plan, out_path, print_fn)
+            return None
+        with atomic_output_dir(out_path, force) as tmp:
+            _write_all(plan, tmp, shard_size, seed, allow_nonfinite, progress)
+    finally:
+        plan.close()
+    return out_path
+
+
+def _write_all(plan: Plan, tmp: Path, shard_size: int, seed: int, allow_nonfinite: bool, progress: bool) -> None:
+    writer = ShardedWriter(tmp, plan.output_tensors, shard_size)
+    try:
+        with tensor_progress(len(plan.jobs), plan.output_bytes, progress) as advance:
+            runner = MergeRunner(plan, seed=seed, allow_nonfinite=allow_nonfinite, on_progress=lambda job: advance(job.out.nbytes))
+            runner.run(lambda job, tensor, last: writer.write(job.out.name, tensor, last))
+        writer.close()
+        write_dense_metadata(plan, tmp)
+    except OSError as e:
+        writer.abort()
+        what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise UserError(f"cannot write the output in '{tmp.parent}': {what}; nothing was written") from None
+
+
+def output_config(plan: Plan) -> dict:
+    """The reference model's config.json, with the layer count (and per-layer lists) and dtype of the output."""
+    ref = plan.models[plan.reference]
+    cfg = copy.deepcopy(ref.config)
+    key = ref.family.num_layers_key
+    src_layers = ref.num_layers
+    if plan.num_layers != src_layers or any(m != plan.reference or i != n for n, (m, i) in enumerate(plan.layer_sources)):
+        cfg[key] = plan.num_layers
+        for name, value in list(cfg.items()):
+            if isinstance(value, list) and len(value) == src_layers and name != "architectures":
+                # Per-layer settings (e.g. layer_types) follow the layers they describe.
+                cfg[name] = [plan.models[m].config.get(name, value)[i] for m, i in plan.layer_sources]
+    dtypes = Counter(j.out.dtype for j in plan.jobs)
+    set_config_dtype(cfg, dtypes.most_common(1)[0][0])
+    for job in plan.jobs:
+        if job.is_embedding and job.out.name.endswith("embed_tokens.weight"):
+            cfg["vocab_size"] = job.out.shape[0]
+    return cfg
+
+
+def write_dense_metadata(plan: Plan, out: Path) -> None:
+    cfg = plan.config
+    write_json(out / "config.json", output_config(plan))
+    ref = plan.models[plan.reference]
+    tok_src = ref.path
+    if cfg.tokenizer_source not in (None, "base", "union"):
+        tok_src = next((m.path for m in plan.models if m.ref == cfg.tokenizer_source), Path(cfg.tokenizer_source))
+    copy_tokenizer(tok_src, out)
+    copy_generation_config([ref.path] + [m.path for m in plan.models], out)
+    inputs = [m.ref for m in plan.models]
+    lines = [f"merge method: `{plan.method.name}`", f"inputs: {', '.join(f'`{r}`' for r in inputs)}"]
+    if cfg.base_model:
+        lines.append(f"base model: `{cfg.base_model}`")
+    write_recipe(out, cfg.raw, cfg.name or f"{plan.method.name} merge", lines)
+
+
+def describe_plan(plan: Plan, out: Path, print_fn=print) -> None:
+    """The dry-run report: every output tensor with its method and inputs, the size, and the memory estimate."""
+    print_fn(f"plan: {plan.method.name} merge of {len(plan.models)} models into '{out}' ({plan.num_layers} layers)")
+    for m in plan.models:
+        print_fn(f"  input: {m.ref} ({m.family.name}, {m.num_layers} layers, {len(m.tensors.infos)} tensors)")
+    for job in plan.jobs:
+        srcs = ", ".join(f"{plan.models[r.model].ref}:{r.name}" for r in job.inputs)
+        base = f" base={plan.models[job.base.model].ref}" if job.base else ""
+        dtype = str(job.out.dtype).removeprefix("torch.")
+        print_fn(f"  {job.out.name} {list(job.out.shape)} {dtype} <- {plan.method.name}({srcs}){base}")
+    gb = 1024**3
+    peak = plan.peak_memory_estimate()
+    print_fn(f"output: {len(plan.jobs)} tensors, {plan.output_bytes / gb:.3f} GiB")
+    print_fn(
+        f"peak memory estimate: {peak / gb:.3f} GiB of tensors in flight + ~{PROCESS_BASELINE_BYTES / gb:.2f} GiB "
+        "process baseline"
+    )
+    print_fn("dry run: nothing was written")

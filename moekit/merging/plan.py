@@ -1,0 +1,263 @@
+"""The merge planner: config + input checkpoints -> one job per output tensor, with every check done up front.
+
+A job names its output tensor (name, dtype, shape), the input tensors that feed it (model, name) in config order,
+the base tensor when the method uses one, and the method parameters resolved for this tensor (gradients and
+filters evaluated at the tensor's layer position, with mergekit's precedence: slice source > slice > global).
+Nothing here reads tensor data; shapes come from the headers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moekit.config import MergeConfig, Slice, Source, evaluate_setting
+from moekit.errors import UserError
+from moekit.io.checkpoint import Checkpoint
+from moekit.io.writer import OutputTensor
+from moekit.merging.registry import MergeMethod
+
+PRE_WEIGHT_MARKERS = ("embed",)  # non-layer tensors evaluated at t = 0; every other one at t = 1, as in mergekit
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    model: int  # index into Plan.models
+    name: str
+
+
+@dataclass
+class Job:
+    out: OutputTensor
+    inputs: list[TensorRef]
+    base: TensorRef | None
+    params: dict[str, Any]  # python-name -> value; per-model parameters are lists aligned with `inputs`
+    is_embedding: bool = False
+
+
+@dataclass
+class Plan:
+    config: MergeConfig
+    method: MergeMethod
+    models: list[Checkpoint]
+    reference: int  # the model whose config.json and tokenizer the output takes
+    jobs: list[Job]
+    num_layers: int
+    layer_sources: list[tuple[int, int]] = field(default_factory=list)  # per output layer: (model, source layer)
+
+    @property
+    def output_tensors(self) -> list[OutputTensor]:
+        return [j.out for j in self.jobs]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(j.out.nbytes for j in self.jobs)
+
+    def peak_memory_estimate(self) -> int:
+        """Bytes of tensor data in flight at once: the worst job's inputs in compute dtype, twice (prefetch), plus
+        output and two temporaries. Row-chunked (elementwise) jobs are bounded by the chunk size."""
+        itemsize = self.config.compute_dtype.itemsize
+        worst = 0
+        for job in self.jobs:
+            numel = math.prod(job.out.shape)
+            if self.method.elementwise:
+                numel = min(numel, CHUNK_ELEMENTS)
+            n_in = len(job.inputs) + (job.base is not None)
+            worst = max(worst, numel * itemsize * (2 * n_in + 3))
+        return worst
+
+    def close(self) -> None:
+        for m in self.models:
+            m.close()
+
+
+CHUNK_ELEMENTS = 8 * 1024 * 1024  # rows per chunk for elementwise methods are chosen to stay under this
+
+
+def open_models(config: MergeConfig) -> tuple[list[Checkpoint], dict[str, int]]:
+    refs: list[tuple[str, str]] = []
+    if config.base_model:
+        refs.append((config.base_model, "base_model"))
+    for src in config.models or []:
+        refs.append((src.model, src.where))
+    for sl in config.slices or []:
+        if sl.base_model:
+            refs.append((sl.base_model, f"{sl.where}.base_model"))
+        refs.extend((src.model, src.where) for src in sl.sources)
+    models: list[Checkpoint] = []
+    index: dict[str, int] = {}
+    name = str(config.path) if config.path else "<config>"
+    for ref, where in refs:
+        if ref not in index:
+            index[ref] = len(models)
+            models.append(Checkpoint.open(ref, config.base_dir, f"{name}: {where}"))
+    families = {m.family.name for m in models}
+    if len(families) > 1:
+        listing = ", ".join(f"'{m.ref}' is {m.family.name}" for m in models)
+        raise UserError(f"{name}: models of different architectures cannot be merged: {listing}")
+    return models, index
+
+
+def build_plan(config: MergeConfig) -> Plan:
+    models, index = open_models(config)
+    try:
+        return _build(config, models, index)
+    except BaseException:
+        for m in models:
+            m.close()
+        raise
+
+
+def _slices(config: MergeConfig, models: list[Checkpoint], index: dict[str, int]) -> list[Slice]:
+    if config.slices is not None:
+        return config.slices
+    sources = [Source(s.model, (0, models[index[s.model]].num_layers), s.parameters, s.where) for s in config.models]
+    base = config.base_model
+    if base and config.method.base != "ignored" and all(s.model != base for s in sources):
+        sources.append(Source(base, (0, models[index[base]].num_layers), {}, "base_model"))
+    return [Slice(sources, {}, None, "models")]
+
+
+def _build(config: MergeConfig, models: list[Checkpoint], index: dict[str, int]) -> Plan:
+    name = str(config.path) if config.path else "<config>"
+    method = config.method
+    slices = _slices(config, models, index)
+    for sl in slices:
+        for src in sl.sources:
+            n = models[index[src.model]].num_layers
+            if src.layer_range[1] > n:
+                raise UserError(f"{name}: {src.where}.layer_range {list(src.layer_range)} goes past '{src.model}', which has {n} layers")
+
+    ref_name = config.base_model or slices[0].sources[0].model
+    reference = index[ref_name]
+    ref_model = models[reference]
+    fam = ref_model.family
+    ref_layer_tensors: dict[int, list[str]] = {}
+    non_layer: list[str] = []
+    for t in ref_model.tensors.names():
+        loc = fam.layer_of(t)
+        if loc is None:
+            non_layer.append(t)
+        else:
+            ref_layer_tensors.setdefault(loc[0], []).append(loc[1])
+    if not ref_layer_tensors:
+        raise UserError(f"{name}: '{ref_name}' has no tensors named {fam.layer_prefix}N.*; is it a {fam.name} checkpoint?")
+    layer_rests = ref_layer_tensors[min(ref_layer_tensors)]
+
+    planner = _Planner(config, method, models, index, name)
+    pre = [t for t in non_layer if any(m in t for m in PRE_WEIGHT_MARKERS)]
+    post = [t for t in non_layer if t not in pre]
+    jobs: list[Job] = []
+    for t in sorted(pre):
+        jobs.append(planner.job(t, [(s, t) for s in slices[0].sources], slices[0], t_pos=0.0))
+
+    out_layer = 0
+    layer_sources: list[tuple[int, int]] = []
+    for sl in slices:
+        start_lengths = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        for offset in range(start_lengths):
+            t_pos = offset / (start_lengths - 1) if start_lengths > 1 else 1.0
+            for rest in layer_rests:
+                out_name = fam.layer_tensor(out_layer, rest)
+                ins = [(s, fam.layer_tensor(s.layer_range[0] + offset, rest)) for s in sl.sources]
+                jobs.append(planner.job(out_name, ins, sl, t_pos))
+            first = sl.sources[0]
+            layer_sources.append((index[first.model], first.layer_range[0] + offset))
+            out_layer += 1
+    for t in sorted(post):
+        jobs.append(planner.job(t, [(s, t) for s in slices[-1].sources], slices[-1], t_pos=1.0))
+
+    # Alphabetical order, as mergekit walks tensors: randomised methods then draw their masks in the same order.
+    jobs.sort(key=lambda j: j.out.name)
+    return Plan(config, method, models, reference, jobs, out_layer, layer_sources)
+
+
+class _Planner:
+    def __init__(self, config: MergeConfig, method: MergeMethod, models: list[Checkpoint], index: dict[str, int], name: str):
+        self.config, self.method, self.models, self.index, self.name = config, method, models, index, name
+
+    def job(self, out_name: str, ins: list[tuple[Source, str]], sl: Slice, t_pos: float) -> Job:
+        method, config = self.method, self.config
+        base_name = sl.base_model or config.base_model
+        base_ref = None
+        inputs: list[tuple[Source, TensorRef]] = []
+        for src, tensor in ins:
+            ref = TensorRef(self.index[src.model], tensor)
+            self._check_exists(ref, src)
+            if method.base != "ignored" and src.model == base_name:
+                base_ref = ref
+            else:
+                inputs.append((src, ref))
+        if method.base == "required" and base_ref is None:
+            if base_name is None:
+                raise UserError(f"{self.name}: merge_method '{method.name}' needs a base_model")
+            raise UserError(f"{self.name}: {sl.where}: base_model '{base_name}' must be one of the slice's sources for '{method.name}'")
+        if len(inputs) < method.min_models:
+            raise UserError(f"{self.name}: '{method.name}' needs at least {method.min_models} models besides the base, got {len(inputs)}")
+        if method.max_models is not None and len(inputs) > method.max_models:
+            raise UserError(f"{self.name}: '{method.name}' takes at most {method.max_models} models besides the base, got {len(inputs)}")
+
+        refs = [r for _, r in inputs] + ([base_ref] if base_ref else [])
+        shapes = {self._info(r).shape for r in refs}
+        is_embedding = out_name in self.models[refs[0].model].family.embeddings
+        if len(shapes) > 1:
+            listing = ", ".join(f"'{self.models[r.model].ref}' {list(self._info(r).shape)}" for r in refs)
+            if is_embedding and config.tokenizer_source is None:
+                raise UserError(
+                    f"{self.name}: tensor '{out_name}': vocabulary sizes differ ({listing}); set tokenizer_source: base "
+                    "(or union, or a model path) to merge models with different tokenizers"
+                )
+            if not is_embedding:
+                raise UserError(f"{self.name}: tensor '{out_name}': shapes differ ({listing}); these models cannot be merged")
+        ref_info = self._info(base_ref or inputs[0][1])
+        out_dtype = config.out_dtype or config.dtype or ref_info.dtype
+        params = self._params(out_name, inputs, sl, t_pos)
+        return Job(OutputTensor(out_name, out_dtype, ref_info.shape), [r for _, r in inputs], base_ref, params, is_embedding)
+
+    def _info(self, ref: TensorRef):
+        return self.models[ref.model].tensors.infos[ref.name]
+
+    def _check_exists(self, ref: TensorRef, src: Source) -> None:
+        if ref.name not in self.models[ref.model].tensors:
+            raise UserError(f"{self.name}: {src.where}: tensor '{ref.name}' is missing from model '{src.model}'")
+
+    def _params(self, tensor: str, inputs: list[tuple[Source, TensorRef]], sl: Slice, t_pos: float) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for p in self.method.params:
+            if p.per_model:
+                values = []
+                for src, _ in inputs:
+                    v = self._lookup(p.name, tensor, t_pos, src.parameters, sl.parameters)
+                    if v is None:
+                        if p.required:
+                            raise UserError(f"{self.name}: {src.where}: '{self.method.name}' needs parameter '{p.name}' for model '{src.model}'")
+                        v = p.default
+                    values.append(_cast(p.kind, v))
+                out[p.py_name] = values
+            else:
+                v = self._lookup(p.name, tensor, t_pos, None, sl.parameters)
+                if v is None:
+                    if p.required:
+                        raise UserError(f"{self.name}: parameters: '{self.method.name}' needs parameter '{p.name}'")
+                    v = p.default
+                out[p.py_name] = _cast(p.kind, v)
+        return out
+
+    def _lookup(self, key: str, tensor: str, t_pos: float, source_params: dict | None, slice_params: dict) -> Any:
+        for block in (source_params, slice_params, self.config.parameters):
+            if block and key in block:
+                v = evaluate_setting(block[key], tensor, t_pos)
+                if v is not None:
+                    return v
+        return None
+
+
+def _cast(kind: type, value: Any) -> Any:
+    return kind(value) if kind in (int, float) and value is not None else value
+
+
+def compute_dtype_for(plan: Plan, stored: torch.dtype) -> torch.dtype:
+    return torch.float64 if stored == torch.float64 else plan.config.compute_dtype

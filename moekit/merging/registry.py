@@ -1,0 +1,111 @@
+"""The merge-method registry: each method is a small pure function with its parameters declared.
+
+A method receives the input tensors of one output tensor (already in the compute dtype, in config order) and
+returns the merged tensor. Per-model parameters arrive as lists aligned with `tensors`; global parameters arrive
+as scalars. Gradients and filters are resolved by the planner before the call, so methods never see them.
+
+    @merge_method("task_arithmetic", base="required", params=[Param("weight", float, per_model=True), ...])
+    def task_arithmetic(tensors, base, *, weight, lambda_, normalize): ...
+
+A method raises ValueError for a problem with the numbers (e.g. weights summing to zero); the engine turns it
+into a one-line error that names the tensor.
+"""
+
+from __future__ import annotations
+
+import keyword
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from moekit.errors import UserError, did_you_mean
+
+REQUIRED: Any = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """A declared method parameter. `check` returns an error text for a bad value, or None."""
+
+    name: str
+    kind: type  # float, int, bool or str
+    default: Any = REQUIRED
+    per_model: bool = False
+    check: Callable[[Any], str | None] | None = None
+    help: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    @property
+    def py_name(self) -> str:
+        return self.name + "_" if keyword.iskeyword(self.name) else self.name
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: Callable[..., Any]
+    params: tuple[Param, ...]
+    base: Literal["required", "optional", "ignored"]
+    min_models: int
+    max_models: int | None
+    elementwise: bool  # output[i] depends only on inputs[i]: the engine may stream row chunks
+    random: bool  # takes `rng: torch.Generator`
+    doc: str
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def merge_method(
+    name: str,
+    *,
+    params: Sequence[Param] = (),
+    base: Literal["required", "optional", "ignored"] = "ignored",
+    min_models: int = 1,
+    max_models: int | None = None,
+    elementwise: bool = False,
+    random: bool = False,
+):
+    """Register `fn` as merge method `name`."""
+
+    def register(fn):
+        if name in METHODS:
+            raise RuntimeError(f"merge method {name!r} registered twice")
+        METHODS[name] = MergeMethod(
+            name, fn, tuple(params), base, min_models, max_models, elementwise, random, (fn.__doc__ or "").strip()
+        )
+        return fn
+
+    return register
+
+
+def get_method(name: object, where: str = "merge_method") -> MergeMethod:
+    from moekit.merging import methods  # noqa: F401 - importing registers every method
+
+    if not isinstance(name, str) or name not in METHODS:
+        known = ", ".join(sorted(METHODS))
+        raise UserError(f"{where}: unknown merge method {name!r}{did_you_mean(str(name), METHODS)}; known: {known}")
+    return METHODS[name]
+
+
+# Shared checks, so every method words its range errors the same way.
+def in_range(lo: float, hi: float, lo_open: bool = False) -> Callable[[Any], str | None]:
+    def check(v):
+        ok = (lo < v if lo_open else lo <= v) and v <= hi
+        return None if ok else f"must be in {'(' if lo_open else '['}{lo}, {hi}]"
+
+    return check
+
+
+def non_negative(v) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def positive(v) -> str | None:
+    return None if v > 0 else "must be > 0"

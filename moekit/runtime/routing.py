@@ -1,0 +1,167 @@
+"""Router math: router logits -> (top-k weights, top-k expert ids), plus the training extras.
+
+Every variant returns a `Routing(weights [T, k], indices [T, k])` with weights in float32 (the routers of
+Mixtral, Qwen and DeepSeek all compute their probabilities in float32) and indices in int64.
+
+An index equal to `num_experts` marks an assignment that was dropped (capacity overflow). It carries weight 0
+and every expert backend skips it; transformers' `eager` experts skip it too (its one-hot has an extra column).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from moekit.errors import UserError, did_you_mean
+
+
+class Routing(NamedTuple):
+    """Top-k routing for T tokens: `weights` [T, k] scale each expert's output, `indices` [T, k] pick it."""
+
+    weights: torch.Tensor
+    indices: torch.Tensor
+
+
+def softmax_topk_renorm(logits: torch.Tensor, top_k: int) -> Routing:
+    """Mixtral: softmax over all experts, keep the top k, renormalise the kept probabilities to sum to 1."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, indices = torch.topk(probs, top_k, dim=-1)
+    return Routing(weights / weights.sum(dim=-1, keepdim=True), indices)
+
+
+def softmax_topk(logits: torch.Tensor, top_k: int) -> Routing:
+    """Qwen2-MoE with `norm_topk_prob=False`: softmax over all experts, keep the top k as they are."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, indices = torch.topk(probs, top_k, dim=-1)
+    return Routing(weights, indices)
+
+
+def topk_softmax(logits: torch.Tensor, top_k: int) -> Routing:
+    """Top k of the logits first, then a softmax over those k only (Switch/GShard-style "top-k then normalise")."""
+    top_logits, indices = torch.topk(logits.float(), top_k, dim=-1)
+    return Routing(torch.softmax(top_logits, dim=-1), indices)
+
+
+def sigmoid_bias_topk(
+    logits: torch.Tensor,
+    top_k: int,
+    bias: torch.Tensor | None = None,
+    *,
+    num_groups: int = 1,
+    groups_per_token: int = 1,
+    normalize: bool = True,
+    scaling_factor: float = 1.0,
+) -> Routing:
+    """DeepSeek-V3: sigmoid scores; the bias (`e_score_correction_bias`) steers the choice but not the weights.
+
+    With `num_groups > 1` the experts are split into equal groups, each group is scored by the sum of its two
+    best biased scores, and only the `groups_per_token` best groups are eligible. The kept weights are the
+    unbiased sigmoid scores, optionally renormalised, times `scaling_factor`.
+    """
+    scores = torch.sigmoid(logits.float())
+    choice = scores if bias is None else scores + bias.float()
+    num_experts = scores.shape[-1]
+    if num_groups > 1:
+        if num_experts % num_groups:
+            raise UserError(f"sigmoid routing: {num_experts} experts do not split into {num_groups} equal groups")
+        grouped = choice.view(*choice.shape[:-1], num_groups, num_experts // num_groups)
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        best_groups = group_scores.topk(groups_per_token, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, best_groups, True)
+        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(choice.shape)
+        choice = choice.masked_fill(~expert_mask, float("-inf"))
+    indices = torch.topk(choice, top_k, dim=-1).indices
+    weights = scores.gather(-1, indices)
+    if normalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return Routing(weights * scaling_factor, indices)
+
+
+ROUTERS = {
+    "softmax_topk_renorm": softmax_topk_renorm,
+    "softmax_topk": softmax_topk,
+    "topk_softmax": topk_softmax,
+    "sigmoid_bias_topk": sigmoid_bias_topk,
+}
+
+
+def route(logits: torch.Tensor, top_k: int, method: str = "softmax_topk_renorm", **options) -> Routing:
+    """Route with the variant named `method` (a key of `ROUTERS`); `options` go to that variant."""
+    if method not in ROUTERS:
+        raise UserError(
+            f"unknown router {method!r}{did_you_mean(method, ROUTERS)}; choose one of {', '.join(ROUTERS)}"
+        )
+    if not 1 <= top_k <= logits.shape[-1]:
+        raise UserError(f"top_k={top_k} must be between 1 and the number of experts ({logits.shape[-1]})")
+    return ROUTERS[method](logits, top_k, **options)
+
+
+def jitter(hidden: torch.Tensor, noise: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Multiply the router input by U(1 - noise, 1 + noise) elementwise (Switch Transformer / Mixtral training).
+
+    Returns a new tensor; use it for the router only during training.
+    """
+    if noise <= 0:
+        return hidden
+    scale = torch.empty_like(hidden).uniform_(1.0 - noise, 1.0 + noise, generator=generator)
+    return hidden * scale
+
+
+def load_balancing_loss(
+    router_logits: torch.Tensor, indices: torch.Tensor, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch Transformer auxiliary loss E · Σᵢ fᵢ · Pᵢ.
+
+    fᵢ: top-k assignments to expert i per token (summed over the k slots, so Σᵢ fᵢ = k), Pᵢ: the mean
+    softmax probability of expert i. This is transformers' `load_balancing_loss_func` for one layer; it is
+    k at perfect balance. Only Pᵢ carries a gradient. `token_mask` [T] (bool) excludes padding tokens.
+    Pass the router's choice before `drop_over_capacity`: the loss is about what the router wants.
+    """
+    num_experts = router_logits.shape[-1]
+    probs = torch.softmax(router_logits.float().reshape(-1, num_experts), dim=-1)
+    flat_indices = indices.reshape(probs.shape[0], -1)
+    keep = torch.ones(probs.shape[0], device=probs.device) if token_mask is None else token_mask.reshape(-1).float()
+    valid = flat_indices < num_experts
+    assignments = torch.zeros(num_experts + 1, device=probs.device).index_add_(
+        0, torch.where(valid, flat_indices, num_experts).reshape(-1), keep.repeat_interleave(flat_indices.shape[1])
+    )[:num_experts]
+    num_tokens = keep.sum()
+    fraction = assignments / num_tokens
+    mean_prob = (probs * keep[:, None]).sum(dim=0) / num_tokens
+    return num_experts * torch.sum(fraction * mean_prob)
+
+
+def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: the mean over tokens of logsumexp(logits)², which keeps router logits small."""
+    flat = router_logits.float().reshape(-1, router_logits.shape[-1])
+    return torch.logsumexp(flat, dim=-1).square().mean()
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Slots per expert: ceil(capacity_factor · T · k / E)."""
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def drop_over_capacity(routing: Routing, num_experts: int, capacity_factor: float | None) -> Routing:
+    """Drop assignments beyond each expert's capacity; `capacity_factor=None` is dropless (returns `routing`).
+
+    Priority follows GShard/Switch: every token's first choice before any token's second choice, and within
+    one choice rank, earlier tokens first. A dropped assignment gets index `num_experts` and weight 0; the
+    surviving weights are not renormalised (the token's residual stream carries what was dropped).
+    """
+    if capacity_factor is None:
+        return routing
+    if capacity_factor <= 0:
+        raise UserError(f"capacity_factor={capacity_factor} must be positive (or None for dropless routing)")
+    num_tokens, top_k = routing.indices.shape
+    capacity = expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
+    # Slot-major order: row r of `by_priority` is (choice rank r // T, token r % T).
+    by_priority = routing.indices.t().reshape(-1)
+    one_hot = torch.nn.functional.one_hot(by_priority.clamp(max=num_experts), num_experts + 1)
+    position_in_expert = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1
+    kept = ((position_in_expert < capacity) & (by_priority < num_experts)).reshape(top_k, num_tokens).t()
+    indices = torch.where(kept, routing.indices, num_experts)
+    weights = torch.where(kept, routing.weights, torch.zeros_like(routing.weights))
+    return Routing(weights, indices)

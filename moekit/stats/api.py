@@ -1,0 +1,123 @@
+"""`route_stats`: prompts in, `RouteStats` out. The CLI and the demo both call this."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+import moekit
+from moekit.errors import UserError
+from moekit.stats.collect import collect, find_routers, load_model, moe_shape
+from moekit.stats.prompts import prompt_sources, token_windows
+from moekit.stats.result import RouteStats
+
+
+def route_stats(
+    model_or_path,
+    prompts,
+    *,
+    tokenizer=None,
+    max_tokens: int | None = None,
+    window: int = 256,
+    batch_size: int = 8,
+    device: str = "cpu",
+    method: str = "auto",
+    progress: bool = False,
+) -> RouteStats:
+    """Routing statistics of an MoE model over `prompts`.
+
+    `model_or_path`: a local model directory, or a loaded transformers MoE model (then pass `tokenizer`, or
+    the model's `name_or_path` must be a directory holding one). `prompts`: a prompts file, a list of strings,
+    or a mapping label -> file or list (labels turn on the specialisation report); see `moekit.stats.prompts`
+    for how files are split and windows cut. `max_tokens` caps the tokens taken from each prompt source.
+    `method`: 'auto', 'output_router_logits' or 'hooks'. `progress` draws a rich progress bar on stderr.
+    """
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
+    sources = prompt_sources(prompts)
+    if isinstance(model_or_path, (str, Path)):
+        model, loaded_tokenizer = load_model(model_or_path, device)
+        tokenizer = tokenizer or loaded_tokenizer
+        model_name = str(model_or_path)
+    else:
+        model = model_or_path.eval()
+        model_name = str(getattr(model, "name_or_path", "") or type(model).__name__)
+        if tokenizer is None:
+            tokenizer = _tokenizer_beside(model_name)
+    num_experts, top_k = moe_shape(model.config)
+
+    labelled_windows = []
+    for source in sources:
+        windows = token_windows(source.prompts, tokenizer, window, max_tokens)
+        if not windows:
+            raise UserError(f"prompts from {source.origin} produce no tokens")
+        labelled_windows.append((source.label, windows))
+    total = sum(len(w) for _, windows in labelled_windows for w in windows)
+
+    with _progress_bar(total, progress) as advance:
+        accumulator = collect(
+            model,
+            labelled_windows,
+            top_k=top_k,
+            num_experts=num_experts,
+            batch_size=batch_size,
+            method=method,
+            progress=advance,
+        )
+    return RouteStats.from_accumulator(
+        accumulator,
+        model=model_name,
+        architecture=",".join(getattr(model.config, "architectures", None) or [type(model).__name__]),
+        layers=[layer for layer, _ in find_routers(model)],
+        sources=[
+            {
+                "label": s.label,
+                "origin": s.origin,
+                "prompts": len(s.prompts),
+                "windows": len(w),
+                "tokens": sum(map(len, w)),
+            }
+            for s, (_, w) in zip(sources, labelled_windows)
+        ],
+        settings={
+            "max_tokens_per_source": max_tokens,
+            "window": window,
+            "batch_size": batch_size,
+            "device": str(next(model.parameters()).device),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "torch": torch.__version__,
+            "transformers": _transformers_version(),
+        },
+        moekit_version=moekit.__version__,
+    )
+
+
+def _tokenizer_beside(name: str):
+    from transformers import AutoTokenizer
+
+    if not Path(name).is_dir():
+        raise UserError("pass tokenizer= when the model was not loaded from a local directory")
+    return AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+@contextlib.contextmanager
+def _progress_bar(total_tokens: int, enabled: bool):
+    """Yields `advance(tokens)`; draws a transient rich bar on stderr when enabled."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("routing"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"))
+    with Progress(*columns, TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("route-stats", total=total_tokens)
+        yield lambda tokens: bar.advance(task, tokens)

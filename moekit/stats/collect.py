@@ -1,0 +1,184 @@
+"""Run an MoE model over token windows and stream each layer's router logits into a `RoutingAccumulator`.
+
+Two ways to get the logits, both giving one [tokens, E] tensor per MoE layer for each batch:
+* `output_router_logits=True` on the model's forward (Mixtral, Qwen2-MoE and Qwen3-MoE support it);
+* forward hooks on the router modules, for models whose forward does not return them.
+Only one batch's logits live at a time; padding positions are dropped using the attention mask.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from moekit.errors import UserError
+from moekit.stats.accumulate import RoutingAccumulator
+
+# The router of MoE layer N: Mixtral's `block_sparse_moe.gate` (on disk and in transformers 4.x) or
+# `mlp.gate` (transformers 5 Mixtral, Qwen2-MoE, Qwen3-MoE). The `$` leaves out Qwen2-MoE's `shared_expert_gate`.
+ROUTER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate$")
+
+# Config attributes that hold the expert count, by model family.
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def moe_shape(config) -> tuple[int, int]:
+    """(num_experts, top_k) from a transformers config; UserError for a dense model."""
+    experts = next((getattr(config, key) for key in _EXPERT_COUNT_KEYS if getattr(config, key, None)), None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if not experts or not top_k:
+        archs = ",".join(getattr(config, "architectures", None) or [config.model_type])
+        raise UserError(
+            f"{getattr(config, '_name_or_path', 'the model')} is a dense model ({archs}): route-stats needs an "
+            "MoE checkpoint such as Mixtral, Qwen2-MoE or Qwen3-MoE"
+        )
+    return int(experts), int(top_k)
+
+
+def find_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+    """(layer index, router module) for every MoE layer, in layer order."""
+    found = []
+    for name, module in model.named_modules():
+        match = ROUTER_NAME.search(name)
+        if match:
+            found.append((int(match.group(1)), module))
+    return sorted(found, key=lambda pair: pair[0])
+
+
+def load_model(path: str | Path, device: str) -> tuple[torch.nn.Module, object]:
+    """(model in eval mode on `device`, tokenizer) from a local transformers directory.
+
+    fp32 on the CPU (exact routing, and bf16 GEMMs are slow on CPUs without bf16 units); bf16 on CUDA.
+    Never runs remote code and never reaches the hub.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"model directory not found: {path} (route-stats takes a local model directory)")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json: pass a transformers model directory")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except ValueError as err:  # unknown model_type, or a model that would need remote code
+        raise UserError(
+            f"{path}/config.json: transformers cannot load it ({str(err).splitlines()[0]})"
+        ) from err
+    moe_shape(config)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: no usable tokenizer files ({str(err).splitlines()[0]})") from err
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, local_files_only=True, trust_remote_code=False
+    )
+    return model.to(device).eval(), tokenizer
+
+
+def batches(windows: Sequence[Sequence[int]], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask) batches, longest windows first so each batch pads little.
+
+    Padding goes on the right: under causal attention real tokens never see it, and its positions are masked
+    out of the statistics. Pad id 0 is arbitrary for the same reason.
+    """
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    ordered = sorted(windows, key=len, reverse=True)
+    for start in range(0, len(ordered), batch_size):
+        group = ordered[start : start + batch_size]
+        width = len(group[0])
+        ids = torch.zeros((len(group), width), dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, window in enumerate(group):
+            ids[row, : len(window)] = torch.tensor(window, dtype=torch.long)
+            mask[row, : len(window)] = 1
+        yield ids, mask
+
+
+def router_logits_reader(model: torch.nn.Module, method: str) -> Callable:
+    """A function (input_ids, attention_mask) -> list of [B*S, E] router logits, one per MoE layer."""
+    routers = find_routers(model)
+    if method == "output_router_logits":
+
+        def from_outputs(ids, mask):
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                output_router_logits=True,
+                use_cache=False,
+                logits_to_keep=1,
+            )
+            logits = getattr(out, "router_logits", None)
+            if logits is None or len(logits) != len(routers):
+                raise RuntimeError(
+                    f"output_router_logits returned {None if logits is None else len(logits)} layers, "
+                    f"expected {len(routers)}; use method='hooks'"
+                )
+            return list(logits)
+
+        return from_outputs
+    if method != "hooks":
+        raise UserError(
+            f"unknown collection method {method!r}: use 'auto', 'output_router_logits' or 'hooks'"
+        )
+
+    def from_hooks(ids, mask):
+        captured: list[torch.Tensor | None] = [None] * len(routers)
+
+        def keeper(slot):
+            def hook(module, inputs, output):
+                # transformers 5 routers return (logits, scores, indices); 4.x gates are an nn.Linear.
+                captured[slot] = output[0] if isinstance(output, tuple) else output
+
+            return hook
+
+        handles = [module.register_forward_hook(keeper(slot)) for slot, (_, module) in enumerate(routers)]
+        try:
+            model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if any(c is None for c in captured):
+            raise RuntimeError("a router module did not run during the forward pass")
+        return captured
+
+    return from_hooks
+
+
+def collect(
+    model: torch.nn.Module,
+    labelled_windows: Sequence[tuple[str | None, Sequence[Sequence[int]]]],
+    *,
+    top_k: int,
+    num_experts: int,
+    batch_size: int = 8,
+    method: str = "auto",
+    progress: Callable[[int], None] | None = None,
+) -> RoutingAccumulator:
+    """Accumulate routing over every (label, windows) group; `progress(tokens)` is called after each batch."""
+    routers = find_routers(model)
+    if not routers:
+        raise UserError(
+            f"no router modules found in {type(model).__name__} (looked for layers.N.mlp.gate / "
+            "layers.N.block_sparse_moe.gate): supported families are Mixtral, Qwen2-MoE and Qwen3-MoE"
+        )
+    if method == "auto":
+        method = "output_router_logits" if hasattr(model.config, "output_router_logits") else "hooks"
+    read_logits = router_logits_reader(model, method)
+    accumulator = RoutingAccumulator(len(routers), num_experts, top_k)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for label, windows in labelled_windows:
+            for ids, mask in batches(windows, batch_size):
+                keep = mask.reshape(-1).bool().to(device)
+                logits = read_logits(ids.to(device), mask.to(device))
+                accumulator.add([layer.reshape(-1, num_experts)[keep] for layer in logits], label)
+                if progress is not None:
+                    progress(int(keep.sum()))
+    return accumulator

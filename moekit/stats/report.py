@@ -1,0 +1,180 @@
+"""Human-facing views of a `RouteStats`: a rich terminal table and a PNG (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from moekit.stats.result import RouteStats
+
+
+def _top_experts(fractions: np.ndarray, n: int = 3) -> str:
+    order = np.argsort(-fractions, kind="stable")[:n]
+    return " ".join(f"{e}:{fractions[e]:.0%}" for e in order)
+
+
+def summary_table(stats: RouteStats) -> Table:
+    """Per-layer rows and an 'all' row: balance, confidence, dead experts, top experts, consistency, labels."""
+    spec = stats.specialisation
+    table = Table(
+        title=f"route-stats  {stats.model}  ({stats.architecture}, E={stats.num_experts}, k={stats.top_k}, "
+        f"{stats.tokens} tokens)",
+        title_justify="left",
+        caption="max/mean, cv, aux: load balance (1, 0, 1 = perfect); entropy in bits (max "
+        f"{np.log2(stats.num_experts):.2f}); dead: < 1% of a uniform share; next-layer: same top-1 expert "
+        "(chance)",
+        caption_justify="left",
+    )
+    for name in ("layer", "max/mean", "cv", "aux", "entropy", "top-1 p", "dead", "top experts", "next-layer"):
+        table.add_column(name, justify="left" if name in ("top experts", "layer") else "right")
+    if spec is not None:
+        table.add_column("MI bits (norm)", justify="right")
+        table.add_column("top expert per label")
+    fractions = stats.fractions
+    for i, layer in enumerate(stats.layers):
+        next_layer = (
+            f"{stats.top1_agreement[i]:.0%} ({stats.top1_chance[i]:.0%})" if i + 1 < len(stats.layers) else ""
+        )
+        row = [
+            str(layer),
+            f"{stats.max_over_mean[i]:.2f}",
+            f"{stats.cv[i]:.2f}",
+            f"{stats.switch_aux[i]:.3f}",
+            f"{stats.entropy_bits[i]:.2f}",
+            f"{stats.top1_prob[i]:.2f}",
+            str(int(stats.dead[i].sum())),
+            _top_experts(fractions[i]),
+            next_layer,
+        ]
+        if spec is not None:
+            row.append(f"{spec.mi_bits[i]:.3f} ({spec.mi_normalised[i]:.2f})")
+            row.append(" ".join(f"{y}:{spec.top_expert_per_layer[y][i]}" for y in spec.labels))
+        table.add_row(*row, style="red" if stats.dead[i].any() else None)
+    overall = stats.overall()
+    pooled = np.asarray(overall["fractions"])
+    agreement = overall["top1_agreement"]
+    last = [
+        "all",
+        f"{overall['max_over_mean']:.2f}",
+        f"{overall['cv']:.2f}",
+        f"{overall['switch_aux']:.3f}",
+        f"{overall['entropy_bits']:.2f}",
+        f"{overall['top1_prob']:.2f}",
+        str(overall["num_dead_experts"]),
+        _top_experts(pooled),
+        "" if agreement is None else f"{agreement:.0%} ({overall['top1_chance']:.0%})",
+    ]
+    if spec is not None:
+        last.append(f"{spec.mean_mi_bits:.3f} ({spec.mean_mi_normalised:.2f})")
+        last.append(" ".join(f"{y}:{spec.top_expert[y]}" for y in spec.labels))
+    table.add_row(*last, style="bold", end_section=True)
+    return table
+
+
+def label_table(stats: RouteStats) -> Table | None:
+    """Per label: tokens, the top expert pooled over layers with its share, and the three largest shares."""
+    spec = stats.specialisation
+    if spec is None:
+        return None
+    table = Table(
+        title=f"specialisation: I(label; expert) = {spec.mean_mi_bits:.3f} bits "
+        f"(normalised {spec.mean_mi_normalised:.2f}), mean over layers",
+        title_justify="left",
+    )
+    for name in ("label", "tokens", "top expert", "share", "largest shares"):
+        table.add_column(name, justify="left" if name in ("label", "largest shares") else "right")
+    for y in spec.labels:
+        table.add_row(
+            y,
+            str(stats.label_tokens[y]),
+            str(spec.top_expert[y]),
+            f"{spec.top_share[y]:.0%}",
+            _top_experts(spec.distribution[y]),
+        )
+    return table
+
+
+def print_report(stats: RouteStats, console: Console | None = None) -> None:
+    """Print the summary (and, with labels, the specialisation) tables."""
+    console = console or Console()
+    console.print(summary_table(stats))
+    labels = label_table(stats)
+    if labels is not None:
+        console.print(labels)
+
+
+def _tick_positions(n: int, max_ticks: int) -> np.ndarray:
+    step = max(1, int(np.ceil(n / max_ticks)))
+    return np.arange(0, n, step)
+
+
+def plot(stats: RouteStats, path: str | Path) -> Path:
+    """Write a PNG: a layers x experts heatmap of load relative to a uniform share (dead experts marked), and,
+    with labels, the per-label expert distribution pooled over layers and the mutual information per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    num_layers, num_experts = stats.counts.shape
+    spec = stats.specialisation
+    width = float(np.clip(3.5 + 0.2 * num_experts, 8, 20))
+    heat_height = float(np.clip(1.5 + 0.17 * num_layers, 3.5, 12))
+    label_height = 0.0 if spec is None else float(np.clip(1.6 + 0.35 * len(spec.labels), 2.6, 5))
+    fig = plt.figure(figsize=(width, heat_height + label_height), layout="constrained")
+    if spec is None:
+        heat_ax = fig.add_subplot()
+    else:
+        grid = fig.add_gridspec(2, 2, height_ratios=[heat_height, label_height], width_ratios=[3, 1])
+        heat_ax = fig.add_subplot(grid[0, :])
+
+    relative = stats.fractions * num_experts
+    image = heat_ax.imshow(relative, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
+    fig.colorbar(image, ax=heat_ax, label="load / uniform share (1 = balanced)", pad=0.01)
+    dead_rows, dead_cols = np.nonzero(stats.dead)
+    if dead_rows.size:
+        heat_ax.scatter(
+            dead_cols, dead_rows, marker="x", s=18, c="red", linewidths=1, label="dead (< 1% of uniform)"
+        )
+        heat_ax.legend(loc="upper right", fontsize=8, framealpha=0.8)
+    expert_ticks = _tick_positions(num_experts, 32)
+    layer_ticks = _tick_positions(num_layers, 24)
+    heat_ax.set_xticks(expert_ticks, [str(e) for e in expert_ticks], fontsize=8)
+    heat_ax.set_yticks(layer_ticks, [str(stats.layers[i]) for i in layer_ticks], fontsize=8)
+    heat_ax.set_xlabel("expert")
+    heat_ax.set_ylabel("layer")
+    heat_ax.set_title(
+        f"{Path(stats.model).name or stats.model}: tokens per expert, {stats.tokens} tokens, k={stats.top_k} "
+        f"(mean max/mean {stats.max_over_mean.mean():.2f})",
+        fontsize=10,
+    )
+
+    if spec is not None:
+        label_ax = fig.add_subplot(grid[1, 0])
+        shares = np.stack([spec.distribution[y] for y in spec.labels])
+        label_image = label_ax.imshow(shares, aspect="auto", cmap="magma", vmin=0, interpolation="nearest")
+        fig.colorbar(label_image, ax=label_ax, label="share of label's assignments", pad=0.01)
+        if num_experts <= 16:
+            for (row, col), value in np.ndenumerate(shares):
+                colour = "black" if value > 0.6 * shares.max() else "white"
+                label_ax.text(col, row, f"{value:.0%}", ha="center", va="center", fontsize=8, color=colour)
+        label_ax.set_xticks(expert_ticks, [str(e) for e in expert_ticks], fontsize=8)
+        label_ax.set_yticks(range(len(spec.labels)), spec.labels, fontsize=9)
+        label_ax.set_xlabel("expert (pooled over layers)")
+        label_ax.set_title("expert distribution per label", fontsize=10)
+
+        mi_ax = fig.add_subplot(grid[1, 1])
+        mi_ax.plot(stats.layers, spec.mi_normalised, marker="o", markersize=3)
+        mi_ax.set_ylim(0, 1)
+        mi_ax.set_xlabel("layer")
+        mi_ax.set_ylabel("I(label; expert) / bound")
+        mi_ax.set_title(f"specialisation: mean {spec.mean_mi_bits:.3f} bits", fontsize=10)
+        mi_ax.grid(alpha=0.3)
+
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,382 @@
+"""route-stats on tiny MoE models whose routers are set by hand.
+
+Every number `route_stats` reports is checked against an independent computation: the test runs the model
+itself, one window at a time and without padding, with `output_router_logits=True`, and derives each metric
+from those logits with plain numpy (float64). Some layers are pinned so their routing is known outright.
+
+Tolerances: counts are compared exactly; probabilities, entropies and their derived metrics to 1e-5 (the
+library sums fp32 softmax values in float64, the reference computes the softmax in float64; batching with
+padding also changes the fp32 logits in the last bits).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+from moekit.cli import main
+from moekit.stats import RouteStats, route_stats, specialisation_report
+from moekit.stats.report import plot, print_report
+
+CODE_WORDS = "def return import class self for in if else print lambda yield".split()
+LEGAL_WORDS = "licence copyright warranty liability grant permission notice software holder damages".split()
+SHARED_WORDS = "the a of and to".split()
+PINNED_DIM, LABEL_DIM = 0, 1  # residual dimensions that stay constant through every layer (see _pin_residual)
+TOL = 1e-5
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "<s>", *CODE_WORDS, *LEGAL_WORDS, *SHARED_WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", unk_token="[UNK]", pad_token="[PAD]")
+
+
+def _random_prompts(rng: np.random.Generator, words: list[str], count: int) -> list[str]:
+    return [
+        " ".join(rng.choice(words + SHARED_WORDS, size=int(rng.integers(3, 12)))) for _ in range(count)
+    ]
+
+
+def _pin_residual(model, tokenizer) -> None:
+    """Make residual dims PINNED_DIM and LABEL_DIM constant through the network.
+
+    Every weight that writes into the residual stream (attention o_proj, routed and shared experts' down
+    projections) gets those output rows zeroed, so the dims keep their embedding values in every layer.
+    PINNED_DIM is 4 for every token; LABEL_DIM is +4 for code words, -4 for licence words, 0 otherwise.
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("o_proj.weight") or name.endswith("shared_expert.down_proj.weight"):
+                param[[PINNED_DIM, LABEL_DIM], :] = 0
+            elif name.endswith("experts.down_proj"):  # [E, H, I]
+                param[:, [PINNED_DIM, LABEL_DIM], :] = 0
+        embed = model.get_input_embeddings().weight
+        embed[:, PINNED_DIM] = 4.0
+        embed[:, LABEL_DIM] = 0.0
+        for word in CODE_WORDS:
+            embed[tokenizer.convert_tokens_to_ids(word), LABEL_DIM] = 4.0
+        for word in LEGAL_WORDS:
+            embed[tokenizer.convert_tokens_to_ids(word), LABEL_DIM] = -4.0
+
+
+def _set_gate(model, layer: int, pinned: list[float], label: list[float], generator, scale=0.05) -> None:
+    """Router of `layer`: given columns on the pinned and label dims, N(0, scale²) weights elsewhere."""
+    gate = model.model.layers[layer].mlp.gate.weight
+    with torch.no_grad():
+        gate.copy_(scale * torch.randn(gate.shape, generator=generator))
+        gate[:, PINNED_DIM] = torch.tensor(pinned)
+        gate[:, LABEL_DIM] = torch.tensor(label)
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory):
+    """Mixtral, 4 layers, E=4, k=2. Layer 0 always picks {2, 3} (top-1 2): experts 0 and 1 are dead.
+    Layer 1 is random. Layer 2 follows the label: code -> expert 0 first, licence -> expert 1 first.
+    Layer 3 always picks expert 0 first and never expert 3."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    tokenizer = _tokenizer()
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=24, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id, pad_token_id=0,
+    )  # fmt: skip
+    model = MixtralForCausalLM(config).eval()
+    _pin_residual(model, tokenizer)
+    _set_gate(model, 0, pinned=[-3.0, -1.0, 2.0, 1.0], label=[0, 0, 0, 0], generator=generator)
+    _set_gate(model, 1, pinned=[0] * 4, label=[0] * 4, generator=generator, scale=2.0)
+    _set_gate(model, 2, pinned=[0, 0, 0, 0], label=[3.0, -3.0, 0, 0], generator=generator)
+    _set_gate(model, 3, pinned=[3.0, 0.5, 0.0, -3.0], label=[0, 0, 0, 0], generator=generator)
+    out = tmp_path_factory.mktemp("mixtral")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    """Qwen2-MoE, 3 layers with layer 1 dense (mlp_only_layers), E=6, k=2, a shared expert, random routers
+    except that layer 2 never picks expert 5."""
+    torch.manual_seed(2)
+    generator = torch.Generator().manual_seed(3)
+    tokenizer = _tokenizer()
+    config = Qwen2MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
+        shared_expert_intermediate_size=16, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+        num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1], max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id, pad_token_id=0,
+    )  # fmt: skip
+    model = Qwen2MoeForCausalLM(config).eval()
+    _pin_residual(model, tokenizer)
+    _set_gate(model, 0, pinned=[0] * 6, label=[0] * 6, generator=generator, scale=2.0)
+    # layer 2: random over the other dims (experts 0-4 share the load), expert 5 pushed far down
+    _set_gate(model, 2, pinned=[0, 0, 0, 0, 0, -4.0], label=[0] * 6, generator=generator, scale=2.0)
+    out = tmp_path_factory.mktemp("qwen2moe")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def labelled_prompts():
+    rng = np.random.default_rng(4)
+    return {"code": _random_prompts(rng, CODE_WORDS, 7), "legal": _random_prompts(rng, LEGAL_WORDS, 5)}
+
+
+# ---- the independent reference ------------------------------------------------------------------------------
+def _reference_logits(model_dir, prompts: list[str]) -> list[np.ndarray]:
+    """[tokens, E] float64 router logits per MoE layer, each prompt run alone (BOS + words, no padding)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    per_layer: list[list[np.ndarray]] = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            out = model(input_ids=torch.tensor([ids]), output_router_logits=True)
+            if not per_layer:
+                per_layer = [[] for _ in out.router_logits]
+            for layer, logits in enumerate(out.router_logits):
+                per_layer[layer].append(logits.double().numpy())
+    return [np.concatenate(chunks) for chunks in per_layer]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def _topk(probs: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-probs, axis=1, kind="stable")[:, :k]
+
+
+def _check_against_reference(stats: RouteStats, logits: list[np.ndarray], k: int) -> None:
+    num_experts = logits[0].shape[1]
+    tokens = logits[0].shape[0]
+    assert stats.tokens == tokens
+    selections = []
+    for layer, layer_logits in enumerate(logits):
+        probs = _softmax(layer_logits)
+        top = _topk(probs, k)
+        selections.append(top)
+        chosen = np.zeros_like(probs)
+        for t in range(tokens):  # deliberately a loop: one token at a time
+            chosen[t, top[t]] = 1
+        counts = chosen.sum(axis=0)
+        np.testing.assert_array_equal(stats.counts[layer], counts)
+        assert stats.counts[layer].sum() == k * tokens
+        np.testing.assert_array_equal(stats.top1_counts[layer], np.bincount(top[:, 0], minlength=num_experts))
+        share = counts / (k * tokens)
+        np.testing.assert_allclose(stats.fractions[layer], share, atol=1e-12)
+        assert stats.max_over_mean[layer] == pytest.approx(counts.max() / (k * tokens / num_experts), abs=1e-12)
+        mean = counts.mean()
+        cv = math.sqrt(sum((c - mean) ** 2 for c in counts) / num_experts) / mean
+        assert stats.cv[layer] == pytest.approx(cv, abs=1e-12)
+        mean_prob = probs.mean(axis=0)
+        assert stats.switch_aux[layer] == pytest.approx(num_experts * float(share @ mean_prob), abs=TOL)
+        # transformers' Mixtral loss on this one layer is k times ours (its f sums to k, ours to 1)
+        hf_aux = load_balancing_loss_func((torch.from_numpy(layer_logits),), num_experts, k)
+        assert float(hf_aux) == pytest.approx(k * stats.switch_aux[layer], abs=TOL)
+        entropy = -np.mean([sum(p * math.log2(p) for p in row if p > 0) for row in probs])
+        assert stats.entropy_bits[layer] == pytest.approx(entropy, abs=TOL)
+        assert stats.top1_prob[layer] == pytest.approx(probs.max(axis=1).mean(), abs=TOL)
+        np.testing.assert_array_equal(stats.dead[layer], counts < 0.01 * (k * tokens) / num_experts)
+        cosel = np.zeros((num_experts, num_experts))
+        for t in range(tokens):
+            for a in top[t]:
+                for b in top[t]:
+                    cosel[a, b] += 1
+        np.testing.assert_array_equal(stats.coselection[layer], cosel)
+    for i in range(len(logits) - 1):
+        a, b = selections[i], selections[i + 1]
+        assert stats.top1_agreement[i] == pytest.approx(np.mean(a[:, 0] == b[:, 0]), abs=1e-12)
+        shared = np.mean([len(set(x) & set(y)) for x, y in zip(a, b)]) / k
+        assert stats.topk_overlap[i] == pytest.approx(shared, abs=1e-12)
+        p, q = (np.bincount(s[:, 0], minlength=num_experts) / tokens for s in (a, b))
+        assert stats.top1_chance[i] == pytest.approx(float(p @ q), abs=1e-12)
+
+
+def _mutual_information(table: np.ndarray) -> tuple[float, float]:
+    """I(Y;E) = H(Y) + H(E) - H(Y,E), and I / min(H(Y), H(E)): a different route from the library's."""
+
+    def h(p):
+        p = p[p > 0] / p.sum()
+        return float(-(p * np.log2(p)).sum())
+
+    hy, he, hye = h(table.sum(axis=1)), h(table.sum(axis=0)), h(table.ravel())
+    mi = hy + he - hye
+    return mi, mi / min(hy, he)
+
+
+# ---- tests ---------------------------------------------------------------------------------------------
+def test_mixtral_counts_and_metrics_match_reference(mixtral_dir, labelled_prompts):
+    prompts = labelled_prompts["code"] + labelled_prompts["legal"]
+    # batch_size 3 mixes lengths, so rows are padded and the padding must be left out
+    stats = route_stats(mixtral_dir, prompts, batch_size=3)
+    logits = _reference_logits(mixtral_dir, prompts)
+    _check_against_reference(stats, logits, k=2)
+    assert stats.layers == [0, 1, 2, 3]
+    tokens = stats.tokens
+    # the pinned layers, known without looking at any logits
+    np.testing.assert_array_equal(stats.counts[0], [0, 0, tokens, tokens])
+    np.testing.assert_array_equal(stats.top1_counts[0], [0, 0, tokens, 0])
+    np.testing.assert_array_equal(stats.dead[0], [True, True, False, False])
+    assert stats.counts[3][0] == tokens and stats.counts[3][3] == 0
+    np.testing.assert_array_equal(stats.coselection[0][2:, 2:], [[tokens, tokens], [tokens, tokens]])
+    assert 0 < stats.counts[1].min()  # the random layer spreads the load
+
+
+def test_hooks_and_output_router_logits_agree(mixtral_dir, labelled_prompts):
+    a = route_stats(mixtral_dir, labelled_prompts, batch_size=4, method="output_router_logits")
+    b = route_stats(mixtral_dir, labelled_prompts, batch_size=5, method="hooks")
+    for name in ("counts", "top1_counts", "coselection", "adjacent_top1_agree", "adjacent_topk_shared"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    np.testing.assert_allclose(a.prob_sums, b.prob_sums, rtol=TOL)
+    for label in ("code", "legal"):
+        np.testing.assert_array_equal(a.label_counts[label], b.label_counts[label])
+
+
+def test_labels_specialisation_matches_independent_formula(mixtral_dir, labelled_prompts):
+    stats = route_stats(mixtral_dir, labelled_prompts, batch_size=4)
+    per_label = {y: _reference_logits(mixtral_dir, p) for y, p in labelled_prompts.items()}
+    for label, logits in per_label.items():
+        assert stats.label_tokens[label] == logits[0].shape[0]
+        for layer, layer_logits in enumerate(logits):
+            top = _topk(_softmax(layer_logits), 2)
+            counts = np.bincount(top.ravel(), minlength=4)
+            np.testing.assert_array_equal(stats.label_counts[label][layer], counts)
+    spec = specialisation_report(stats)
+    for layer in range(4):
+        table = np.stack([stats.label_counts[y][layer] for y in ("code", "legal")]).astype(float)
+        mi, nmi = _mutual_information(table)
+        assert spec.mi_bits[layer] == pytest.approx(mi, abs=1e-9)
+        assert spec.mi_normalised[layer] == pytest.approx(nmi, abs=1e-9)
+    assert spec.mi_bits[0] == pytest.approx(0.0, abs=1e-12)  # layer 0 ignores the label
+    assert spec.mi_normalised[2] > 0.3  # layer 2 follows it
+    assert spec.top_expert_per_layer["code"][2] == 0 and spec.top_expert_per_layer["legal"][2] == 1
+    pooled = {y: stats.label_counts[y].sum(axis=0) for y in ("code", "legal")}
+    for y in pooled:
+        np.testing.assert_allclose(spec.distribution[y], pooled[y] / pooled[y].sum(), atol=1e-12)
+        assert spec.top_expert[y] == int(np.argmax(pooled[y]))
+
+
+def test_qwen2_moe_skips_dense_layers_and_matches_reference(qwen_dir, labelled_prompts):
+    prompts = labelled_prompts["legal"] + labelled_prompts["code"][:3]
+    stats = route_stats(qwen_dir, prompts, batch_size=2, method="hooks")
+    assert stats.layers == [0, 2] and stats.num_experts == 6
+    _check_against_reference(stats, _reference_logits(qwen_dir, prompts), k=2)
+    assert stats.counts[1][5] == 0 and stats.dead[1][5]
+    assert stats.counts[0].min() > 0 and stats.counts[1][:5].min() > 0
+
+
+def test_windows_and_max_tokens(mixtral_dir, tmp_path):
+    words = (CODE_WORDS + SHARED_WORDS) * 3
+    text = tmp_path / "code.txt"
+    text.write_text(" ".join(words[:20]) + "\n\n" + " ".join(words[20:45]) + "\n")  # paragraphs: one document
+    stats = route_stats(mixtral_dir, str(text), window=8)
+    assert stats.tokens == 45 + math.ceil(45 / 7)  # 7 words + BOS per window
+    capped = route_stats(mixtral_dir, str(text), window=8, max_tokens=20)
+    assert capped.tokens == 20
+    assert capped.counts.sum(axis=1).tolist() == [40] * 4
+
+
+def test_outputs_json_csv_plot_and_table(mixtral_dir, labelled_prompts, tmp_path):
+    stats = route_stats(mixtral_dir, labelled_prompts, batch_size=4)
+    data = json.loads(stats.to_json(tmp_path / "s.json"))
+    assert data["tokens"] == stats.tokens and data["model"]["moe_layers"] == [0, 1, 2, 3]
+    assert data["layers"][2]["labels"]["code"]["counts"] == stats.label_counts["code"][2].tolist()
+    assert data["overall"]["switch_aux"] == pytest.approx(float(stats.switch_aux.mean()))
+    assert data["specialisation"]["top_expert"] == specialisation_report(stats).top_expert
+    assert {s["label"] for s in data["prompts"]} == {"code", "legal"}
+    rows = stats.to_csv().splitlines()
+    assert len(rows) == 1 + 4 * 4 and rows[0].startswith("layer,expert,count,fraction")
+    first = rows[1 + 2 * 4].split(",")  # layer 2, expert 0
+    assert int(first[2]) == stats.counts[2][0] and int(first[7]) == stats.label_counts["code"][2][0]
+    png = plot(stats, tmp_path / "s.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    print_report(stats, console)
+    text = console.export_text()
+    assert "specialisation" in text and "all" in text
+
+
+# ---- the command line ---------------------------------------------------------------------------------------
+def _run_cli(argv, capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_cli_end_to_end(mixtral_dir, labelled_prompts, tmp_path, capsys):
+    files = []
+    for label, prompts in labelled_prompts.items():
+        path = tmp_path / f"{label}.txt"
+        path.write_text("\n".join(prompts) + "\n")
+        files += ["--prompts", f"{label}={path}"]
+    out = tmp_path / "out"
+    code, stdout, err = _run_cli(
+        ["route-stats", str(mixtral_dir), *files, "--batch-size", "4", "--json", f"{out}.json",
+         "--csv", f"{out}.csv", "--plot", f"{out}.png"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "specialisation" in stdout
+    api = route_stats(mixtral_dir, labelled_prompts, batch_size=4)
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert data["layers"][1]["counts"] == api.counts[1].tolist()
+    assert data["specialisation"]["mutual_information_bits"] == pytest.approx(
+        specialisation_report(api).mean_mi_bits, abs=1e-12
+    )
+    assert (tmp_path / "out.csv").read_text() == api.to_csv()
+    assert (tmp_path / "out.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    tokenizer = _tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1,
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("dense")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(mixtral_dir, dense_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def return self\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    cases = {
+        "dense": ([str(dense_dir), "--prompts", str(prompts)], "dense model"),
+        "empty": ([str(mixtral_dir), "--prompts", str(empty)], "is empty"),
+        "missing model": ([str(tmp_path / "nope"), "--prompts", str(prompts)], "not found"),
+        "missing prompts": ([str(mixtral_dir), "--prompts", str(tmp_path / "nope.txt")], "not found"),
+        "mixed labels": ([str(mixtral_dir), "--prompts", f"a={prompts}", "--prompts", str(prompts)], "label"),
+    }
+    for case, (argv, expected) in cases.items():
+        code, stdout, err = _run_cli(["route-stats", *argv], capsys)
+        assert code == 2, case
+        assert len(err.strip().splitlines()) == 1 and expected in err, (case, err)
