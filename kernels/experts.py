@@ -13,18 +13,17 @@ from moekit.errors import UserError
 
 class _TritonMoEExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, tiles):
+    def forward(ctx, hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, tiles, keep_for_backward):
         num_tokens, top_k = top_k_index.shape
         ids = top_k_index.reshape(-1).to(torch.int32)
         weights = top_k_weights.reshape(-1).contiguous()
         _, offsets = ops.expert_offsets(ids, gate_up_proj.shape[0])
         order = ops.sort_by_expert(ids, offsets)
-        training = any(ctx.needs_input_grad)
         h, preact = ops.gate_up_swiglu(
-            hidden, gate_up_proj, order, offsets, top_k, store_preact=training, tiles=tiles
+            hidden, gate_up_proj, order, offsets, top_k, store_preact=keep_for_backward, tiles=tiles
         )
         out = ops.down_combine(h, down_proj, order, offsets, weights, num_tokens, top_k, tiles=tiles)
-        if training:
+        if keep_for_backward:
             ctx.save_for_backward(hidden, top_k_weights, gate_up_proj, down_proj, order, offsets, h, preact)
             ctx.tiles = tiles
         return out.to(hidden.dtype)
@@ -32,7 +31,7 @@ class _TritonMoEExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, top_k_weights, gate_up_proj, down_proj, order, offsets, h, preact = ctx.saved_tensors
-        need_hidden, _, need_weights, need_gate_up, need_down, _ = ctx.needs_input_grad
+        need_hidden, _, need_weights, need_gate_up, need_down, _, _ = ctx.needs_input_grad
         num_tokens, top_k = top_k_weights.shape
         weights = top_k_weights.reshape(-1).contiguous()
         grad_out = grad_out.to(hidden.dtype)
@@ -60,8 +59,8 @@ class _TritonMoEExperts(torch.autograd.Function):
                 d_preact, gate_up_proj, order, offsets, top_k, gather_a=False, out=slots,
                 transpose_weight=True, tiles=ctx.tiles,
             )  # fmt: skip
-            grad_hidden = slots.view(num_tokens, top_k, -1).sum(1).to(hidden.dtype)
-        return grad_hidden, None, grad_weights, grad_gate_up, grad_down, None
+            grad_hidden = slots.view(num_tokens, top_k, hidden.shape[1]).sum(1).to(hidden.dtype)
+        return grad_hidden, None, grad_weights, grad_gate_up, grad_down, None, None
 
 
 def _check(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj) -> None:
@@ -88,7 +87,7 @@ def _check(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj) -> None:
         )
     if top_k_index.is_floating_point():
         raise UserError(f"triton_moe_experts: top_k_index must be an integer tensor, got {top_k_index.dtype}")
-    if not ops._interpreting() and hidden.device.type != "cuda":
+    if not ops.interpreting() and hidden.device.type != "cuda":
         raise UserError(
             "triton_moe_experts: tensors must be on a CUDA device (or set TRITON_INTERPRET=1 for CPU)"
         )
@@ -112,4 +111,10 @@ def triton_moe_experts(
     GPU and small under the interpreter.
     """
     _check(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj)
-    return _TritonMoEExperts.apply(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, tiles)
+    # Decided here, not from ctx.needs_input_grad, which stays True under torch.no_grad() for parameters
+    # that require grad (the usual inference case): inference must not keep the [T*k, 2I] pre-activations.
+    differentiable = (hidden, top_k_weights, gate_up_proj, down_proj)
+    keep_for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+    return _TritonMoEExperts.apply(
+        hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, tiles, keep_for_backward
+    )

@@ -39,6 +39,8 @@ DOWN_BACKWARD_GPU_TILES = TileConfig(block_m=64, block_n=128, block_k=64, num_wa
 def _gpu_autotune_configs() -> list[triton.Config]:
     """Candidates for H100-class GPUs (see kernels/README.md for the SMEM/register reasoning)."""
     shapes = [
+        (16, 128, 128, 4, 4),  # decode: few rows per expert, weight-bandwidth bound
+        (32, 64, 128, 4, 4),
         (64, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (128, 128, 64, 8, 3),
@@ -51,7 +53,8 @@ def _gpu_autotune_configs() -> list[triton.Config]:
     ]
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether kernels run on the CPU interpreter (TRITON_INTERPRET=1) rather than a GPU."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -100,13 +103,13 @@ def _sort_by_expert_kernel(ids_ptr, offsets_ptr, order_ptr, n, BLOCK: tl.constex
     for start in range(0, n, BLOCK):
         idx = start + tl.arange(0, BLOCK)
         hit = tl.load(ids_ptr + idx, mask=idx < n, other=-1) == expert
-        ranks = tl.cumsum(hit.to(tl.int32), 0)
+        ranks = tl.cumsum(hit.to(tl.int32), 0) - 1
         tl.store(order_ptr + position + ranks, idx, mask=hit)
         position += tl.sum(hit.to(tl.int32), 0)
 
 
 def sort_by_expert(ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Assignment indices (int32 [n]) sorted stably by expert; only `order[:offsets[-1]]` is meaningful."""
+    """Assignment indices (int32 [n]) sorted stably by expert; dropped assignments leave zeros at the end."""
     ids = ids.reshape(-1).contiguous()
     order = torch.zeros(ids.numel(), dtype=torch.int32, device=ids.device)
     _sort_by_expert_kernel[(offsets.numel() - 1,)](ids, offsets, order, ids.numel(), BLOCK=1024)
@@ -139,7 +142,7 @@ def _tile_of_program(offsets_ptr, pid_m, num_experts, BLOCK_M: tl.constexpr, E_P
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, w_ptr, out_ptr, order_ptr, offsets_ptr, scale_ptr, preact_ptr, partial_ptr,
-    num_experts, n_out, k_dim, top_k,
+    num_experts, n_out, k_dim, top_k, rows_hint,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, stride_pm, stride_pn,
     GATHER_A: tl.constexpr, EPILOGUE: tl.constexpr, HAS_SCALE: tl.constexpr, STORE_PREACT: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, E_PAD: tl.constexpr,
@@ -148,6 +151,7 @@ def _grouped_gemm_kernel(
     # out[r] = a[row(r)] @ W[e]^T for the sorted rows r of expert e, with W[e] read through (stride_wn, stride_wk)
     # so that transposed weights need no copy. GATHER_A: a is in token order, row(r) = order[r] // k, and
     # out is sorted. Otherwise a is sorted and out[order[r]] is written (the scatter to assignment order).
+    # rows_hint only keys the autotuner.
     expert, row_start, row_end = _tile_of_program(offsets_ptr, tl.program_id(0), num_experts, BLOCK_M, E_PAD)
     if expert >= num_experts:
         return
@@ -218,7 +222,7 @@ def _grouped_gemm_kernel(
 @triton.jit
 def _grouped_weight_grad_kernel(
     a_ptr, b_ptr, out_ptr, order_ptr, offsets_ptr, scale_ptr,
-    m_dim, n_dim, top_k,
+    m_dim, n_dim, top_k, rows_hint,
     stride_am, stride_ak, stride_bm, stride_bn, stride_oe, stride_om, stride_on,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, HAS_SCALE: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -269,11 +273,12 @@ _AUTOTUNED: dict = {}
 
 def _launch(kernel, grid, args: tuple, tiles: TileConfig | None, **constexprs) -> None:
     """Run `kernel` with explicit tiles, or autotuned on a GPU, or with the interpreter's single config."""
-    if tiles is None and not _interpreting():
+    if tiles is None and not interpreting():
         # One tuner per kernel variant: the tuner's cache key holds the problem sizes, not the constexpr flags.
         variant = (kernel, tuple(sorted(constexprs.items())))
         if variant not in _AUTOTUNED:
-            key = ["n_out", "k_dim"] if kernel is _grouped_gemm_kernel else ["m_dim", "n_dim"]
+            sizes = ["n_out", "k_dim"] if kernel is _grouped_gemm_kernel else ["m_dim", "n_dim"]
+            key = [*sizes, "rows_hint"]
             _AUTOTUNED[variant] = triton.autotune(configs=_gpu_autotune_configs(), key=key)(kernel)
         _AUTOTUNED[variant][lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
         return
@@ -282,6 +287,11 @@ def _launch(kernel, grid, args: tuple, tiles: TileConfig | None, **constexprs) -
         *args, **constexprs, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
+
+
+def _rows_hint(order: torch.Tensor) -> int:
+    # Part of the autotune key only: decode-sized and prefill-sized batches want different tiles.
+    return min(_next_pow2(order.numel()), 16384)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -315,12 +325,12 @@ def grouped_gemm(
     num_experts = weight.shape[0]
     grid = lambda bm, bn: (triton.cdiv(order.numel(), bm) + num_experts, triton.cdiv(n_out, bn))  # noqa: E731
     args = (a, weight, out, order, offsets, scale if scale is not None else a, a, a)
-    args += (num_experts, n_out, k_dim, top_k, a.stride(0), a.stride(1))
+    args += (num_experts, n_out, k_dim, top_k, _rows_hint(order), a.stride(0), a.stride(1))
     args += (weight.stride(0), weight.stride(w_n), weight.stride(w_k), out.stride(0), out.stride(1), 0, 0)
     _launch(
         _grouped_gemm_kernel, grid, args, tiles,
         GATHER_A=gather_a, EPILOGUE=_PLAIN, HAS_SCALE=scale is not None, STORE_PREACT=False,
-        UPCAST=_interpreting(), INPUT_PRECISION=_input_precision(a.dtype), E_PAD=_next_pow2(num_experts),
+        UPCAST=interpreting(), INPUT_PRECISION=_input_precision(a.dtype), E_PAD=_next_pow2(num_experts),
     )  # fmt: skip
     return out
 
@@ -344,13 +354,27 @@ def gate_up_swiglu(
     h = torch.empty(n, inter, dtype=x.dtype, device=x.device)
     preact = torch.empty(n, 2 * inter, dtype=x.dtype, device=x.device) if store_preact else h
     grid = lambda bm, bn: (triton.cdiv(n, bm) + num_experts, triton.cdiv(inter, bn))  # noqa: E731
-    args = (x, gate_up, h, order, offsets, x, preact, x, num_experts, inter, gate_up.shape[2], top_k)
+    args = (
+        x,
+        gate_up,
+        h,
+        order,
+        offsets,
+        x,
+        preact,
+        x,
+        num_experts,
+        inter,
+        gate_up.shape[2],
+        top_k,
+        _rows_hint(order),
+    )
     args += (x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2))
     args += (h.stride(0), h.stride(1), preact.stride(0), preact.stride(1))
     _launch(
         _grouped_gemm_kernel, grid, args, tiles,
         GATHER_A=True, EPILOGUE=_SWIGLU, HAS_SCALE=False, STORE_PREACT=store_preact,
-        UPCAST=_interpreting(), INPUT_PRECISION=_input_precision(x.dtype), E_PAD=_next_pow2(num_experts),
+        UPCAST=interpreting(), INPUT_PRECISION=_input_precision(x.dtype), E_PAD=_next_pow2(num_experts),
     )  # fmt: skip
     return h, (preact if store_preact else None)
 
@@ -376,7 +400,7 @@ def down_combine(
     grouped_gemm(
         h, down, order, offsets, top_k, gather_a=False, out=slots, scale=weights.reshape(-1), tiles=tiles
     )
-    return slots.view(num_tokens, top_k, -1).sum(1)
+    return slots.view(num_tokens, top_k, down.shape[1]).sum(1)
 
 
 def down_backward(
@@ -398,22 +422,30 @@ def down_backward(
     n, num_experts, inter = order.numel(), down.shape[0], down.shape[2]
     d_preact = torch.empty(n, 2 * inter, dtype=preact.dtype, device=preact.device)
     # The partial sums have one column per column block, so this launch uses fixed tiles, never autotuning.
-    tiles = tiles or (INTERPRETER_TILES if _interpreting() else DOWN_BACKWARD_GPU_TILES)
+    tiles = tiles or (INTERPRETER_TILES if interpreting() else DOWN_BACKWARD_GPU_TILES)
     partial = torch.zeros(n, triton.cdiv(inter, tiles.block_n), dtype=torch.float32, device=grad_out.device)
     grid = lambda bm, bn: (triton.cdiv(n, bm) + num_experts, triton.cdiv(inter, bn))  # noqa: E731
     args = (grad_out, down, d_preact, order, offsets, weights.reshape(-1), preact, partial)
-    args += (num_experts, inter, down.shape[1], top_k, grad_out.stride(0), grad_out.stride(1))
+    args += (
+        num_experts,
+        inter,
+        down.shape[1],
+        top_k,
+        _rows_hint(order),
+        grad_out.stride(0),
+        grad_out.stride(1),
+    )
     args += (down.stride(0), down.stride(2), down.stride(1), d_preact.stride(0), d_preact.stride(1))
     args += (preact.stride(0), preact.stride(1))
     _launch(
         _grouped_gemm_kernel, grid, args, tiles,
         GATHER_A=True, EPILOGUE=_SWIGLU_BACKWARD, HAS_SCALE=True, STORE_PREACT=False,
-        UPCAST=_interpreting(), INPUT_PRECISION=_input_precision(grad_out.dtype), E_PAD=_next_pow2(num_experts),
+        UPCAST=interpreting(), INPUT_PRECISION=_input_precision(grad_out.dtype), E_PAD=_next_pow2(num_experts),
     )  # fmt: skip
+    # Rows past offsets[-1] (dropped assignments) have order 0 and partial 0: adding exact zeros keeps this
+    # deterministic, and no host sync is needed to find the valid rows.
     grad_weights = torch.zeros(weights.numel(), dtype=torch.float32, device=grad_out.device)
-    valid = int(offsets[-1])  # one sync; the backward pass is not latency-bound
-    grad_weights[order[:valid].long()] = partial[:valid].sum(1)
-    return d_preact, grad_weights
+    return d_preact, grad_weights.index_add_(0, order.long(), partial.sum(1))
 
 
 def grouped_weight_grad(
@@ -435,11 +467,22 @@ def grouped_weight_grad(
     """
     num_experts, m_dim, n_dim = out.shape
     grid = lambda bm, bn: (num_experts, triton.cdiv(m_dim, bm) * triton.cdiv(n_dim, bn))  # noqa: E731
-    args = (a, b, out, order, offsets, scale if scale is not None else a, m_dim, n_dim, top_k)
+    args = (
+        a,
+        b,
+        out,
+        order,
+        offsets,
+        scale if scale is not None else a,
+        m_dim,
+        n_dim,
+        top_k,
+        _rows_hint(order),
+    )
     args += (a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2))
     _launch(
         _grouped_weight_grad_kernel, grid, args, tiles,
         GATHER_A=gather_a, GATHER_B=gather_b, HAS_SCALE=scale is not None,
-        UPCAST=_interpreting(), INPUT_PRECISION=_input_precision(a.dtype),
+        UPCAST=interpreting(), INPUT_PRECISION=_input_precision(a.dtype),
     )  # fmt: skip
     return out

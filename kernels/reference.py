@@ -67,7 +67,7 @@ def down_combine_reference(h, down, order, offsets, weights, num_tokens, top_k, 
     del tiles
     slots = torch.zeros(num_tokens * top_k, down.shape[1], device=h.device)
     grouped_gemm_reference(h, down, order, offsets, top_k, gather_a=False, out=slots, scale=weights)
-    return slots.view(num_tokens, top_k, -1).sum(1)
+    return slots.view(num_tokens, top_k, down.shape[1]).sum(1)
 
 
 def down_backward_reference(grad_out, down, preact, order, offsets, weights, top_k, *, tiles=None):

@@ -49,16 +49,47 @@ def cli() -> None:
 
 @cli.command("merge")
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", type=click.Path(file_okay=False), help="Output directory (default: the config's `out:`).")
-@click.option("--force", is_flag=True, help="Replace an existing output (the old one is kept until the new one is complete).")
-@click.option("--dry-run", is_flag=True, help="Validate everything and print the plan and a memory estimate; write nothing.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Device for MoE hidden-state gates.")
-@click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard, in bytes (e.g. 500MB, 2GB, 1GiB).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for randomised methods (DARE, DELLA, random gates).")
-@click.option("--allow-nonfinite", is_flag=True, help="Write tensors that came out NaN/Inf instead of stopping.")
+@click.option(
+    "-o", "--out", type=click.Path(file_okay=False), help="Output directory (default: the config's `out:`)."
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing output (the old one is kept until the new one is complete).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Validate everything and print the plan and a memory estimate; write nothing.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Device for MoE hidden-state gates.",
+)
+@click.option(
+    "--shard-size",
+    default="2GB",
+    show_default=True,
+    help="Largest output shard, in bytes (e.g. 500MB, 2GB, 1GiB).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed for randomised methods (DARE, DELLA, random gates).",
+)
+@click.option(
+    "--allow-nonfinite", is_flag=True, help="Write tensors that came out NaN/Inf instead of stopping."
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("-v", "--verbose", is_flag=True, help="More logging.")
-def merge_command(config, out, force, dry_run, device, shard_size, seed, allow_nonfinite, quiet, verbose) -> None:
+def merge_command(
+    config, out, force, dry_run, device, shard_size, seed, allow_nonfinite, quiet, verbose
+) -> None:
     """Merge models as described by a YAML CONFIG (mergekit's format is accepted unchanged).
 
     \b
@@ -148,8 +179,10 @@ def route_stats_command(
     information between label and expert.
 
     \b
-    A prompts file with a blank line between paragraphs is plain text (code, prose) and is read whole;
-    any other file holds one prompt per line. Prompts are cut into windows of --window tokens.
+    Prompts files: a file with a blank line between two paragraphs is plain
+    text (code, prose) and is read whole; any other file holds one prompt per
+    line. Every prompt is cut into windows of at most --window tokens (BOS
+    first); padding is never counted.
 
     \b
     Example:

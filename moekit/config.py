@@ -133,7 +133,9 @@ def check_keys(obj: object, allowed, where: str) -> dict:
         raise UserError(f"{where}: expected a mapping, got {type(obj).__name__} {_short(obj)}")
     for key in obj:
         if key not in allowed:
-            raise UserError(f"{where}: unknown key '{key}'{did_you_mean(key, allowed)}; allowed: {', '.join(sorted(allowed))}")
+            raise UserError(
+                f"{where}: unknown key '{key}'{did_you_mean(key, allowed)}; allowed: {', '.join(sorted(allowed))}"
+            )
     return obj
 
 
@@ -146,7 +148,9 @@ def parse_dtype(value: object, where: str) -> torch.dtype | None:
     if value is None:
         return None
     if value not in DTYPES:
-        raise UserError(f"{where}: unknown dtype {value!r}{did_you_mean(str(value), DTYPES)}; use float32, float16 or bfloat16")
+        raise UserError(
+            f"{where}: unknown dtype {value!r}{did_you_mean(str(value), DTYPES)}; use float32, float16 or bfloat16"
+        )
     return DTYPES[value]
 
 
@@ -164,9 +168,15 @@ def parse_merge_config(raw: dict, path: Path | None = None) -> MergeConfig:
     base_model = _model_ref(raw.get("base_model"), f"{name}: base_model", optional=True)
     models = slices = None
     if has_models:
-        models = [_parse_model(m, f"{name}: models[{i}]") for i, m in enumerate(_list(raw["models"], f"{name}: models"))]
+        models = [
+            _parse_model(m, f"{name}: models[{i}]")
+            for i, m in enumerate(_list(raw["models"], f"{name}: models"))
+        ]
     else:
-        slices = [_parse_slice(s, f"{name}: slices[{i}]") for i, s in enumerate(_list(raw["slices"], f"{name}: slices"))]
+        slices = [
+            _parse_slice(s, f"{name}: slices[{i}]")
+            for i, s in enumerate(_list(raw["slices"], f"{name}: slices"))
+        ]
 
     parameters = _params(raw.get("parameters"), f"{name}: parameters")
     cfg_tokenizer = raw.get("tokenizer")
@@ -177,13 +187,19 @@ def parse_merge_config(raw: dict, path: Path | None = None) -> MergeConfig:
         if tokenizer_source is not None:
             raise UserError(f"{name}: give either 'tokenizer_source' or 'tokenizer', not both")
         if cfg_tokenizer.get("tokens"):
-            raise UserError(f"{name}: tokenizer.tokens is not supported yet; remove it and use tokenizer.source")
+            raise UserError(
+                f"{name}: tokenizer.tokens is not supported yet; remove it and use tokenizer.source"
+            )
         tokenizer_source = cfg_tokenizer.get("source")
         pad_to = cfg_tokenizer.get("pad_to_multiple_of")
         if pad_to is not None and (not isinstance(pad_to, int) or isinstance(pad_to, bool) or pad_to < 1):
-            raise UserError(f"{name}: tokenizer.pad_to_multiple_of must be a positive integer, got {_short(pad_to)}")
+            raise UserError(
+                f"{name}: tokenizer.pad_to_multiple_of must be a positive integer, got {_short(pad_to)}"
+            )
     if tokenizer_source is not None and not isinstance(tokenizer_source, str):
-        raise UserError(f"{name}: tokenizer_source must be 'base', 'union' or a model path, got {_short(tokenizer_source)}")
+        raise UserError(
+            f"{name}: tokenizer_source must be 'base', 'union' or a model path, got {_short(tokenizer_source)}"
+        )
     if tokenizer_source == "base" and base_model is None:
         raise UserError(f"{name}: tokenizer_source: base needs a base_model")
     for key in ("chat_template", "out", "name"):
@@ -238,7 +254,12 @@ def _parse_model(entry: object, where: str) -> Source:
     if isinstance(entry, str):  # mergekit accepts a bare path in `models`
         return Source(entry, None, {}, where)
     check_keys(entry, MODEL_KEYS, where)
-    return Source(_model_ref(entry.get("model"), f"{where}.model"), None, _params(entry.get("parameters"), f"{where}.parameters"), where)
+    return Source(
+        _model_ref(entry.get("model"), f"{where}.model"),
+        None,
+        _params(entry.get("parameters"), f"{where}.parameters"),
+        where,
+    )
 
 
 def _parse_slice(entry: object, where: str) -> Slice:
@@ -257,10 +278,14 @@ def _parse_slice(entry: object, where: str) -> Slice:
         if not 0 <= lr[0] < lr[1]:
             raise UserError(f"{swhere}.layer_range: {list(lr)} must satisfy 0 <= start < end")
         model = _model_ref(src.get("model"), f"{swhere}.model")
-        sources.append(Source(model, (lr[0], lr[1]), _params(src.get("parameters"), f"{swhere}.parameters"), swhere))
+        sources.append(
+            Source(model, (lr[0], lr[1]), _params(src.get("parameters"), f"{swhere}.parameters"), swhere)
+        )
     lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
     if len(lengths) > 1:
-        raise UserError(f"{where}: all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+        raise UserError(
+            f"{where}: all sources of a slice must span the same number of layers, got {sorted(lengths)}"
+        )
     base = _model_ref(entry.get("base_model"), f"{where}.base_model", optional=True)
     return Slice(sources, _params(entry.get("parameters"), f"{where}.parameters"), base, where)
 
@@ -278,7 +303,9 @@ def check_parameters(config: MergeConfig, name: str) -> None:
                 takes = ", ".join(sorted(known)) or "no parameters"
                 raise UserError(f"{where}: '{method.name}' has no parameter '{key}'{hint}; it takes: {takes}")
             if per_model_block and not p.per_model:
-                raise UserError(f"{where}: '{key}' is a global parameter of '{method.name}'; move it to the top-level parameters")
+                raise UserError(
+                    f"{where}: '{key}' is a global parameter of '{method.name}'; move it to the top-level parameters"
+                )
             for value in setting_values(setting, f"{where}.{key}"):
                 check_value(p, value, f"{where}.{key}")
 
@@ -309,8 +336,12 @@ def setting_values(setting: object, where: str) -> list[Any]:
             return list(setting)
         if all(isinstance(v, dict) for v in setting):
             return [x for i, v in enumerate(setting) for x in setting_values(v, f"{where}[{i}]")]
-        raise UserError(f"{where}: mix of values and conditions; use a list of numbers or a list of {{filter, value}}")
-    raise UserError(f"{where}: expected a number, a list of numbers, or {{filter, value}} conditions, got {_short(setting)}")
+        raise UserError(
+            f"{where}: mix of values and conditions; use a list of numbers or a list of {{filter, value}}"
+        )
+    raise UserError(
+        f"{where}: expected a number, a list of numbers, or {{filter, value}} conditions, got {_short(setting)}"
+    )
 
 
 def check_value(p: Param, value: object, where: str) -> None:

@@ -6,11 +6,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 @contextmanager
-def tensor_progress(total_tensors: int, total_bytes: int, enabled: bool, label: str = "merging") -> Iterator[Callable[[int], None]]:
+def tensor_progress(
+    total_tensors: int, total_bytes: int, enabled: bool, label: str = "merging"
+) -> Iterator[Callable[[int], None]]:
     """Yields `advance(nbytes)`, to be called once per finished output tensor."""
     if not enabled:
         yield lambda nbytes: None

@@ -3,11 +3,14 @@
 Runs on the CPU under TRITON_INTERPRET=1 (set by conftest.py when no CUDA device is present), so shapes
 are tiny. Tolerances, elementwise: |got - want| <= tol * (|want| + max|want|), with tol = 1e-5 for fp32
 inputs and 2e-2 for fp16/bf16 inputs (their hidden activations are stored in that dtype, ~4e-3 each).
+The last test compiles the kernels for an H100 (sm_90) without a GPU and checks the generated code.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 
 import moekit.kernels
@@ -220,16 +223,55 @@ def test_triton_moe_experts_forward_backward(dtype, top_k, experts, tokens):
     assert not leaves[2].grad[-1].any() and not leaves[3].grad[-1].any()  # the expert with no tokens
 
 
-def test_inference_matches_and_tiles_do_not_change_results():
+def test_inference_matches_keeps_nothing_and_tiles_do_not_change_results(monkeypatch):
     idx, weights, hidden, gate_up, down = make_inputs(5, 17, 40, 24, 4, 2, torch.float32)
+    gate_up.requires_grad_()  # parameters require grad in inference too; no_grad must still keep nothing
+    kept = []
+    gate_up_swiglu = ops.gate_up_swiglu
+
+    def recording(*args, **kwargs):
+        kept.append(kwargs["store_preact"])
+        return gate_up_swiglu(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "gate_up_swiglu", recording)
     with torch.no_grad():
         default = moekit.kernels.triton_moe_experts(hidden, idx, weights, gate_up, down)
         small = moekit.kernels.triton_moe_experts(hidden, idx, weights, gate_up, down, tiles=SMALL)
     want = dumb_moe(
         *[
-            t.double().cpu() if t.is_floating_point() else t.cpu()
+            t.detach().double().cpu() if t.is_floating_point() else t.cpu()
             for t in (hidden, idx, weights, gate_up, down)
         ]
     )
     assert_close(default, want, 1e-5)
     assert_close(small, want, 1e-5)
+    assert kept == [False, False]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU code generation, checked without a GPU
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_h100_with_wgmma_and_pipelined_loads():
+    # The interpreter accepts code the GPU compiler may reject; compile for sm_90 in a process without
+    # TRITON_INTERPRET (kernels are defined per mode at import) and check what tl.dot and the loads became.
+    script = (
+        "import json; from dataclasses import asdict; from moekit.kernels.aot_check import check;"
+        "print(json.dumps([asdict(r) for r in check(90, 'bf16')]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = {r["name"]: r for r in json.loads(done.stdout.strip().splitlines()[-1])}
+    gemms = [name for name in reports if name not in ("expert_offsets", "sort_by_expert")]
+    assert len(gemms) == 6 and {"expert_offsets", "sort_by_expert"} <= set(reports)
+    for name in gemms:
+        assert reports[name]["wgmma"] and reports[name]["cp_async"], reports[name]
+        assert reports[name]["shared_bytes"] <= 227 * 1024, reports[name]
+    # the fused SwiGLU kernel multi-buffers A and both weight tiles: >= 2 stages x (16 + 2 x 16) KiB
+    assert reports["gate_up_swiglu"]["shared_bytes"] >= 2 * 48 * 1024

@@ -23,7 +23,10 @@ def test_linear_matches_formula(tiny_llama, tmp_path):
     w = _random_weights(3, seed=11)
     cfg = {
         "merge_method": "linear",
-        "models": [{"model": str(tiny_llama[k]), "parameters": {"weight": wi}} for k, wi in zip(["ft1", "ft2", "ft3"], w)],
+        "models": [
+            {"model": str(tiny_llama[k]), "parameters": {"weight": wi}}
+            for k, wi in zip(["ft1", "ft2", "ft3"], w)
+        ],
         "dtype": "float32",
     }
     out = moekit.merge(cfg, tmp_path / "out")
@@ -113,7 +116,10 @@ def test_output_loads_and_generates(tiny_llama, tmp_path, method):
 
 
 def test_sharded_output_and_index(tiny_llama, tmp_path):
-    cfg = {"merge_method": "linear", "models": [{"model": str(tiny_llama["ft1"]), "parameters": {"weight": 1.0}}]}
+    cfg = {
+        "merge_method": "linear",
+        "models": [{"model": str(tiny_llama["ft1"]), "parameters": {"weight": 1.0}}],
+    }
     out = moekit.merge(cfg, tmp_path / "out", shard_size=200_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
@@ -121,16 +127,34 @@ def test_sharded_output_and_index(tiny_llama, tmp_path):
     got, src = load_tensors(out), load_tensors(tiny_llama["ft1"])
     assert set(got) == set(src) and all(torch.equal(got[k], src[k]) for k in src)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in src.values())
-    for name in ("config.json", "tokenizer.json", "README.md", "moekit_config.yaml", "generation_config.json"):
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "README.md",
+        "moekit_config.yaml",
+        "generation_config.json",
+    ):
         assert (out / name).is_file(), name
 
 
 def test_errors_are_one_line_and_leave_nothing(tiny_llama, tmp_path):
     out = tmp_path / "out"
     cases = [
-        ({"merge_method": "linear", "models": [{"model": str(tmp_path / "nope"), "parameters": {"weight": 1}}]}, "does not exist"),
+        (
+            {
+                "merge_method": "linear",
+                "models": [{"model": str(tmp_path / "nope"), "parameters": {"weight": 1}}],
+            },
+            "does not exist",
+        ),
         ({"merge_method": "lineer", "models": [{"model": str(tiny_llama["ft1"])}]}, "did you mean 'linear'"),
-        ({"merge_method": "linear", "models": [{"model": str(tiny_llama["ft1"]), "parameters": {"wieght": 1}}]}, "did you mean 'weight'"),
+        (
+            {
+                "merge_method": "linear",
+                "models": [{"model": str(tiny_llama["ft1"]), "parameters": {"wieght": 1}}],
+            },
+            "did you mean 'weight'",
+        ),
     ]
     for i, (cfg, needle) in enumerate(cases):
         proc = run_cli("merge", str(write_config(tmp_path / f"c{i}.yaml", cfg)), "-o", str(out))
@@ -140,7 +164,13 @@ def test_errors_are_one_line_and_leave_nothing(tiny_llama, tmp_path):
 
 
 def test_existing_output_needs_force(tiny_llama, tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", {"merge_method": "linear", "models": [{"model": str(tiny_llama["ft1"]), "parameters": {"weight": 1}}]})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        {
+            "merge_method": "linear",
+            "models": [{"model": str(tiny_llama["ft1"]), "parameters": {"weight": 1}}],
+        },
+    )
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")

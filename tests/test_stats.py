@@ -44,13 +44,13 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "<s>", *CODE_WORDS, *LEGAL_WORDS, *SHARED_WORDS])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", unk_token="[UNK]", pad_token="[PAD]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", unk_token="[UNK]", pad_token="[PAD]"
+    )
 
 
 def _random_prompts(rng: np.random.Generator, words: list[str], count: int) -> list[str]:
-    return [
-        " ".join(rng.choice(words + SHARED_WORDS, size=int(rng.integers(3, 12)))) for _ in range(count)
-    ]
+    return [" ".join(rng.choice(words + SHARED_WORDS, size=int(rng.integers(3, 12)))) for _ in range(count)]
 
 
 def _pin_residual(model, tokenizer) -> None:
@@ -185,7 +185,9 @@ def _check_against_reference(stats: RouteStats, logits: list[np.ndarray], k: int
         np.testing.assert_array_equal(stats.top1_counts[layer], np.bincount(top[:, 0], minlength=num_experts))
         share = counts / (k * tokens)
         np.testing.assert_allclose(stats.fractions[layer], share, atol=1e-12)
-        assert stats.max_over_mean[layer] == pytest.approx(counts.max() / (k * tokens / num_experts), abs=1e-12)
+        assert stats.max_over_mean[layer] == pytest.approx(
+            counts.max() / (k * tokens / num_experts), abs=1e-12
+        )
         mean = counts.mean()
         cv = math.sqrt(sum((c - mean) ** 2 for c in counts) / num_experts) / mean
         assert stats.cv[layer] == pytest.approx(cv, abs=1e-12)
@@ -269,7 +271,12 @@ def test_labels_specialisation_matches_independent_formula(mixtral_dir, labelled
         assert spec.mi_bits[layer] == pytest.approx(mi, abs=1e-9)
         assert spec.mi_normalised[layer] == pytest.approx(nmi, abs=1e-9)
     assert spec.mi_bits[0] == pytest.approx(0.0, abs=1e-12)  # layer 0 ignores the label
-    assert spec.mi_normalised[2] > 0.3  # layer 2 follows it
+    # layer 2 follows the label dim: every code word goes to expert 0 and every licence word to expert 1 (BOS
+    # and shared words carry no label and go anywhere), so it is the layer with the most label information
+    words = {y: [w for line in lines for w in line.split()] for y, lines in labelled_prompts.items()}
+    assert stats.label_counts["code"][2][0] >= sum(w in CODE_WORDS for w in words["code"]) > 0
+    assert stats.label_counts["legal"][2][1] >= sum(w in LEGAL_WORDS for w in words["legal"]) > 0
+    assert int(np.argmax(spec.mi_bits)) == 2
     assert spec.top_expert_per_layer["code"][2] == 0 and spec.top_expert_per_layer["legal"][2] == 1
     pooled = {y: stats.label_counts[y].sum(axis=0) for y in ("code", "legal")}
     for y in pooled:
@@ -380,3 +387,66 @@ def test_cli_bad_inputs_exit_2_with_one_line(mixtral_dir, dense_dir, tmp_path, c
         code, stdout, err = _run_cli(["route-stats", *argv], capsys)
         assert code == 2, case
         assert len(err.strip().splitlines()) == 1 and expected in err, (case, err)
+
+
+# ---- pure pieces ---------------------------------------------------------------------------------------------
+def test_mutual_information_on_known_tables():
+    from moekit.stats.metrics import mutual_information_bits
+
+    rng = np.random.default_rng(5)
+    diagonal = np.diag(rng.integers(5, 50, size=4)).astype(float)  # the label fixes the expert
+    mi, nmi = mutual_information_bits(diagonal)
+    p = diagonal.sum(axis=1) / diagonal.sum()
+    assert mi == pytest.approx(-(p * np.log2(p)).sum(), abs=1e-12) and nmi == pytest.approx(1.0, abs=1e-12)
+    independent = np.outer(rng.integers(1, 9, size=3), rng.integers(1, 9, size=5)).astype(float)
+    assert mutual_information_bits(independent)[0] == pytest.approx(0.0, abs=1e-12)
+    table = rng.integers(0, 30, size=(3, 6)).astype(float)
+    assert mutual_information_bits(table) == pytest.approx(_mutual_information(table), abs=1e-12)
+
+
+def test_prompt_file_rule_and_label_option(tmp_path):
+    from moekit.stats.prompts import parse_prompts_option, read_prompts_file
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("first prompt\nsecond one\n  \n")
+    assert read_prompts_file(lines) == ("first prompt", "second one")
+    prose = tmp_path / "prose.txt"
+    prose.write_text("para one\nstill one\n\npara two\n")
+    assert read_prompts_file(prose) == ("para one\nstill one\n\npara two\n",)
+    assert parse_prompts_option(f"code={lines}") == ("code", lines)
+    odd = tmp_path / "a=b.txt"
+    odd.write_text("x\n")
+    assert parse_prompts_option(str(odd)) == (None, odd)
+
+
+def test_loaded_model_object_and_tokenizer(mixtral_dir, labelled_prompts):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(mixtral_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(mixtral_dir)
+    from_object = route_stats(model, labelled_prompts["code"], tokenizer=tokenizer)
+    from_path = route_stats(mixtral_dir, labelled_prompts["code"])
+    np.testing.assert_array_equal(from_object.counts, from_path.counts)
+    assert from_object.tokens == from_path.tokens
+
+
+def test_qwen3_moe_matches_reference(tmp_path, labelled_prompts):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(6)
+    tokenizer = _tokenizer()
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=5,
+        num_experts_per_tok=3, max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+    )  # fmt: skip
+    model = Qwen3MoeForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0, 2.0)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    prompts = labelled_prompts["code"]
+    stats = route_stats(tmp_path, prompts, batch_size=3)
+    assert stats.layers == [0, 1] and stats.top_k == 3
+    _check_against_reference(stats, _reference_logits(tmp_path, prompts), k=3)

@@ -31,7 +31,15 @@ from moekit.errors import UserError
 
 LICENCE_DIR = Path("/usr/share/common-licenses")
 # Generated tables (encodings), test suites and third-party packages are not "standard-library source".
-_SKIPPED_CODE_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "encodings", "__pycache__"}
+_SKIPPED_CODE_DIRS = {
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idle_test",
+    "encodings",
+    "__pycache__",
+}
 
 
 @dataclass(frozen=True)
@@ -137,7 +145,9 @@ def domain_windows(
     if name not in CORPORA:
         from moekit.errors import did_you_mean
 
-        raise UserError(f"unknown demo domain '{name}'{did_you_mean(name, CORPORA)}: choose one of {sorted(CORPORA)}")
+        raise UserError(
+            f"unknown demo domain '{name}'{did_you_mean(name, CORPORA)}: choose one of {sorted(CORPORA)}"
+        )
     corpus = CORPORA[name]()
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
     key = cache_key(
@@ -158,7 +168,12 @@ def domain_windows(
 
 
 def build_windows(
-    corpus: Corpus, tokenizer_dir: str | Path, seq_len: int, train_windows: int, heldout_windows: int, seed: int
+    corpus: Corpus,
+    tokenizer_dir: str | Path,
+    seq_len: int,
+    train_windows: int,
+    heldout_windows: int,
+    seed: int,
 ) -> DomainWindows:
     """Split `corpus` by group (held-out first, then train) and cut each side into windows. Not cached."""
     from transformers import AutoTokenizer
@@ -203,7 +218,10 @@ def build_windows(
 def _save(windows: DomainWindows, path: Path) -> None:
     from safetensors.torch import save_file
 
-    metadata = {"train_files": json.dumps(windows.train_files), "heldout_files": json.dumps(windows.heldout_files)}
+    metadata = {
+        "train_files": json.dumps(windows.train_files),
+        "heldout_files": json.dumps(windows.heldout_files),
+    }
     save_file({"train": windows.train, "heldout": windows.heldout}, str(path), metadata=metadata)
 
 

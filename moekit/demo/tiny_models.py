@@ -45,7 +45,14 @@ def llama_config(
     tie_word_embeddings: bool = False,
 ) -> dict:
     cfg = {
-        "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model_type]],
+        "architectures": [
+            {
+                "llama": "LlamaForCausalLM",
+                "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM",
+            }[model_type]
+        ],
         "model_type": model_type,
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
@@ -69,7 +76,9 @@ def llama_config(
     return cfg
 
 
-def make_base(out: Path, seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer: bool = True, **cfg_kwargs) -> Path:
+def make_base(
+    out: Path, seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer: bool = True, **cfg_kwargs
+) -> Path:
     """A random-weight model of the given family, saved with save_pretrained (safetensors)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -90,7 +99,9 @@ def make_base(out: Path, seed: int = 0, dtype: torch.dtype = torch.float32, toke
     return out
 
 
-def make_finetune(base: Path, out: Path, seed: int, scale: float = 0.01, dtype: torch.dtype | None = None) -> Path:
+def make_finetune(
+    base: Path, out: Path, seed: int, scale: float = 0.01, dtype: torch.dtype | None = None
+) -> Path:
     """base + N(0, scale²) on every tensor (norms included), with the base's config and tokenizer."""
     import shutil
 

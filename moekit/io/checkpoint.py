@@ -62,7 +62,9 @@ class Checkpoint:
     def num_layers(self) -> int:
         n = self.config.get(self.family.num_layers_key)
         if not isinstance(n, int) or n < 0:
-            raise UserError(f"{self.path / 'config.json'}: '{self.family.num_layers_key}' is missing or not a count")
+            raise UserError(
+                f"{self.path / 'config.json'}: '{self.family.num_layers_key}' is missing or not a count"
+            )
         return n
 
     def close(self) -> None:

@@ -23,7 +23,12 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 
-DTYPE_CONFIG_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+DTYPE_CONFIG_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+}
 
 
 def set_config_dtype(config: dict, dtype: torch.dtype) -> dict:

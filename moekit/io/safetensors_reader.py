@@ -104,7 +104,9 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len
     dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype_name not in DTYPES:
         raise UserError(f"{where}: unknown dtype {dtype_name!r}; known: {', '.join(DTYPES)}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
         raise UserError(f"{where}: bad shape {shape!r} in the header; the file is corrupt")
     if (
         not isinstance(offsets, list)
@@ -134,7 +136,9 @@ def _check_no_overlap(path: Path, infos: dict[str, TensorInfo]) -> None:
     spans = sorted((i.start, i.end, i.name) for i in infos.values() if i.end > i.start)
     for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:]):
         if start_b < end_a:
-            raise UserError(f"{path}: tensors '{name_a}' and '{name_b}' overlap in the file; the header is corrupt")
+            raise UserError(
+                f"{path}: tensors '{name_a}' and '{name_b}' overlap in the file; the header is corrupt"
+            )
 
 
 class TensorReader:
@@ -165,7 +169,9 @@ class TensorReader:
         f.seek(start)
         got = f.readinto(buf) if nbytes else 0
         if got != nbytes:
-            raise UserError(f"{info.path}: tensor '{name}' is cut short ({got} of {nbytes} bytes); re-download the file")
+            raise UserError(
+                f"{info.path}: tensor '{name}' is cut short ({got} of {nbytes} bytes); re-download the file"
+            )
         if nbytes == 0:
             return torch.empty(shape, dtype=info.dtype)
         return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
@@ -197,11 +203,15 @@ def safe_child(model_dir: Path, filename: object, what: str) -> Path:
     if not isinstance(filename, str) or not filename or "\x00" in filename:
         raise UserError(f"{what}: shard name {filename!r} is not a file name")
     if os.path.isabs(filename) or Path(filename).drive:
-        raise UserError(f"{what}: shard name '{filename}' is an absolute path; only files inside the model directory are read")
+        raise UserError(
+            f"{what}: shard name '{filename}' is an absolute path; only files inside the model directory are read"
+        )
     root = model_dir.resolve()
     target = (model_dir / filename).resolve()
     if target != root and root not in target.parents:
-        raise UserError(f"{what}: shard name '{filename}' points outside the model directory {model_dir}; refusing it")
+        raise UserError(
+            f"{what}: shard name '{filename}' points outside the model directory {model_dir}; refusing it"
+        )
     return model_dir / filename
 
 
@@ -223,11 +233,15 @@ def checkpoint_infos(model_dir: Path) -> dict[str, TensorInfo]:
         for shard, tensors in shards.items():
             path = safe_child(model_dir, shard, str(index_path))
             if not path.is_file():
-                raise UserError(f"{index_path}: shard '{shard}' (holding '{tensors[0]}') is missing; re-download it")
+                raise UserError(
+                    f"{index_path}: shard '{shard}' (holding '{tensors[0]}') is missing; re-download it"
+                )
             header = read_header(path)
             for tensor in tensors:
                 if tensor not in header:
-                    raise UserError(f"{index_path}: tensor '{tensor}' is mapped to '{shard}' but that file does not hold it")
+                    raise UserError(
+                        f"{index_path}: tensor '{tensor}' is mapped to '{shard}' but that file does not hold it"
+                    )
                 infos[tensor] = header[tensor]
         return infos
     single = model_dir / SINGLE_NAME

@@ -55,7 +55,11 @@ def _header_bytes(shard: Sequence[OutputTensor], metadata: dict[str, str]) -> by
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for t in shard:
-        header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
@@ -128,7 +132,9 @@ class ShardedWriter:
 def check_output_free(out: Path, force: bool) -> None:
     """Refuse an existing output before any work is done, unless `force`."""
     if out.exists() and not force:
-        raise UserError(f"output '{out}' already exists; pass --force to replace it (the old one is kept until the new one is complete)")
+        raise UserError(
+            f"output '{out}' already exists; pass --force to replace it (the old one is kept until the new one is complete)"
+        )
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' exists and is not a directory; choose another --out")
 

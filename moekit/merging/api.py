@@ -7,9 +7,16 @@ import errno
 from collections import Counter
 from pathlib import Path
 
+from moekit.allocator import return_freed_memory_promptly
 from moekit.config import is_moe_config, parse_merge_config, read_yaml
 from moekit.errors import UserError
-from moekit.io.output_files import copy_generation_config, copy_tokenizer, set_config_dtype, write_json, write_recipe
+from moekit.io.output_files import (
+    copy_generation_config,
+    copy_tokenizer,
+    set_config_dtype,
+    write_json,
+    write_recipe,
+)
 from moekit.io.writer import ShardedWriter, atomic_output_dir, check_output_free
 from moekit.merging.engine import MergeRunner
 from moekit.merging.plan import Plan, build_plan
@@ -46,6 +53,7 @@ def merge(
     Everything is validated before the first byte is written; the output appears atomically. Returns the output
     path, or None for a dry run (which prints the plan instead).
     """
+    return_freed_memory_promptly()
     raw, path = read_yaml(config)
     if is_moe_config(raw):
         from moekit.moe.api import build_moe
@@ -72,11 +80,18 @@ def merge(
     return out_path
 
 
-def _write_all(plan: Plan, tmp: Path, shard_size: int, seed: int, allow_nonfinite: bool, progress: bool) -> None:
+def _write_all(
+    plan: Plan, tmp: Path, shard_size: int, seed: int, allow_nonfinite: bool, progress: bool
+) -> None:
     writer = ShardedWriter(tmp, plan.output_tensors, shard_size)
     try:
         with tensor_progress(len(plan.jobs), plan.output_bytes, progress) as advance:
-            runner = MergeRunner(plan, seed=seed, allow_nonfinite=allow_nonfinite, on_progress=lambda job: advance(job.out.nbytes))
+            runner = MergeRunner(
+                plan,
+                seed=seed,
+                allow_nonfinite=allow_nonfinite,
+                on_progress=lambda job: advance(job.out.nbytes),
+            )
             runner.run(lambda job, tensor, last: writer.write(job.out.name, tensor, last))
         writer.close()
         write_dense_metadata(plan, tmp)
@@ -92,7 +107,9 @@ def output_config(plan: Plan) -> dict:
     cfg = copy.deepcopy(ref.config)
     key = ref.family.num_layers_key
     src_layers = ref.num_layers
-    if plan.num_layers != src_layers or any(m != plan.reference or i != n for n, (m, i) in enumerate(plan.layer_sources)):
+    if plan.num_layers != src_layers or any(
+        m != plan.reference or i != n for n, (m, i) in enumerate(plan.layer_sources)
+    ):
         cfg[key] = plan.num_layers
         for name, value in list(cfg.items()):
             if isinstance(value, list) and len(value) == src_layers and name != "architectures":
@@ -110,10 +127,10 @@ def write_dense_metadata(plan: Plan, out: Path) -> None:
     cfg = plan.config
     write_json(out / "config.json", output_config(plan))
     ref = plan.models[plan.reference]
-    tok_src = ref.path
-    if cfg.tokenizer_source not in (None, "base", "union"):
-        tok_src = next((m.path for m in plan.models if m.ref == cfg.tokenizer_source), Path(cfg.tokenizer_source))
-    copy_tokenizer(tok_src, out)
+    if plan.vocab is not None:
+        plan.vocab.save(out)  # tokenizer_source: the tokenizer the embeddings were re-laid for
+    else:
+        copy_tokenizer(ref.path, out)
     copy_generation_config([ref.path] + [m.path for m in plan.models], out)
     inputs = [m.ref for m in plan.models]
     lines = [f"merge method: `{plan.method.name}`", f"inputs: {', '.join(f'`{r}`' for r in inputs)}"]
@@ -124,7 +141,9 @@ def write_dense_metadata(plan: Plan, out: Path) -> None:
 
 def describe_plan(plan: Plan, out: Path, print_fn=print) -> None:
     """The dry-run report: every output tensor with its method and inputs, the size, and the memory estimate."""
-    print_fn(f"plan: {plan.method.name} merge of {len(plan.models)} models into '{out}' ({plan.num_layers} layers)")
+    print_fn(
+        f"plan: {plan.method.name} merge of {len(plan.models)} models into '{out}' ({plan.num_layers} layers)"
+    )
     for m in plan.models:
         print_fn(f"  input: {m.ref} ({m.family.name}, {m.num_layers} layers, {len(m.tensors.infos)} tensors)")
     for job in plan.jobs:

@@ -7,6 +7,7 @@ chunks, which bounds peak memory by the chunk size rather than by the largest te
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from moekit.errors import UserError
-from moekit.merging.plan import CHUNK_ELEMENTS, Job, Plan, TensorRef, compute_dtype_for
+from moekit.merging.plan import CHUNK_ELEMENTS, PREFETCH_ELEMENTS, Job, Plan, TensorRef, compute_dtype_for
 
 log = logging.getLogger("moekit")
 
@@ -29,12 +30,26 @@ class Piece:
     rows: tuple[int, int] | None
     last: bool  # the last piece of its job
 
+    @property
+    def numel(self) -> int:
+        n = math.prod(self.job.out.shape)
+        if self.rows is not None:
+            n = n // self.job.out.shape[0] * (self.rows[1] - self.rows[0])
+        return n
+
 
 def pieces(plan: Plan) -> Iterator[Piece]:
     for job in plan.jobs:
         shape = job.out.shape
         numel = math.prod(shape)
-        if plan.method.elementwise and len(shape) >= 1 and numel > CHUNK_ELEMENTS and shape[0] > 1:
+        permuted = job.is_embedding and plan.vocab is not None  # rows are re-laid whole, never chunked
+        if (
+            plan.method.elementwise
+            and not permuted
+            and len(shape) >= 1
+            and numel > CHUNK_ELEMENTS
+            and shape[0] > 1
+        ):
             step = max(1, CHUNK_ELEMENTS // max(1, numel // shape[0]))
             for a in range(0, shape[0], step):
                 b = min(shape[0], a + step)
@@ -43,10 +58,24 @@ def pieces(plan: Plan) -> Iterator[Piece]:
             yield Piece(job, None, True)
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """True when x has no NaN/Inf. A sum is one fast pass; only when it is not finite (NaN, Inf, or a sum that
+    overflowed) do we pay for the exact elementwise check."""
+    if not x.is_floating_point():
+        return True
+    return bool(torch.isfinite(x.sum(dtype=torch.float64))) or bool(torch.isfinite(x).all())
+
+
 class MergeRunner:
     """Executes a plan into a ShardedWriter-like sink."""
 
-    def __init__(self, plan: Plan, seed: int = 0, allow_nonfinite: bool = False, on_progress: Callable[[Job], None] | None = None):
+    def __init__(
+        self,
+        plan: Plan,
+        seed: int = 0,
+        allow_nonfinite: bool = False,
+        on_progress: Callable[[Job], None] | None = None,
+    ):
         self.plan = plan
         self.allow_nonfinite = allow_nonfinite
         self.on_progress = on_progress or (lambda job: None)
@@ -59,18 +88,23 @@ class MergeRunner:
         cfg = self.plan.config
         if cfg.dtype is not None and x.dtype != cfg.dtype:
             x = x.to(cfg.dtype)  # mergekit casts inputs to `dtype` first: keep its rounding
-        x = x.to(compute_dtype_for(self.plan, x.dtype))
-        if x.is_floating_point() and not torch.isfinite(x).all():
-            key = f"{model.ref}:{ref.name}"
-            if key not in self._warned:
-                self._warned.add(key)
-                log.warning("input tensor '%s' of '%s' holds NaN or Inf values", ref.name, model.ref)
-        return x
+        return x.to(compute_dtype_for(self.plan, x.dtype))
 
     def read_piece(self, piece: Piece) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         inputs = [self.read(r, piece.rows) for r in piece.job.inputs]
         base = self.read(piece.job.base, piece.rows) if piece.job.base else None
+        if piece.job.is_embedding and self.plan.vocab is not None:
+            return self.permute_vocabulary(piece.job, inputs, base)
         return inputs, base
+
+    def permute_vocabulary(self, job: Job, inputs: list[torch.Tensor], base: torch.Tensor | None):
+        """Each input's rows re-laid in the output vocabulary's order (tokenizer_source; see tokenizer.py)."""
+        refs = job.inputs + ([job.base] if job.base else [])
+        stored = [self.plan.models[r.model].tensors.infos[r.name].dtype for r in refs]
+        hold = self.plan.config.dtype or functools.reduce(torch.promote_types, stored)
+        tensors = inputs + ([base] if base is not None else [])
+        out = self.plan.vocab.permute(tensors, [r.model for r in refs], hold)
+        return out[: len(inputs)], (out[-1] if base is not None else None)
 
     def compute(self, piece: Piece, inputs: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
         job = piece.job
@@ -82,26 +116,39 @@ class MergeRunner:
             out = method.fn(inputs, base, **kwargs)
         except ValueError as e:
             raise UserError(f"tensor '{job.out.name}': {method.name}: {e}") from None
-        if not self.allow_nonfinite and out.is_floating_point() and not torch.isfinite(out).all():
-            raise UserError(
-                f"tensor '{job.out.name}': the merge produced NaN or Inf values; check the inputs and parameters "
-                "(or pass --allow-nonfinite to write them anyway)"
-            )
+        if out.is_floating_point() and not all_finite(out):
+            bad_inputs = [
+                self._describe(r)
+                for r, x in zip(job.inputs + [job.base], inputs + [base])
+                if r and not all_finite(x)
+            ]
+            for what in bad_inputs:
+                if what not in self._warned:
+                    self._warned.add(what)
+                    log.warning("input %s holds NaN or Inf values", what)
+            if not self.allow_nonfinite:
+                cause = f" (from NaN/Inf in input {bad_inputs[0]})" if bad_inputs else ""
+                raise UserError(
+                    f"tensor '{job.out.name}': the merge produced NaN or Inf values{cause}; fix the inputs or "
+                    "parameters, or pass --allow-nonfinite to write them anyway"
+                )
         return out.to(job.out.dtype)
+
+    def _describe(self, ref: TensorRef) -> str:
+        return f"tensor '{ref.name}' of '{self.plan.models[ref.model].ref}'"
 
     def run(self, write: Callable[[Job, torch.Tensor, bool], None]) -> None:
         """Compute every piece in plan order and hand it to `write(job, tensor, is_last_piece)`."""
         work = list(pieces(self.plan))
-        if not work:
-            return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-read") as pool:
-            pending = pool.submit(self.read_piece, work[0])
+            pending = None
             for i, piece in enumerate(work):
-                inputs, base = pending.result()
-                if i + 1 < len(work):
+                inputs, base = pending.result() if pending is not None else self.read_piece(piece)
+                pending = None
+                if i + 1 < len(work) and work[i + 1].numel <= PREFETCH_ELEMENTS:
                     pending = pool.submit(self.read_piece, work[i + 1])
                 out = self.compute(piece, inputs, base)
-                del inputs, base
+                del inputs, base  # free the inputs before the write, so only the output is alive
                 write(piece.job, out, piece.last)
                 if piece.last:
                     self.on_progress(piece.job)

@@ -19,8 +19,11 @@ from moekit.errors import UserError
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.writer import OutputTensor
 from moekit.merging.registry import MergeMethod
+from moekit.merging.tokenizer import Vocabulary, build_vocabulary
 
-PRE_WEIGHT_MARKERS = ("embed",)  # non-layer tensors evaluated at t = 0; every other one at t = 1, as in mergekit
+PRE_WEIGHT_MARKERS = (
+    "embed",
+)  # non-layer tensors evaluated at t = 0; every other one at t = 1, as in mergekit
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,12 @@ class Plan:
     reference: int  # the model whose config.json and tokenizer the output takes
     jobs: list[Job]
     num_layers: int
-    layer_sources: list[tuple[int, int]] = field(default_factory=list)  # per output layer: (model, source layer)
+    layer_sources: list[tuple[int, int]] = field(
+        default_factory=list
+    )  # per output layer: (model, source layer)
+    vocab: Vocabulary | None = (
+        None  # set by tokenizer_source: embedding inputs are re-laid in its token order
+    )
 
     @property
     def output_tensors(self) -> list[OutputTensor]:
@@ -66,7 +74,8 @@ class Plan:
             if self.method.elementwise:
                 numel = min(numel, CHUNK_ELEMENTS)
             n_in = len(job.inputs) + (job.base is not None)
-            worst = max(worst, numel * itemsize * (2 * n_in + 3))
+            copies = 2 * n_in if numel <= PREFETCH_ELEMENTS else n_in
+            worst = max(worst, numel * itemsize * (copies + 3))
         return worst
 
     def close(self) -> None:
@@ -74,7 +83,9 @@ class Plan:
             m.close()
 
 
-CHUNK_ELEMENTS = 8 * 1024 * 1024  # rows per chunk for elementwise methods are chosen to stay under this
+CHUNK_ELEMENTS = 1024 * 1024  # rows per chunk for elementwise methods are chosen to stay under this
+# The next piece is read ahead only when its inputs are this small: reading a big one early would double the peak.
+PREFETCH_ELEMENTS = 2 * CHUNK_ELEMENTS
 
 
 def open_models(config: MergeConfig) -> tuple[list[Checkpoint], dict[str, int]]:
@@ -114,7 +125,9 @@ def build_plan(config: MergeConfig) -> Plan:
 def _slices(config: MergeConfig, models: list[Checkpoint], index: dict[str, int]) -> list[Slice]:
     if config.slices is not None:
         return config.slices
-    sources = [Source(s.model, (0, models[index[s.model]].num_layers), s.parameters, s.where) for s in config.models]
+    sources = [
+        Source(s.model, (0, models[index[s.model]].num_layers), s.parameters, s.where) for s in config.models
+    ]
     base = config.base_model
     if base and config.method.base != "ignored" and all(s.model != base for s in sources):
         sources.append(Source(base, (0, models[index[base]].num_layers), {}, "base_model"))
@@ -129,7 +142,9 @@ def _build(config: MergeConfig, models: list[Checkpoint], index: dict[str, int])
         for src in sl.sources:
             n = models[index[src.model]].num_layers
             if src.layer_range[1] > n:
-                raise UserError(f"{name}: {src.where}.layer_range {list(src.layer_range)} goes past '{src.model}', which has {n} layers")
+                raise UserError(
+                    f"{name}: {src.where}.layer_range {list(src.layer_range)} goes past '{src.model}', which has {n} layers"
+                )
 
     ref_name = config.base_model or slices[0].sources[0].model
     reference = index[ref_name]
@@ -144,7 +159,9 @@ def _build(config: MergeConfig, models: list[Checkpoint], index: dict[str, int])
         else:
             ref_layer_tensors.setdefault(loc[0], []).append(loc[1])
     if not ref_layer_tensors:
-        raise UserError(f"{name}: '{ref_name}' has no tensors named {fam.layer_prefix}N.*; is it a {fam.name} checkpoint?")
+        raise UserError(
+            f"{name}: '{ref_name}' has no tensors named {fam.layer_prefix}N.*; is it a {fam.name} checkpoint?"
+        )
     layer_rests = ref_layer_tensors[min(ref_layer_tensors)]
 
     planner = _Planner(config, method, models, index, name)
@@ -172,11 +189,48 @@ def _build(config: MergeConfig, models: list[Checkpoint], index: dict[str, int])
 
     # Alphabetical order, as mergekit walks tensors: randomised methods then draw their masks in the same order.
     jobs.sort(key=lambda j: j.out.name)
-    return Plan(config, method, models, reference, jobs, out_layer, layer_sources)
+    vocab = _vocabulary(config, models, index, jobs, name)
+    return Plan(config, method, models, reference, jobs, out_layer, layer_sources, vocab)
+
+
+def _vocabulary(
+    config: MergeConfig, models: list[Checkpoint], index: dict[str, int], jobs: list[Job], name: str
+) -> Vocabulary | None:
+    """With tokenizer_source: the output vocabulary; embedding jobs get its row count as their output rows."""
+    if config.tokenizer_source is None:
+        return None
+    base = index[config.base_model] if config.base_model else None
+    vocab = build_vocabulary(config.tokenizer_source, models, base, config.pad_to_multiple_of, name)
+    for job in jobs:
+        if not job.is_embedding:
+            continue
+        refs = job.inputs + ([job.base] if job.base else [])
+        infos = [models[r.model].tensors.infos[r.name] for r in refs]
+        if len({i.shape[1:] for i in infos}) > 1:
+            listing = ", ".join(f"'{models[r.model].ref}' {list(i.shape)}" for r, i in zip(refs, infos))
+            raise UserError(
+                f"{name}: tensor '{job.out.name}': embedding widths differ ({listing}); these models cannot be merged"
+            )
+        for r, i in zip(refs, infos):
+            top = int(vocab.source_rows[r.model].max())
+            if top >= i.shape[0]:
+                raise UserError(
+                    f"{name}: tensor '{job.out.name}' of '{models[r.model].ref}' has {i.shape[0]} rows but its tokenizer "
+                    f"uses token id {top}; fix vocab_size in its config.json"
+                )
+        job.out = OutputTensor(job.out.name, job.out.dtype, (vocab.size, *infos[0].shape[1:]))
+    return vocab
 
 
 class _Planner:
-    def __init__(self, config: MergeConfig, method: MergeMethod, models: list[Checkpoint], index: dict[str, int], name: str):
+    def __init__(
+        self,
+        config: MergeConfig,
+        method: MergeMethod,
+        models: list[Checkpoint],
+        index: dict[str, int],
+        name: str,
+    ):
         self.config, self.method, self.models, self.index, self.name = config, method, models, index, name
 
     def job(self, out_name: str, ins: list[tuple[Source, str]], sl: Slice, t_pos: float) -> Job:
@@ -194,11 +248,17 @@ class _Planner:
         if method.base == "required" and base_ref is None:
             if base_name is None:
                 raise UserError(f"{self.name}: merge_method '{method.name}' needs a base_model")
-            raise UserError(f"{self.name}: {sl.where}: base_model '{base_name}' must be one of the slice's sources for '{method.name}'")
+            raise UserError(
+                f"{self.name}: {sl.where}: base_model '{base_name}' must be one of the slice's sources for '{method.name}'"
+            )
         if len(inputs) < method.min_models:
-            raise UserError(f"{self.name}: '{method.name}' needs at least {method.min_models} models besides the base, got {len(inputs)}")
+            raise UserError(
+                f"{self.name}: '{method.name}' needs at least {method.min_models} models besides the base, got {len(inputs)}"
+            )
         if method.max_models is not None and len(inputs) > method.max_models:
-            raise UserError(f"{self.name}: '{method.name}' takes at most {method.max_models} models besides the base, got {len(inputs)}")
+            raise UserError(
+                f"{self.name}: '{method.name}' takes at most {method.max_models} models besides the base, got {len(inputs)}"
+            )
 
         refs = [r for _, r in inputs] + ([base_ref] if base_ref else [])
         shapes = {self._info(r).shape for r in refs}
@@ -211,20 +271,32 @@ class _Planner:
                     "(or union, or a model path) to merge models with different tokenizers"
                 )
             if not is_embedding:
-                raise UserError(f"{self.name}: tensor '{out_name}': shapes differ ({listing}); these models cannot be merged")
+                raise UserError(
+                    f"{self.name}: tensor '{out_name}': shapes differ ({listing}); these models cannot be merged"
+                )
         ref_info = self._info(base_ref or inputs[0][1])
         out_dtype = config.out_dtype or config.dtype or ref_info.dtype
         params = self._params(out_name, inputs, sl, t_pos)
-        return Job(OutputTensor(out_name, out_dtype, ref_info.shape), [r for _, r in inputs], base_ref, params, is_embedding)
+        return Job(
+            OutputTensor(out_name, out_dtype, ref_info.shape),
+            [r for _, r in inputs],
+            base_ref,
+            params,
+            is_embedding,
+        )
 
     def _info(self, ref: TensorRef):
         return self.models[ref.model].tensors.infos[ref.name]
 
     def _check_exists(self, ref: TensorRef, src: Source) -> None:
         if ref.name not in self.models[ref.model].tensors:
-            raise UserError(f"{self.name}: {src.where}: tensor '{ref.name}' is missing from model '{src.model}'")
+            raise UserError(
+                f"{self.name}: {src.where}: tensor '{ref.name}' is missing from model '{src.model}'"
+            )
 
-    def _params(self, tensor: str, inputs: list[tuple[Source, TensorRef]], sl: Slice, t_pos: float) -> dict[str, Any]:
+    def _params(
+        self, tensor: str, inputs: list[tuple[Source, TensorRef]], sl: Slice, t_pos: float
+    ) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for p in self.method.params:
             if p.per_model:
@@ -233,7 +305,9 @@ class _Planner:
                     v = self._lookup(p.name, tensor, t_pos, src.parameters, sl.parameters)
                     if v is None:
                         if p.required:
-                            raise UserError(f"{self.name}: {src.where}: '{self.method.name}' needs parameter '{p.name}' for model '{src.model}'")
+                            raise UserError(
+                                f"{self.name}: {src.where}: '{self.method.name}' needs parameter '{p.name}' for model '{src.model}'"
+                            )
                         v = p.default
                     values.append(_cast(p.kind, v))
                 out[p.py_name] = values
@@ -241,12 +315,16 @@ class _Planner:
                 v = self._lookup(p.name, tensor, t_pos, None, sl.parameters)
                 if v is None:
                     if p.required:
-                        raise UserError(f"{self.name}: parameters: '{self.method.name}' needs parameter '{p.name}'")
+                        raise UserError(
+                            f"{self.name}: parameters: '{self.method.name}' needs parameter '{p.name}'"
+                        )
                     v = p.default
                 out[p.py_name] = _cast(p.kind, v)
         return out
 
-    def _lookup(self, key: str, tensor: str, t_pos: float, source_params: dict | None, slice_params: dict) -> Any:
+    def _lookup(
+        self, key: str, tensor: str, t_pos: float, source_params: dict | None, slice_params: dict
+    ) -> Any:
         for block in (source_params, slice_params, self.config.parameters):
             if block and key in block:
                 v = evaluate_setting(block[key], tensor, t_pos)

@@ -78,7 +78,15 @@ def merge_method(
         if name in METHODS:
             raise RuntimeError(f"merge method {name!r} registered twice")
         METHODS[name] = MergeMethod(
-            name, fn, tuple(params), base, min_models, max_models, elementwise, random, (fn.__doc__ or "").strip()
+            name,
+            fn,
+            tuple(params),
+            base,
+            min_models,
+            max_models,
+            elementwise,
+            random,
+            (fn.__doc__ or "").strip(),
         )
         return fn
 
@@ -90,7 +98,9 @@ def get_method(name: object, where: str = "merge_method") -> MergeMethod:
 
     if not isinstance(name, str) or name not in METHODS:
         known = ", ".join(sorted(METHODS))
-        raise UserError(f"{where}: unknown merge method {name!r}{did_you_mean(str(name), METHODS)}; known: {known}")
+        raise UserError(
+            f"{where}: unknown merge method {name!r}{did_you_mean(str(name), METHODS)}; known: {known}"
+        )
     return METHODS[name]
 
 

@@ -7,10 +7,10 @@ multiply by the down projection, scale by the routing weights and index-add back
 Choices measured on a 2-core AVX2 EPYC without bf16 units (see bench/moe_layer.py):
 - Products are written weight-first, `W @ Xᵀ` ([out, in] @ [in, n]): MKL runs that shape up to 2× faster than
   `X @ Wᵀ` for the few-row products that MoE experts see. All activations therefore stay transposed ([dim, n]).
-- bf16/fp16 weights are multiplied in fp32, since a bf16 GEMM runs 5–10× slower here. The weights are upcast
-  in blocks of rows into one small reused buffer that stays in cache, right before each block is used, so an
-  expert that sees 3 tokens pays for reading its weights once and not for writing a full fp32 copy. No fp32
-  copy of the weights outlives a call, so nothing goes stale when the weights are trained or reloaded.
+- bf16/fp16 weights are multiplied in fp32, since a bf16 GEMM runs 5–10× slower here. Each expert that got
+  tokens is upcast right before use into one reused buffer (one expert's weight at a time), so the cost is one
+  read of the weights that are hit. No fp32 copy outlives a call, so nothing goes stale when the weights are
+  trained, loaded or edited in place.
 - With at most `_DIRECT_LOW_PRECISION_COLS` tokens on an expert the product is memory-bound, and reading half
   the bytes in bf16 wins over upcasting: those products run in the weights' dtype.
 """
@@ -21,8 +21,6 @@ from typing import NamedTuple
 
 import torch
 
-# Rows of a low-precision weight upcast at once: 256 × H fp32 (1 MiB at H=1024) stays in L2.
-_UPCAST_ROWS = 256
 # At most this many tokens on one expert: multiply in the weights' own (low) precision, memory-bound anyway.
 _DIRECT_LOW_PRECISION_COLS = 2
 
@@ -35,34 +33,29 @@ def compute_dtype(hidden_dtype: torch.dtype, weight_dtype: torch.dtype, device: 
     return dtype
 
 
-def weight_times(weight: torch.Tensor, rhs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`weight @ rhs` in `dtype`: weight [out, in] in any float dtype, rhs [in, n] in `dtype` -> [out, n]."""
-    if weight.dtype == dtype:
-        return torch.mm(weight, rhs)
-    if rhs.shape[1] <= _DIRECT_LOW_PRECISION_COLS:
-        return torch.mm(weight, rhs.to(weight.dtype)).to(dtype)
-    out = torch.empty(weight.shape[0], rhs.shape[1], dtype=dtype, device=rhs.device)
-    block = torch.empty(min(_UPCAST_ROWS, weight.shape[0]), weight.shape[1], dtype=dtype, device=rhs.device)
-    for start in range(0, weight.shape[0], _UPCAST_ROWS):
-        stop = min(start + _UPCAST_ROWS, weight.shape[0])
-        upcast = block[: stop - start]
-        upcast.copy_(weight[start:stop])
-        torch.mm(upcast, rhs, out=out[start:stop])
-    return out
+class Upcaster:
+    """One reused buffer that holds one expert's weight in the compute dtype at a time.
+
+    Reusing it keeps the pages mapped and warm: a fresh fp32 copy per expert costs page faults, and upcasting
+    in many small blocks costs one parallel region per block, which stalls badly on a busy machine.
+    """
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
+        self.buffer = torch.empty(numel, dtype=dtype, device=device)
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.dtype == self.buffer.dtype:
+            return weight
+        upcast = self.buffer[: weight.numel()].view(weight.shape)
+        upcast.copy_(weight)
+        return upcast
 
 
-def weight_t_times(weight: torch.Tensor, rhs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`weightᵀ @ rhs` in `dtype`: weight [out, in] in any float dtype, rhs [out, n] in `dtype` -> [in, n]."""
-    if weight.dtype == dtype:
-        return torch.mm(weight.t(), rhs)
-    out = torch.zeros(weight.shape[1], rhs.shape[1], dtype=dtype, device=rhs.device)
-    block = torch.empty(min(_UPCAST_ROWS, weight.shape[0]), weight.shape[1], dtype=dtype, device=rhs.device)
-    for start in range(0, weight.shape[0], _UPCAST_ROWS):
-        stop = min(start + _UPCAST_ROWS, weight.shape[0])
-        upcast = block[: stop - start]
-        upcast.copy_(weight[start:stop])
-        out.addmm_(upcast.t(), rhs[start:stop])
-    return out
+def weight_times(weight: torch.Tensor, rhs: torch.Tensor, upcast: Upcaster) -> torch.Tensor:
+    """`weight @ rhs` in the compute dtype: weight [out, in] in any float dtype, rhs [in, n] -> [out, n]."""
+    if weight.dtype != rhs.dtype and rhs.shape[1] <= _DIRECT_LOW_PRECISION_COLS:
+        return torch.mm(weight, rhs.to(weight.dtype)).to(rhs.dtype)
+    return torch.mm(upcast(weight), rhs)
 
 
 class ExpertRows(NamedTuple):
@@ -100,6 +93,7 @@ def _forward(
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Experts output [T, H] in `dtype`, and per expert its transposed pre-activation when `keep_preacts`."""
     out = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)
+    upcast = Upcaster(gate_up_proj[0].numel(), dtype, hidden.device)
     preacts: list[torch.Tensor | None] = []
     for expert in range(gate_up_proj.shape[0]):
         start, stop = rows.bounds[expert], rows.bounds[expert + 1]
@@ -107,8 +101,8 @@ def _forward(
             preacts.append(None)
             continue
         tokens = rows.tokens[start:stop]
-        preact_t = weight_times(gate_up_proj[expert], hidden[tokens].t(), dtype)  # [2I, n]
-        out_t = weight_times(down_proj[expert], _swiglu_t(preact_t), dtype)  # [H, n]
+        preact_t = weight_times(gate_up_proj[expert], hidden[tokens].t(), upcast)  # [2I, n]
+        out_t = weight_times(down_proj[expert], _swiglu_t(preact_t), upcast)  # [H, n]
         out_t.mul_(row_weights[start:stop])
         out.index_add_(0, tokens, out_t.t())
         preacts.append(preact_t if keep_preacts else None)
@@ -140,6 +134,7 @@ class _TorchExperts(torch.autograd.Function):
         grad_rows = torch.zeros_like(row_weights) if need_w else None
         grad_gate_up = torch.zeros_like(gate_up_proj) if need_gate_up else None
         grad_down = torch.zeros_like(down_proj) if need_down else None
+        upcast = Upcaster(gate_up_proj[0].numel(), dtype, hidden.device)
         for expert, preact_t in enumerate(ctx.preacts):
             if preact_t is None:
                 continue
@@ -150,7 +145,7 @@ class _TorchExperts(torch.autograd.Function):
             silu = gate * sig
             act_t = silu * up  # [I, n]
             grad_y_t = grad_out[tokens].t()  # [H, n]
-            grad_act_unscaled = weight_t_times(down_proj[expert], grad_y_t, dtype)  # [I, n]
+            grad_act_unscaled = upcast(down_proj[expert]).t() @ grad_y_t  # [I, n]
             if grad_rows is not None:
                 grad_rows[start:stop] = (grad_act_unscaled * act_t).sum(dim=0)
             if grad_down is not None:
@@ -160,7 +155,7 @@ class _TorchExperts(torch.autograd.Function):
             if grad_gate_up is not None:
                 grad_gate_up[expert] = grad_preact_t @ hidden[tokens]
             if grad_x is not None:
-                grad_x.index_add_(0, tokens, weight_t_times(gate_up_proj[expert], grad_preact_t, dtype).t())
+                grad_x.index_add_(0, tokens, (upcast(gate_up_proj[expert]).t() @ grad_preact_t).t())
         grad_weights = None
         if grad_rows is not None:
             grad_weights = torch.zeros_like(grad_rows).index_copy_(0, rows.order, grad_rows)

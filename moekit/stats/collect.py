@@ -24,16 +24,25 @@ ROUTER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate
 # Config attributes that hold the expert count, by model family.
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
+# Families whose routers pick the top-k of a softmax over all experts, which is what the statistics assume.
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+
 
 def moe_shape(config) -> tuple[int, int]:
-    """(num_experts, top_k) from a transformers config; UserError for a dense model."""
+    """(num_experts, top_k) from a transformers config; UserError for a dense or an unsupported MoE model."""
+    name = getattr(config, "_name_or_path", "") or "the model"
+    archs = ",".join(getattr(config, "architectures", None) or [config.model_type])
     experts = next((getattr(config, key) for key in _EXPERT_COUNT_KEYS if getattr(config, key, None)), None)
     top_k = getattr(config, "num_experts_per_tok", None)
     if not experts or not top_k:
-        archs = ",".join(getattr(config, "architectures", None) or [config.model_type])
         raise UserError(
-            f"{getattr(config, '_name_or_path', 'the model')} is a dense model ({archs}): route-stats needs an "
-            "MoE checkpoint such as Mixtral, Qwen2-MoE or Qwen3-MoE"
+            f"{name} is a dense model ({archs}): route-stats needs an MoE checkpoint such as Mixtral, "
+            "Qwen2-MoE or Qwen3-MoE"
+        )
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"{name} is a {config.model_type} MoE ({archs}), whose router route-stats does not model: "
+            f"supported model types are {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     return int(experts), int(top_k)
 

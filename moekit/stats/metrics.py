@@ -35,6 +35,27 @@ import numpy as np
 
 DEAD_SHARE = 0.01  # an expert is dead below this share of a uniform load
 
+# One line per reported name, copied into every JSON report so the numbers explain themselves.
+DEFINITIONS = {
+    "counts": "top-k assignments per expert (each token makes k); a layer's counts sum to k*tokens",
+    "fractions": "counts / (k*tokens)",
+    "top1_counts": "tokens whose highest-probability expert is this one",
+    "mean_router_prob": "router softmax probability averaged over tokens",
+    "max_over_mean": "max over experts of counts / their mean (1 = even)",
+    "cv": "population std / mean of counts over experts (0 = even)",
+    "switch_aux": "E * sum_e fraction_e * mean_router_prob_e (1 = even; transformers' Mixtral aux loss is k times it)",
+    "entropy_bits": "mean over tokens of the router softmax entropy, bits",
+    "top1_prob": "mean over tokens of the largest router probability",
+    "dead_experts": "experts whose fraction is below 1% of 1/E",
+    "coselection": "tokens that hold both experts in their top-k; diagonal = counts",
+    "top1_agreement": "share of tokens with the same top-1 expert index in this MoE layer and the next one",
+    "top1_chance": "top1_agreement expected if the two layers chose independently (sum_e p1_l(e) p1_l+1(e))",
+    "topk_overlap": "mean over tokens of |top-k here ∩ top-k in the next MoE layer| / k",
+    "mutual_information_bits": "I(label; expert) over top-k assignments, bits",
+    "mutual_information_normalised": "I(label; expert) / min(H(label), H(expert))",
+    "overall": "means over MoE layers, except counts/fractions/coselection, which are summed over layers",
+}
+
 
 def fractions(counts: np.ndarray, top_k: int, tokens: int) -> np.ndarray:
     """counts / (k*T): each row sums to 1."""

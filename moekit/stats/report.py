@@ -5,71 +5,71 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from moekit.stats.result import RouteStats
 
 
-def _top_experts(fractions: np.ndarray, n: int = 3) -> str:
+def _top_experts(fractions: np.ndarray, n: int = 2) -> str:
     order = np.argsort(-fractions, kind="stable")[:n]
     return " ".join(f"{e}:{fractions[e]:.0%}" for e in order)
 
 
 def summary_table(stats: RouteStats) -> Table:
-    """Per-layer rows and an 'all' row: balance, confidence, dead experts, top experts, consistency, labels."""
+    """Per-layer rows and an 'all' row: balance, confidence, dead experts, top experts, consistency, and the
+    label information (MI) per layer when prompts are labelled. Fits an 80-column terminal."""
     spec = stats.specialisation
     table = Table(
-        title=f"route-stats  {stats.model}  ({stats.architecture}, E={stats.num_experts}, k={stats.top_k}, "
+        title=f"route-stats {stats.model} ({stats.architecture}, E={stats.num_experts}, k={stats.top_k}, "
         f"{stats.tokens} tokens)",
         title_justify="left",
-        caption="max/mean, cv, aux: load balance (1, 0, 1 = perfect); entropy in bits (max "
-        f"{np.log2(stats.num_experts):.2f}); dead: < 1% of a uniform share; next-layer: same top-1 expert "
-        "(chance)",
+        caption="max/mean, cv, aux: load balance (1, 0, 1 = even). H: router entropy in bits (max "
+        f"{np.log2(stats.num_experts):.2f}). dead: < 1% of an even share. next: same top-1 expert in the next "
+        "MoE layer / chance level."
+        + (" MI: I(label; expert) in bits / normalised." if spec is not None else ""),
         caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
     )
-    for name in ("layer", "max/mean", "cv", "aux", "entropy", "top-1 p", "dead", "top experts", "next-layer"):
-        table.add_column(name, justify="left" if name in ("top experts", "layer") else "right")
+    for name in ("layer", "max/mean", "cv", "aux", "H", "p top1", "dead", "top experts", "next"):
+        table.add_column(name, justify="left" if name in ("top experts", "layer") else "right", no_wrap=True)
     if spec is not None:
-        table.add_column("MI bits (norm)", justify="right")
-        table.add_column("top expert per label")
+        table.add_column("MI", justify="right", no_wrap=True)
     fractions = stats.fractions
     for i, layer in enumerate(stats.layers):
-        next_layer = (
-            f"{stats.top1_agreement[i]:.0%} ({stats.top1_chance[i]:.0%})" if i + 1 < len(stats.layers) else ""
-        )
         row = [
             str(layer),
             f"{stats.max_over_mean[i]:.2f}",
             f"{stats.cv[i]:.2f}",
-            f"{stats.switch_aux[i]:.3f}",
+            f"{stats.switch_aux[i]:.2f}",
             f"{stats.entropy_bits[i]:.2f}",
             f"{stats.top1_prob[i]:.2f}",
             str(int(stats.dead[i].sum())),
             _top_experts(fractions[i]),
-            next_layer,
+            f"{stats.top1_agreement[i]:.0%}/{stats.top1_chance[i]:.0%}" if i + 1 < len(stats.layers) else "",
         ]
         if spec is not None:
-            row.append(f"{spec.mi_bits[i]:.3f} ({spec.mi_normalised[i]:.2f})")
-            row.append(" ".join(f"{y}:{spec.top_expert_per_layer[y][i]}" for y in spec.labels))
+            row.append(f"{spec.mi_bits[i]:.2f}/{spec.mi_normalised[i]:.2f}")
         table.add_row(*row, style="red" if stats.dead[i].any() else None)
     overall = stats.overall()
-    pooled = np.asarray(overall["fractions"])
     agreement = overall["top1_agreement"]
     last = [
         "all",
         f"{overall['max_over_mean']:.2f}",
         f"{overall['cv']:.2f}",
-        f"{overall['switch_aux']:.3f}",
+        f"{overall['switch_aux']:.2f}",
         f"{overall['entropy_bits']:.2f}",
         f"{overall['top1_prob']:.2f}",
         str(overall["num_dead_experts"]),
-        _top_experts(pooled),
-        "" if agreement is None else f"{agreement:.0%} ({overall['top1_chance']:.0%})",
+        _top_experts(np.asarray(overall["fractions"])),
+        "" if agreement is None else f"{agreement:.0%}/{overall['top1_chance']:.0%}",
     ]
     if spec is not None:
-        last.append(f"{spec.mean_mi_bits:.3f} ({spec.mean_mi_normalised:.2f})")
-        last.append(" ".join(f"{y}:{spec.top_expert[y]}" for y in spec.labels))
+        last.append(f"{spec.mean_mi_bits:.2f}/{spec.mean_mi_normalised:.2f}")
     table.add_row(*last, style="bold", end_section=True)
     return table
 
@@ -83,23 +83,29 @@ def label_table(stats: RouteStats) -> Table | None:
         title=f"specialisation: I(label; expert) = {spec.mean_mi_bits:.3f} bits "
         f"(normalised {spec.mean_mi_normalised:.2f}), mean over layers",
         title_justify="left",
+        box=box.SIMPLE_HEAD,
     )
     for name in ("label", "tokens", "top expert", "share", "largest shares"):
-        table.add_column(name, justify="left" if name in ("label", "largest shares") else "right")
+        table.add_column(
+            name, justify="left" if name in ("label", "largest shares") else "right", no_wrap=True
+        )
     for y in spec.labels:
         table.add_row(
             y,
             str(stats.label_tokens[y]),
             str(spec.top_expert[y]),
             f"{spec.top_share[y]:.0%}",
-            _top_experts(spec.distribution[y]),
+            _top_experts(spec.distribution[y], 4),
         )
     return table
 
 
 def print_report(stats: RouteStats, console: Console | None = None) -> None:
     """Print the summary (and, with labels, the specialisation) tables."""
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped into a file or a pager: no width to respect, so do not squeeze
+            console = Console(width=120)
     console.print(summary_table(stats))
     labels = label_table(stats)
     if labels is not None:
@@ -118,6 +124,7 @@ def plot(stats: RouteStats, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     num_layers, num_experts = stats.counts.shape
     spec = stats.specialisation
@@ -169,6 +176,7 @@ def plot(stats: RouteStats, path: str | Path) -> Path:
         mi_ax = fig.add_subplot(grid[1, 1])
         mi_ax.plot(stats.layers, spec.mi_normalised, marker="o", markersize=3)
         mi_ax.set_ylim(0, 1)
+        mi_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         mi_ax.set_xlabel("layer")
         mi_ax.set_ylabel("I(label; expert) / bound")
         mi_ax.set_title(f"specialisation: mean {spec.mean_mi_bits:.3f} bits", fontsize=10)

@@ -215,7 +215,7 @@ class RouteStats:
             "settings": self.settings,
             "tokens": int(self.tokens),
             "label_tokens": {k: int(v) for k, v in self.label_tokens.items()},
-            "definitions": "see moekit.stats.metrics: fractions are over k*tokens; overall = mean over layers",
+            "definitions": metrics.DEFINITIONS,
             "overall": self.overall(),
             "layers": self.per_layer(),
             "specialisation": self.specialisation_dict(),

@@ -1,0 +1,266 @@
+"""The sparsified task-arithmetic family: ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della,
+della_linear. Each is base + λ·combine(wᵢ·sparsify(mᵢ − base)), with mergekit 0.1.5's numbers:
+
+1. Each delta δᵢ = mᵢ − base is sparsified on its own (see sparsify.py), in config order; the random methods
+   draw their masks from the run's generator in that order.
+2. Each sparse delta is multiplied by its weight.
+3. With a sign consensus (the *_ties methods and della), the elected sign is that of Σ wᵢδ̂ᵢ (≥ 0 counts as +),
+   and only elements whose sign agrees survive; the divisor for `normalize` is the sum of the weights of the
+   models that survived at each element (0 becomes 1). Without consensus the divisor is Σwᵢ (|Σwᵢ| < 1e-8 → 1).
+4. `normalize` divides by the divisor, then λ scales, then the base is added.
+
+mergekit stacks every delta ([n, *shape] in the compute dtype) and multiplies masks into copies of that stack.
+Here the deltas are visited twice instead: the first pass sparsifies each delta, keeps only its recipe (a bool
+mask, one byte per element, and a scalar) and adds it into the vote; the second pass rebuilds each sparse delta
+from the input (same operations, same bits) and adds it where it agrees. Peak extra memory is a few tensors of
+one delta's size plus n bytes per element, whatever the number of models.
+
+Paper variants, off by default: `sign_vote: sum` is the TIES paper's unweighted vote (the sign of the sum of
+the trimmed task vectors before weighting) and `sign_vote: count` is a majority of signs; `rescale_norm:
+inverse_density` is the DARE/DELLA papers' 1/keep-probability rescale instead of mergekit's L1 matching.
+`int8_mask` is accepted for mergekit compatibility and ignored: masks here are always one-byte bools.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from moekit.merging.methods.sparsify import (
+    RESCALE_NORMS,
+    Sparsified,
+    bernoulli,
+    della_magprune,
+    magnitude,
+    magnitude_outliers,
+)
+from moekit.merging.registry import Param, in_range, merge_method
+
+Tensors = list[torch.Tensor]
+SIGN_VOTES = ("weighted_sum", "sum", "count")
+
+
+def one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
+    def check(v: str) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def common_params(normalize: bool, rescale: bool) -> list[Param]:
+    return [
+        Param("weight", float, per_model=True, help="weight of each task vector"),
+        Param(
+            "density",
+            float,
+            default=1.0,
+            per_model=True,
+            check=in_range(0, 1, lo_open=True),
+            help="fraction kept",
+        ),
+        Param("lambda", float, default=1.0, help="scale applied to the combined task vectors"),
+        Param("normalize", bool, default=normalize, help="divide by the sum of the (surviving) weights"),
+        Param("rescale", bool, default=rescale, help="rescale each sparse delta to the dense delta's norm"),
+        Param("rescale_norm", str, default="l1", check=one_of(RESCALE_NORMS), help="norm matched by rescale"),
+        Param(
+            "int8_mask", bool, default=False, help="accepted for mergekit configs; ignored (masks are bool)"
+        ),
+    ]
+
+
+VOTE = Param(
+    "sign_vote", str, default="weighted_sum", check=one_of(SIGN_VOTES), help="how the sign is elected"
+)
+GAMMA = Param(
+    "gamma", float, default=0.01, per_model=True, check=in_range(0, 1), help="fraction of largest |δ| dropped"
+)
+EPSILON = Param(
+    "epsilon", float, default=0.15, per_model=True, check=in_range(0, 1), help="spread of keep probability"
+)
+
+Sparsifier = Callable[[torch.Tensor, int], Sparsified]  # (delta, model index) -> recipe
+
+
+def merge_task_vectors(
+    tensors: Tensors,
+    base: torch.Tensor,
+    weight: list[float],
+    sparsify: Sparsifier,
+    consensus: str | None,
+    normalize: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """base + λ·combine(wᵢ·sparsify(mᵢ − base)); `consensus` is None (plain sum) or a sign-vote rule."""
+    if consensus is None:
+        mixed = None
+        for i, (m, w) in enumerate(zip(tensors, weight)):
+            delta = m - base
+            delta = sparsify(delta, i).apply(delta).mul_(w)
+            mixed = delta if mixed is None else mixed.add_(delta)
+            del delta
+        total = _weight_sum(weight)
+        divisor = 1.0 if abs(total) < 1e-8 else total
+    else:
+        mixed, divisor = _consensus_sum(tensors, base, weight, sparsify, consensus)
+    if normalize:
+        mixed.div_(divisor)
+    if lambda_ != 1:
+        mixed.mul_(lambda_)
+    return mixed.add_(base)
+
+
+def _weight_sum(weight: list[float]) -> float:
+    # mergekit sums the weights as an fp32 tensor; do the same so the divisor has the same bits.
+    return float(torch.tensor(weight, dtype=torch.float32).sum())
+
+
+def _consensus_sum(
+    tensors: Tensors, base: torch.Tensor, weight: list[float], sparsify: Sparsifier, consensus: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ agreeing wᵢδ̂ᵢ, Σ agreeing wᵢ with 0 → 1), in two passes over the inputs."""
+    recipes: list[Sparsified] = []
+    vote = None
+    for i, (m, w) in enumerate(zip(tensors, weight)):
+        delta = m - base
+        recipe = sparsify(delta, i)
+        recipes.append(recipe)
+        contribution = recipe.apply(delta)
+        if consensus != "sum":  # the paper's vote is on the unweighted task vectors
+            contribution = contribution.mul_(w)
+        if consensus == "count":
+            contribution = contribution.sign_()
+        vote = contribution if vote is None else vote.add_(contribution)
+        del delta, contribution
+    positive = vote >= 0
+    del vote
+
+    mixed = divisor = None
+    for m, w, recipe in zip(tensors, weight, recipes):
+        delta = recipe.apply(m - base).mul_(w)
+        agree = torch.where(positive, delta > 0, delta < 0)
+        delta.mul_(agree)
+        mixed = delta if mixed is None else mixed.add_(delta)
+        survived = agree.to(mixed.dtype).mul_(w)
+        divisor = survived if divisor is None else divisor.add_(survived)
+        del delta, agree, survived
+    divisor[divisor == 0] = 1
+    return mixed, divisor
+
+
+def per_model_sparsifier(fn: Callable[..., Sparsified], density: list[float], **per_model) -> Sparsifier:
+    def sparsify(delta: torch.Tensor, i: int) -> Sparsified:
+        return fn(delta, density[i], **{k: v[i] if isinstance(v, list) else v for k, v in per_model.items()})
+
+    return sparsify
+
+
+def _norm(rescale: bool, rescale_norm: str) -> str | None:
+    return rescale_norm if rescale else None
+
+
+@merge_method("ties", base="required", params=[*common_params(normalize=True, rescale=False), VOTE])
+def ties(
+    tensors: Tensors,
+    base,
+    *,
+    weight,
+    density,
+    lambda_,
+    normalize,
+    rescale,
+    rescale_norm,
+    int8_mask,
+    sign_vote,
+):
+    """TIES: keep each delta's top-k by magnitude, elect a sign per element, average the agreeing deltas."""
+    sparsify = per_model_sparsifier(magnitude, density, rescale_norm=_norm(rescale, rescale_norm))
+    return merge_task_vectors(tensors, base, weight, sparsify, sign_vote, normalize, lambda_)
+
+
+@merge_method(
+    "dare_ties", base="required", params=[*common_params(normalize=False, rescale=True), VOTE], random=True
+)
+def dare_ties(
+    tensors, base, *, weight, density, lambda_, normalize, rescale, rescale_norm, int8_mask, sign_vote, rng
+):
+    """DARE + TIES: drop each delta element with probability 1 − density, rescale, then the TIES sign vote."""
+    sparsify = per_model_sparsifier(bernoulli, density, rescale_norm=_norm(rescale, rescale_norm), rng=rng)
+    return merge_task_vectors(tensors, base, weight, sparsify, sign_vote, normalize, lambda_)
+
+
+@merge_method(
+    "dare_linear", base="required", params=common_params(normalize=False, rescale=True), random=True
+)
+def dare_linear(tensors, base, *, weight, density, lambda_, normalize, rescale, rescale_norm, int8_mask, rng):
+    """DARE: drop each delta element with probability 1 − density, rescale, and add the weighted deltas."""
+    sparsify = per_model_sparsifier(bernoulli, density, rescale_norm=_norm(rescale, rescale_norm), rng=rng)
+    return merge_task_vectors(tensors, base, weight, sparsify, None, normalize, lambda_)
+
+
+@merge_method("breadcrumbs", base="required", params=[*common_params(normalize=False, rescale=False), GAMMA])
+def breadcrumbs(
+    tensors, base, *, weight, density, gamma, lambda_, normalize, rescale, rescale_norm, int8_mask
+):
+    """Model Breadcrumbs: drop the largest (outliers) and the smallest deltas, add the weighted rest."""
+    sparsify = per_model_sparsifier(
+        magnitude_outliers, density, gamma=gamma, rescale_norm=_norm(rescale, rescale_norm)
+    )
+    return merge_task_vectors(tensors, base, weight, sparsify, None, normalize, lambda_)
+
+
+@merge_method(
+    "breadcrumbs_ties", base="required", params=[*common_params(normalize=False, rescale=False), GAMMA, VOTE]
+)
+def breadcrumbs_ties(
+    tensors, base, *, weight, density, gamma, lambda_, normalize, rescale, rescale_norm, int8_mask, sign_vote
+):
+    """Model Breadcrumbs with the TIES sign vote."""
+    sparsify = per_model_sparsifier(
+        magnitude_outliers, density, gamma=gamma, rescale_norm=_norm(rescale, rescale_norm)
+    )
+    return merge_task_vectors(tensors, base, weight, sparsify, sign_vote, normalize, lambda_)
+
+
+@merge_method(
+    "della",
+    base="required",
+    params=[*common_params(normalize=True, rescale=True), EPSILON, VOTE],
+    random=True,
+)
+def della(
+    tensors,
+    base,
+    *,
+    weight,
+    density,
+    epsilon,
+    lambda_,
+    normalize,
+    rescale,
+    rescale_norm,
+    int8_mask,
+    sign_vote,
+    rng,
+):
+    """DELLA: magnitude-ranked random drop (MagPrune), rescale, the TIES sign vote, then the agreeing average."""
+    sparsify = per_model_sparsifier(
+        della_magprune, density, epsilon=epsilon, rescale_norm=_norm(rescale, rescale_norm), rng=rng
+    )
+    return merge_task_vectors(tensors, base, weight, sparsify, sign_vote, normalize, lambda_)
+
+
+@merge_method(
+    "della_linear",
+    base="required",
+    params=[*common_params(normalize=False, rescale=True), EPSILON],
+    random=True,
+)
+def della_linear(
+    tensors, base, *, weight, density, epsilon, lambda_, normalize, rescale, rescale_norm, int8_mask, rng
+):
+    """DELLA without the sign vote: MagPrune, rescale, and add the weighted deltas."""
+    sparsify = per_model_sparsifier(
+        della_magprune, density, epsilon=epsilon, rescale_norm=_norm(rescale, rescale_norm), rng=rng
+    )
+    return merge_task_vectors(tensors, base, weight, sparsify, None, normalize, lambda_)

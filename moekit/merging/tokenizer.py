@@ -1,0 +1,195 @@
+"""Merging models whose tokenizers differ: `tokenizer_source: base | union | MODEL_PATH`, with mergekit 0.1.5's rules.
+
+The output vocabulary is the chosen tokenizer's:
+- `base`: the base model's tokenizer, stripped of tokens whose id is >= the base's `vocab_size` (mergekit's
+  "stripped" tokenizer). Without a base_model, the first model.
+- `union`: the stripped base tokenizer, plus every other model's tokens it lacks (plain tokens first, then added
+  tokens with their settings, the first model's settings winning).
+- a path: that model's tokenizer, as it is.
+The output has one row per token (rounded up by `tokenizer.pad_to_multiple_of`), so `base` can shrink an embedding
+whose config reserves more rows than the tokenizer uses, exactly as mergekit does.
+
+Before the merge method sees a vocabulary-indexed tensor (embed_tokens, lm_head), each input is re-laid in the
+output's token order. A token the model has keeps its own row. A token it lacks gets a fallback row shared by every
+model that lacks it: the row of the only model that has it; else the base model's row if the base is among the
+tensor's inputs and has it; else the mean of the rows of the models that have it; zeros if no model has it. Every
+model then takes part in every row with its configured weight (mergekit does not drop a model's weight where it
+lacks a token). Padding rows past the tokenizer's length get the mean of that model's real rows.
+
+Known differences from mergekit 0.1.5, both in cases where its behaviour is not reproducible:
+- `union` adds each model's new tokens in token-id order, models in config order. mergekit walks its models as a
+  Python set (order varies with PYTHONHASHSEED) and each vocabulary in `get_vocab()` dict order.
+- A token whose id is >= its model's `vocab_size` counts as missing from that model; mergekit raises a KeyError.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.errors import UserError
+from moekit.io.checkpoint import Checkpoint
+
+
+@dataclass
+class Vocabulary:
+    """The output vocabulary and, per input model, where each output token's row comes from."""
+
+    tokenizer: Any  # transformers.PreTrainedTokenizerBase, saved as the output's tokenizer
+    n_tokens: int
+    size: int  # output rows: n_tokens rounded up to pad_to_multiple_of
+    source_rows: list[torch.Tensor]  # per Plan.models index: int64 [n_tokens], the model's row or -1
+    base: int | None  # Plan.models index of base_model
+
+    def permute(self, tensors: list[torch.Tensor], model_ids: list[int], hold_dtype: torch.dtype) -> list[torch.Tensor]:
+        """`tensors` (rows indexed by each model's own token ids) re-laid with `size` rows in output order.
+
+        `hold_dtype` is the dtype mergekit holds the inputs in (config `dtype`, else the stored one): the fallback
+        means are accumulated in it, as mergekit does, so their rounding matches."""
+        rows = [self.source_rows[m] for m in model_ids]
+        present = torch.stack([r >= 0 for r in rows])  # [models, tokens]
+        gathered = [t[r.clamp(min=0)] for t, r in zip(tensors, rows)]
+        # Fallback rows, needed only where some model lacks the token: the mean of the present rows (which is
+        # the donor's row when only one has it), replaced by the base's row where the base takes part and has it.
+        acc = torch.zeros((self.n_tokens, *tensors[0].shape[1:]), dtype=hold_dtype)
+        for g, p in zip(gathered, present):
+            acc = torch.where(_rows(p, g), acc + g.to(hold_dtype), acc)
+        count = present.sum(0).clamp(min=1).to(hold_dtype)
+        fallback = (acc / count.view(-1, *[1] * (acc.dim() - 1))).to(tensors[0].dtype)
+        if self.base in model_ids:
+            i = model_ids.index(self.base)
+            fallback = torch.where(_rows(present[i], fallback), gathered[i], fallback)
+        out = []
+        for g, p in zip(gathered, present):
+            full = torch.where(_rows(p, g), g, fallback)
+            if self.size > self.n_tokens:
+                pad = full.to(hold_dtype).mean(0).to(full.dtype)
+                full = torch.cat([full, pad.expand(self.size - self.n_tokens, *pad.shape)])
+            out.append(full)
+        return out
+
+    def save(self, out_dir: Path) -> None:
+        self.tokenizer.save_pretrained(str(out_dir))
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, *[1] * (like.dim() - 1))
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, use_fast=True)
+
+
+def _vocab_size(model: Checkpoint, tokenizer) -> int:
+    n = model.config.get("vocab_size")
+    return n if isinstance(n, int) and n > 0 else len(tokenizer.get_vocab())
+
+
+def stripped_tokenizer(model: Checkpoint):
+    """The model's tokenizer without the tokens whose id is >= its config's vocab_size (those have no row)."""
+    tok = _load_tokenizer(model.path)
+    limit = _vocab_size(model, tok)
+    unused = {t for t, i in tok.get_vocab().items() if i >= limit}
+    if not unused:
+        return tok
+    data = json.loads(tok.backend_tokenizer.to_str()) if tok.is_fast else None
+    if data is None or data["model"]["type"] != "BPE":
+        raise UserError(
+            f"tokenizer of '{model.ref}' has tokens past vocab_size {limit} and is not a fast BPE tokenizer; "
+            "it cannot be stripped for a tokenizer merge: use tokenizer_source: a model path"
+        )
+    from tokenizers import Tokenizer
+
+    data["added_tokens"] = [e for e in data["added_tokens"] if e["id"] < limit]
+    for t in unused:
+        data["model"]["vocab"].pop(t, None)
+    data["model"]["merges"] = [
+        m for m in data["model"]["merges"] if not any(p in unused for p in (m.split(" ") if isinstance(m, str) else m))
+    ]
+    tok._tokenizer = Tokenizer.from_str(json.dumps(data))
+    return tok
+
+
+def _fresh_copy(tok):
+    """A copy of `tok` that can be extended without touching it (save and reload, as tokenizers are stateful)."""
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(d, local_files_only=True, trust_remote_code=False, use_fast=True)
+
+
+def union_tokenizer(base_tok, others: list[tuple[Checkpoint | None, Any]]):
+    """The base tokenizer plus every token of `others` (model, tokenizer) it lacks, in mergekit's two passes."""
+    plain: dict[str, None] = {}
+    added: dict[str, Any] = {}
+    for model, tok in others:
+        limit = _vocab_size(model, tok) if model is not None else len(tok.get_vocab())
+        for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+            if i < limit:
+                plain.setdefault(t, None)
+        for i, info in sorted(tok.added_tokens_decoder.items()):
+            if i < limit:
+                added.setdefault(info.content, info)
+    out = _fresh_copy(base_tok)
+    base_vocab = base_tok.get_vocab()
+    new_plain = [t for t in plain if t not in added and t not in base_vocab]
+    if new_plain:
+        out.add_tokens(new_plain)
+    for info in added.values():
+        if info.content not in out.get_vocab():
+            out.add_tokens([info])
+    return out
+
+
+def build_vocabulary(
+    source: str, models: list[Checkpoint], base: int | None, pad_to_multiple_of: int | None, where: str
+) -> Vocabulary:
+    """The output vocabulary for `tokenizer_source` = `source` and each model's row map into it."""
+    ref = base if base is not None else 0
+    try:
+        base_tok = stripped_tokenizer(models[ref])
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where}: cannot load the tokenizer of '{models[ref].ref}' ({e}); tokenizer_source needs it") from None
+    toks: list[Any] = []
+    for i, m in enumerate(models):
+        if i == ref:
+            toks.append(base_tok)
+            continue
+        try:
+            toks.append(_load_tokenizer(m.path))
+        except (OSError, ValueError):
+            toks.append(None)  # mergekit assumes such a model shares the base's tokenizer
+    if source == "base":
+        out_tok = base_tok
+    elif source == "union":
+        pairs = [(models[ref], base_tok)] + [(m, t) for i, (m, t) in enumerate(zip(models, toks)) if i != ref and t is not None]
+        out_tok = union_tokenizer(base_tok, pairs)
+    else:
+        match = next((m for m in models if m.ref == source), None)
+        path = match.path if match else Path(source)
+        try:
+            out_tok = _load_tokenizer(path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{where}: tokenizer_source '{source}': cannot load a tokenizer there ({e})") from None
+    vocab = out_tok.get_vocab()
+    n = len(vocab)
+    size = n if not pad_to_multiple_of else -(-n // pad_to_multiple_of) * pad_to_multiple_of
+    source_rows = []
+    for m, tok in zip(models, toks):
+        own = (tok or base_tok).get_vocab()
+        limit = _vocab_size(m, tok or base_tok)
+        rows = torch.full((n,), -1, dtype=torch.int64)
+        for t, j in vocab.items():
+            i = own.get(t)
+            if i is not None and i < limit:
+                rows[j] = i
+        source_rows.append(rows)
+    return Vocabulary(out_tok, n, size, source_rows, base)

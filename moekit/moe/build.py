@@ -1,0 +1,349 @@
+"""The MoE build plan and its streaming write.
+
+The plan names every output tensor (attention, norms, embeddings and lm_head from the base; experts from the MLPs
+of their sources; routers from the gates) with its shape and where it comes from, after checking families,
+shapes, vocabularies and names. Nothing is read until the write, which then holds one source tensor at a time:
+the tensors that one source tensor feeds (the same MLP projection copied into N experts) are written next to each
+other, so each is read once per layer and written N times.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from moekit.config import DTYPES
+from moekit.errors import UserError
+from moekit.io.checkpoint import Checkpoint
+from moekit.io.writer import OutputTensor
+from moekit.moe.config import ExpertSpec, MoEConfig
+from moekit.moe.layouts import LAYOUTS, ROLES, MoELayout, choose_layout, moe_config, supported_sources
+
+ZERO_QKV_BIAS = ("q_proj", "k_proj", "v_proj")
+NOISE_SEED_OFFSET = 0x6E6F697365  # keeps the noise stream apart from the random-gate stream drawn with `seed`
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output tensor and how it is made. kind: copy (a base tensor), expert (an MLP projection, with its
+    expert's noise and residual scale), router (rows of the gate vectors), zeros (a bias the source lacks)."""
+
+    out: OutputTensor
+    kind: str
+    model: int | None = None
+    name: str | None = None
+    expert: ExpertSpec | None = None
+    scale: float | None = None
+    layer: int | None = None
+    rows: tuple[int, int] | None = None  # router: which gate vectors
+
+
+@dataclass
+class MoEPlan:
+    config: MoEConfig
+    layout: MoELayout
+    models: list[Checkpoint]  # models[0] is the base
+    experts: list[ExpertSpec]
+    shared: list[ExpertSpec]
+    jobs: list[Job]
+    dtype: torch.dtype
+    num_layers: int
+    hidden: int
+    output_config: dict
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def base(self) -> Checkpoint:
+        return self.models[0]
+
+    @property
+    def output_tensors(self) -> list[OutputTensor]:
+        return [j.out for j in self.jobs]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(j.out.nbytes for j in self.jobs)
+
+    def gate_vectors_needed(self) -> int:
+        """Router vectors the gate mode computes: routed experts, then the shared one (as mergekit orders them)."""
+        return len(self.experts) + (len(self.shared) if self.shared and not self.config.shared_gate_is_zero(self.shared) else 0)
+
+    def peak_memory_estimate(self) -> int:
+        """Bytes of tensors in flight while writing: the largest source tensor, its float32 working copy when noise or
+        a residual scale applies, and the cast output; plus the gate vectors."""
+        worst = 0
+        for job in self.jobs:
+            numel = math.prod(job.out.shape)
+            src = self.models[job.model].tensors.infos[job.name].dtype.itemsize if job.model is not None else 0
+            work = 4 if job.kind == "expert" and (job.expert.noise_scale or job.scale is not None) else 0
+            worst = max(worst, numel * (src + work + job.out.dtype.itemsize))
+        return worst + self.num_layers * self.gate_vectors_needed() * self.hidden * 4
+
+    def close(self) -> None:
+        for m in self.models:
+            m.close()
+
+
+def build_plan(cfg: MoEConfig) -> MoEPlan:
+    """Open the models, check that they fit together, choose the output layout and lay out every tensor."""
+    models: list[Checkpoint] = []
+    index: dict[str, int] = {}
+
+    def open_model(ref: str, where: str) -> int:
+        if ref not in index:
+            index[ref] = len(models)
+            models.append(Checkpoint.open(ref, cfg.base_dir, where))
+        return index[ref]
+
+    try:
+        open_model(cfg.base_model, f"{_name(cfg)}: base_model")
+        for spec in cfg.experts + cfg.shared_experts:
+            open_model(spec.source, f"{spec.where}.source_model")
+        return _plan(cfg, models, index)
+    except BaseException:
+        for m in models:
+            m.close()
+        raise
+
+
+def _name(cfg: MoEConfig) -> str:
+    return str(cfg.path) if cfg.path else "<config>"
+
+
+def _plan(cfg: MoEConfig, models: list[Checkpoint], index: dict[str, int]) -> MoEPlan:
+    base = models[0]
+    name = _name(cfg)
+    family = base.family
+    if family.is_moe:
+        raise UserError(f"{name}: base_model '{cfg.base_model}' is already an MoE ({family.name}); give a dense base model")
+    if not any(family.name in layout.sources for layout in LAYOUTS):
+        raise UserError(
+            f"{name}: base_model '{cfg.base_model}' is a {family.name} model, which moekit cannot turn into an MoE; "
+            f"supported source families: {supported_sources()}"
+        )
+    for spec in cfg.experts + cfg.shared_experts:
+        fam = models[index[spec.source]].family
+        if fam.name != family.name:
+            raise UserError(
+                f"{spec.where}.source_model: '{spec.source}' is a {fam.name} model but base_model is {family.name}; "
+                "every expert must come from the base's family"
+            )
+
+    layout = choose_layout(family.name, None if cfg.upcycle else bool(cfg.shared_experts), cfg.architecture)
+    if layout is None:
+        raise UserError(f"{name}: {_no_layout_reason(cfg, family.name)}")
+
+    experts, shared = list(cfg.experts), list(cfg.shared_experts)
+    notes = []
+    if cfg.upcycle and layout.shared:
+        # sigmoid(0) = 1/2 on the base-MLP shared expert, the other half from the routed copies (see layouts.py).
+        experts = [replace(e, residual_scale=0.5) for e in experts]
+        shared = [ExpertSpec(cfg.base_model, (), (), None, None, f"{name}: upcycle (shared expert)")]
+        notes.append("shared expert: the base MLP with a zero gate (weight 1/2); routed experts carry the other half")
+    elif cfg.shared_gate_is_zero(shared):
+        notes.append("shared expert without prompts: zero gate, so its weight is sigmoid(0) = 1/2 for every token")
+
+    hidden = _int_key(base, "hidden_size")
+    num_layers = base.num_layers
+    base_vocab = _vocab(base)
+    for spec in experts + shared:
+        m = models[index[spec.source]]
+        if m is base:
+            continue
+        for key, want in (("hidden_size", hidden), (family.num_layers_key, num_layers)):
+            got = _int_key(m, key)
+            if got != want:
+                raise UserError(
+                    f"{spec.where}.source_model: '{spec.source}' has {key} {got} but base_model has {want}; experts "
+                    "must have the base's shape"
+                )
+        if _vocab(m) != base_vocab and cfg.tokenizer_source is None:
+            raise UserError(
+                f"{spec.where}.source_model: '{spec.source}' has a vocabulary of {_vocab(m)} tokens but base_model has "
+                f"{base_vocab}; the MoE uses the base's embeddings and tokenizer: set 'tokenizer_source: base' if "
+                "that is what you want"
+            )
+
+    dtype = cfg.dtype or _base_dtype(base)
+    expert_shapes = _mlp_shapes(experts, models, index, family, num_layers, hidden, "experts")
+    shared_shapes = _mlp_shapes(shared, models, index, family, num_layers, hidden, "shared expert") if shared else None
+
+    jobs = _jobs(cfg, layout, models, index, experts, shared, dtype, hidden, num_layers, expert_shapes, shared_shapes)
+    out_cfg = moe_config(
+        layout, base.config, len(experts), cfg.experts_per_token, expert_shapes["gate"][0],
+        shared_shapes["gate"][0] if shared_shapes else None, dtype,
+    )  # fmt: skip
+    return MoEPlan(cfg, layout, models, experts, shared, jobs, dtype, num_layers, hidden, out_cfg, notes)
+
+
+def _no_layout_reason(cfg: MoEConfig, family: str) -> str:
+    takes = [layout for layout in LAYOUTS if family in layout.sources]
+    if cfg.architecture and not any(layout.name in cfg.architecture for layout in takes):
+        wanted = ", ".join(cfg.architecture)
+        return (
+            f"architecture {cfg.raw.get('architecture')!r} ({wanted}) cannot be built from {family} sources; "
+            f"{family} can become {' or '.join(lay.display for lay in takes)}"
+        )
+    if cfg.shared_experts:
+        return (
+            f"shared_experts: only Qwen2-MoE has a shared expert, and it is built from llama, mistral or qwen2 "
+            f"sources; {family} sources cannot have one: remove shared_experts"
+        )
+    return (
+        f"{family} sources become {' or '.join(lay.display for lay in takes)}, which needs exactly one shared expert: "
+        "add shared_experts (one entry), or use upcycle"
+    )
+
+
+def _int_key(m: Checkpoint, key: str) -> int:
+    value = m.config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UserError(f"{m.path / 'config.json'}: '{key}' is missing or not an integer")
+    return value
+
+
+def _vocab(m: Checkpoint) -> int:
+    info = m.tensors.infos.get("model.embed_tokens.weight")
+    return info.shape[0] if info is not None else _int_key(m, "vocab_size")
+
+
+def _base_dtype(base: Checkpoint) -> torch.dtype:
+    """mergekit's rule: the base config's dtype; we fall back to the dtype of its embedding."""
+    for key in ("dtype", "torch_dtype"):
+        value = base.config.get(key)
+        if isinstance(value, str) and value in DTYPES:
+            return DTYPES[value]
+    return next(iter(base.tensors.infos.values())).dtype
+
+
+def _mlp_shapes(specs, models, index, family, num_layers, hidden, what) -> dict[str, tuple[int, ...]]:
+    """The MLP shape per role, the same for every layer and every source; a one-line error otherwise."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        m = models[index[spec.source]]
+        for layer in range(num_layers):
+            for role in ROLES:
+                tensor = family.layer_tensor(layer, family.mlp[role])
+                info = m.tensors.infos.get(tensor)
+                if info is None:
+                    raise UserError(f"{spec.where}.source_model: '{spec.source}' has no tensor '{tensor}'")
+                want = shapes.setdefault(role, info.shape)
+                if info.shape != want:
+                    raise UserError(
+                        f"{spec.where}.source_model: '{spec.source}' tensor '{tensor}' has shape {list(info.shape)} but "
+                        f"the other {what} have {list(want)}; every expert must have the same MLP shape"
+                    )
+    gate, down = shapes["gate"], shapes["down"]
+    if len(gate) != 2 or gate[1] != hidden or down != (hidden, gate[0]) or shapes["up"] != gate:
+        raise UserError(f"{specs[0].where}: MLP shapes {[list(s) for s in shapes.values()]} do not fit hidden_size {hidden}")
+    return shapes
+
+
+def _jobs(cfg, layout, models, index, experts, shared, dtype, hidden, num_layers, expert_shapes, shared_shapes) -> list[Job]:
+    base = models[0]
+    family = base.family
+    mlp_names = set(family.mlp.values())
+    front, back, per_layer = [], [], [[] for _ in range(num_layers)]
+    for tensor, info in base.tensors.infos.items():
+        where = family.layer_of(tensor)
+        if where is None:
+            (front if "embed" in tensor else back).append(Job(OutputTensor(tensor, dtype, info.shape), "copy", 0, tensor))
+            continue
+        layer, rest = where
+        if layer >= num_layers:
+            raise UserError(f"{base.path}: tensor '{tensor}' is in layer {layer} but the config has {num_layers} layers")
+        if rest in mlp_names:
+            continue
+        _check_base_tensor(layout, base, tensor, rest)
+        per_layer[layer].append(Job(OutputTensor(tensor, dtype, info.shape), "copy", 0, tensor))
+
+    n_routed = len(experts)
+    zero_gate = cfg.shared_gate_is_zero(shared)
+    jobs = list(front)
+    for layer in range(num_layers):
+        layer_jobs = sorted(per_layer[layer], key=lambda j: j.out.name)
+        if layout.zero_qkv_bias:
+            layer_jobs += _zero_biases(base, layer, layer_jobs, dtype)
+        jobs += layer_jobs
+        jobs.append(Job(OutputTensor(layout.router(layer), dtype, (n_routed, hidden)), "router", layer=layer, rows=(0, n_routed)))
+        for role in ROLES:
+            source_tensor = family.layer_tensor(layer, family.mlp[role])
+            for e in _grouped_by_source(experts):
+                spec = experts[e]
+                jobs.append(_expert_job(layout.expert_tensor(layer, e, role), spec, role, source_tensor, index, dtype, expert_shapes))
+        if shared:
+            for role in ROLES:
+                source_tensor = family.layer_tensor(layer, family.mlp[role])
+                jobs.append(_expert_job(layout.shared_tensor(layer, role), shared[0], role, source_tensor, index, dtype, shared_shapes))
+            gate_kind = "zeros" if zero_gate else "router"
+            jobs.append(Job(OutputTensor(layout.shared_gate(layer), dtype, (1, hidden)), gate_kind, layer=layer, rows=(n_routed, n_routed + 1)))
+    return jobs + back
+
+
+def _grouped_by_source(experts: list[ExpertSpec]) -> list[int]:
+    """Expert indices ordered so that experts sharing a source model are adjacent (first appearance order)."""
+    order: dict[str, list[int]] = {}
+    for e, spec in enumerate(experts):
+        order.setdefault(spec.source, []).append(e)
+    return [e for group in order.values() for e in group]
+
+
+def _expert_job(out_name, spec, role, source_tensor, index, dtype, shapes) -> Job:
+    scale = spec.residual_scale if role == "down" else None
+    return Job(OutputTensor(out_name, dtype, shapes[role]), "expert", index[spec.source], source_tensor, spec, scale)
+
+
+def _check_base_tensor(layout: MoELayout, base: Checkpoint, tensor: str, rest: str) -> None:
+    if rest.startswith("mlp."):
+        raise UserError(f"{base.path}: tensor '{tensor}' is not a gate/up/down projection weight; {layout.display} experts have no other MLP tensors")
+    if rest.endswith(".bias") and not layout.attention_biases and not (layout.zero_qkv_bias and rest.split(".")[-2] in ZERO_QKV_BIAS):
+        raise UserError(f"{base.path}: tensor '{tensor}': {layout.display} attention has no such bias; this base cannot become {layout.display}")
+
+
+def _zero_biases(base: Checkpoint, layer: int, layer_jobs: list[Job], dtype: torch.dtype) -> list[Job]:
+    """Qwen2-MoE always has q/k/v biases; a Llama or Mistral source has none, and zeros compute the same thing."""
+    have = {j.out.name for j in layer_jobs}
+    added = []
+    for proj in ZERO_QKV_BIAS:
+        bias = base.family.layer_tensor(layer, f"self_attn.{proj}.bias")
+        if bias not in have:
+            rows = base.tensors.infos[base.family.layer_tensor(layer, f"self_attn.{proj}.weight")].shape[0]
+            added.append(Job(OutputTensor(bias, dtype, (rows,)), "zeros"))
+    return added
+
+
+def write_plan(plan: MoEPlan, gates: torch.Tensor | None, write: Callable[[str, torch.Tensor], None], seed: int, allow_nonfinite: bool) -> None:
+    """Compute and hand each output tensor to `write`, in plan order. One source tensor is held at a time."""
+    noise = torch.Generator().manual_seed(seed + NOISE_SEED_OFFSET)
+    held_key, held = None, None
+    for job in plan.jobs:
+        if job.kind in ("copy", "expert"):
+            key = (job.model, job.name)
+            if key != held_key:
+                held_key, held = None, None  # drop the previous tensor before reading the next
+                held, held_key = plan.models[job.model].tensors.read(job.name), key
+            tensor = _expert_weights(held, job, noise) if job.kind == "expert" else held
+        elif job.kind == "router":
+            tensor = gates[job.layer, job.rows[0] : job.rows[1]]
+        else:
+            tensor = torch.zeros(job.out.shape)
+        tensor = tensor.to(job.out.dtype)
+        if not allow_nonfinite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"output tensor '{job.out.name}' has NaN or Inf values; check the source model, or pass --allow-nonfinite")
+        write(job.out.name, tensor)
+
+
+def _expert_weights(source: torch.Tensor, job: Job, noise: torch.Generator) -> torch.Tensor:
+    """mergekit's noise_and_scale: + N(0, noise_scale^2), then the down projection times residual_scale (float32)."""
+    sigma = job.expert.noise_scale
+    if not sigma and job.scale is None:
+        return source
+    t = source.float()
+    if sigma:
+        t = t + torch.randn(t.shape, generator=noise) * sigma
+    if job.scale is not None:
+        t = t * job.scale
+    return t
