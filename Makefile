@@ -26,7 +26,7 @@ lint: setup
 	$(BIN)/ruff format --check $(LINT_PATHS)
 
 test: lint
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20
 
 bench: setup
 	$(BIN)/python bench/merge_memory.py

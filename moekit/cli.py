@@ -85,10 +85,15 @@ def cli() -> None:
 @click.option(
     "--allow-nonfinite", is_flag=True, help="Write tensors that came out NaN/Inf instead of stopping."
 )
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Load models that only have pickled .bin/.pt weights (with torch.load(weights_only=True)).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("-v", "--verbose", is_flag=True, help="More logging.")
 def merge_command(
-    config, out, force, dry_run, device, shard_size, seed, allow_nonfinite, quiet, verbose
+    config, out, force, dry_run, device, shard_size, seed, allow_nonfinite, allow_pickle, quiet, verbose
 ) -> None:
     """Merge models as described by a YAML CONFIG (mergekit's format is accepted unchanged).
 
@@ -105,7 +110,7 @@ def merge_command(
     _setup_logging(quiet, verbose)
     result = merge(
         config, out, force=force, dry_run=dry_run, shard_size=parse_size(shard_size), seed=seed,
-        allow_nonfinite=allow_nonfinite, progress=not quiet and sys.stderr.isatty(), device=device,
+        allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle, progress=not quiet and sys.stderr.isatty(), device=device,
         print_fn=click.echo,
     )  # fmt: skip
     if result is not None and not quiet:

@@ -90,6 +90,26 @@ class MergeConfig:
     base_dir: Path | None = field(default=None)
 
 
+class _NoDuplicateKeysLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one silently, so a
+    `weight:` written twice would merge with whichever came last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # an unhashable key: SafeLoader reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in the same mapping", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(source: str | Path | dict) -> tuple[dict, Path | None]:
     """The config as a dict, and the file it came from. YAML errors name the line and column."""
     if isinstance(source, dict):
@@ -113,7 +133,7 @@ def read_yaml(source: str | Path | dict) -> tuple[dict, Path | None]:
         text, path = str(source), None
     name = str(path) if path else "<config>"
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_NoDuplicateKeysLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
@@ -125,7 +145,7 @@ def read_yaml(source: str | Path | dict) -> tuple[dict, Path | None]:
 
 
 def is_moe_config(raw: dict) -> bool:
-    return raw.get("merge_method") == "moe" or ("experts" in raw and "merge_method" not in raw)
+    return raw.get("merge_method") == "moe" or (("experts" in raw or "upcycle" in raw) and "merge_method" not in raw)
 
 
 def check_keys(obj: object, allowed, where: str) -> dict:
@@ -357,6 +377,27 @@ def check_value(p: Param, value: object, where: str) -> None:
         raise UserError(f"{where}: expected {p.kind.__name__}, got {_short(value)}")
     if p.check is not None and (problem := p.check(value)):
         raise UserError(f"{where}: {value!r} {problem}")
+
+
+def check_gradient_lengths(params: dict[str, Any], layers: int, where: str) -> None:
+    """A gradient's values are anchors spread evenly over the layers it covers. More anchors than layers means some
+    are never reached (mergekit skips them silently): almost surely a gradient written for a deeper model."""
+    for key, setting in params.items():
+        for at, values in _value_lists(setting, f"{where}.{key}"):
+            if len(values) > max(layers, 1):
+                raise UserError(
+                    f"{at}: a gradient of {len(values)} values over {layers} layer(s) would skip some of them; give "
+                    f"at most {layers} values (they are spread evenly over the layers) or a single value"
+                )
+
+
+def _value_lists(setting: object, where: str) -> list[tuple[str, list]]:
+    """Every list of values in a setting (a gradient, or a condition's gradient), with where it is."""
+    if isinstance(setting, dict):
+        return _value_lists(setting.get("value"), f"{where}.value")
+    if isinstance(setting, list) and setting and all(isinstance(v, dict) for v in setting):
+        return [found for i, c in enumerate(setting) for found in _value_lists(c, f"{where}[{i}]")]
+    return [(where, setting)] if isinstance(setting, list) else []
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:

@@ -25,6 +25,7 @@ import torch
 
 E, H, I = 8, 16, 24  # experts, hidden, intermediate (tiny: 2 shared cores)
 REL_TOL = 1e-5
+WORLD_SIZES = (2, 4)
 WORKER_TIMEOUT_S = 120
 
 
@@ -100,7 +101,8 @@ def cases_for(world_size: int) -> dict[str, dict]:
 # --------------------------------------------------------------------------- the worker (one rank)
 
 
-def run_rank(rank: int, world_size: int, cases: dict[str, dict]) -> dict[str, dict]:
+def run_rank(rank: int, world_size: int, cases: dict[str, dict], group) -> dict[str, dict]:
+    """This rank's outputs and gradients for every case, with the experts sharded over `group`."""
     from moekit.runtime.expert_parallel import ExpertParallelExperts, ExpertParallelMoE, local_experts
     from moekit.runtime.routing import route
 
@@ -114,12 +116,12 @@ def run_rank(rank: int, world_size: int, cases: dict[str, dict]) -> dict[str, di
         gate_up = case["gate_up"][mine.start : mine.stop].clone()
         down = case["down"][mine.start : mine.stop].clone()
         if case["mode"] == "module":
-            layer = ExpertParallelMoE(case["router_weight"], gate_up, down, case["top_k"], case["routing"])
+            layer = ExpertParallelMoE(case["router_weight"], gate_up, down, case["top_k"], case["routing"], group)
             out, _ = layer(x)
             router_weight, experts = layer.router.weight, layer.experts
         else:
             router_weight = case["router_weight"].clone().requires_grad_()
-            experts = ExpertParallelExperts(gate_up, down, E, replicated_tokens=case["mode"] == "replicated")
+            experts = ExpertParallelExperts(gate_up, down, E, group, replicated_tokens=case["mode"] == "replicated")
             weights, indices = route(x @ router_weight.T + case["ban"], case["top_k"], case["routing"])
             out = experts(x, indices, weights)
         (out * grad_out).sum().backward()
@@ -134,6 +136,8 @@ def run_rank(rank: int, world_size: int, cases: dict[str, dict]) -> dict[str, di
 
 
 def worker_main(rank: int, world_size: int, port: int, workdir: Path) -> None:
+    """One rank of WORLD_SIZES[-1] processes: the cases of every world size w, on a group of the first w ranks
+    (one set of processes serves every world size; process start-up dominates the test's time)."""
     import torch.distributed as dist
 
     dist.init_process_group(
@@ -145,7 +149,11 @@ def worker_main(rank: int, world_size: int, port: int, workdir: Path) -> None:
     )
     try:
         cases = torch.load(workdir / "cases.pt", weights_only=True)
-        results = run_rank(rank, world_size, cases)
+        results = {}
+        for w in WORLD_SIZES:
+            group = dist.new_group(list(range(w))) if w < world_size else dist.group.WORLD  # collective: all call
+            if rank < w:
+                results[w] = run_rank(rank, w, cases[w], group)
         torch.save(results, workdir / f"rank{rank}.tmp")
         os.replace(workdir / f"rank{rank}.tmp", workdir / f"rank{rank}.pt")
     finally:
@@ -192,37 +200,40 @@ def run_workers(world_size: int, workdir: Path) -> list[dict]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_matches_single_process_layer(world_size, tmp_path):
-    cases = cases_for(world_size)
+def test_matches_single_process_layer(tmp_path):
+    cases = {w: cases_for(w) for w in WORLD_SIZES}
     torch.save(cases, tmp_path / "cases.pt")
-    ranks = run_workers(world_size, tmp_path)
-    per_rank = E // world_size
-    for name, case in cases.items():
-        f64 = {k: v.double().requires_grad_() for k, v in case.items() if k in ("x", "router_weight", "gate_up", "down")}
-        renorm = case["routing"] == "softmax_topk_renorm"
-        expected, indices = reference_layer(
-            f64["x"], f64["router_weight"], case["ban"].double(), f64["gate_up"], f64["down"], case["top_k"], renorm
-        )
-        (expected * case["grad_out"].double()).sum().backward()
-        counts = case["tokens_per_rank"]
-        replicated = case["mode"] == "replicated"
-        assert not (case["ban"][indices] < 0).any(), "the router picked a banned expert: no rank is idle"
-        grad_router_sum = torch.zeros_like(f64["router_weight"])
-        for rank, result in enumerate(ranks):
-            r = result[name]
-            rows = slice(0, counts[0]) if replicated else slice(sum(counts[:rank]), sum(counts[: rank + 1]))
-            experts = slice(rank * per_rank, (rank + 1) * per_rank)
-            where = f"{name}, world {world_size}, rank {rank}"
-            assert_rel_close(r["out"], expected[rows].detach(), f"{where}: output")
-            assert_rel_close(r["grad_x"], f64["x"].grad[rows], f"{where}: grad of the input")
-            assert_rel_close(r["grad_gate_up"], f64["gate_up"].grad[experts], f"{where}: grad of gate_up_proj")
-            assert_rel_close(r["grad_down"], f64["down"].grad[experts], f"{where}: grad of down_proj")
-            if replicated:  # every rank computed the whole loss: it must hold the whole router gradient
-                assert_rel_close(r["grad_router"], f64["router_weight"].grad, f"{where}: grad of the router")
-            grad_router_sum += r["grad_router"].double()
-        if not replicated:  # data parallel: the ranks' router gradients add up (what DDP's all-reduce does)
-            assert_rel_close(grad_router_sum, f64["router_weight"].grad, f"{name}, world {world_size}: router grad")
+    ranks = run_workers(WORLD_SIZES[-1], tmp_path)
+    for world_size in WORLD_SIZES:
+        for name, case in cases[world_size].items():
+            check_case(f"{name}, world {world_size}", case, [r[world_size][name] for r in ranks[:world_size]])
+
+
+def check_case(what: str, case: dict, ranks: list[dict]) -> None:
+    """Every rank's output and gradients against the float64 single-process reference."""
+    world_size, per_rank = len(ranks), E // len(ranks)
+    f64 = {k: v.double().requires_grad_() for k, v in case.items() if k in ("x", "router_weight", "gate_up", "down")}
+    renorm = case["routing"] == "softmax_topk_renorm"
+    expected, indices = reference_layer(
+        f64["x"], f64["router_weight"], case["ban"].double(), f64["gate_up"], f64["down"], case["top_k"], renorm
+    )
+    (expected * case["grad_out"].double()).sum().backward()
+    assert not (case["ban"][indices] < 0).any(), f"{what}: the router picked a banned expert"
+    counts, replicated = case["tokens_per_rank"], case["mode"] == "replicated"
+    grad_router_sum = torch.zeros_like(f64["router_weight"])
+    for rank, r in enumerate(ranks):
+        rows = slice(0, counts[0]) if replicated else slice(sum(counts[:rank]), sum(counts[: rank + 1]))
+        experts = slice(rank * per_rank, (rank + 1) * per_rank)
+        where = f"{what}, rank {rank}"
+        assert_rel_close(r["out"], expected[rows].detach(), f"{where}: output")
+        assert_rel_close(r["grad_x"], f64["x"].grad[rows], f"{where}: grad of the input")
+        assert_rel_close(r["grad_gate_up"], f64["gate_up"].grad[experts], f"{where}: grad of gate_up_proj")
+        assert_rel_close(r["grad_down"], f64["down"].grad[experts], f"{where}: grad of down_proj")
+        if replicated:  # every rank computed the whole loss: it must hold the whole router gradient
+            assert_rel_close(r["grad_router"], f64["router_weight"].grad, f"{where}: grad of the router")
+        grad_router_sum += r["grad_router"].double()
+    if not replicated:  # data parallel: the ranks' router gradients add up (what DDP's all-reduce does)
+        assert_rel_close(grad_router_sum, f64["router_weight"].grad, f"{what}: summed router grad")
 
 
 def test_traffic_counts_rows_for_other_ranks():

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,12 +69,19 @@ def batch_order(num_windows: int, count: int, seed: int) -> torch.Tensor:
 
 
 def finetune_mlp(
-    model: torch.nn.Module, windows: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train `model`'s MLP weights in place with AdamW (no weight decay) on `windows`; return the loss of each step.
 
     Each step's loss is the mean next-token cross-entropy of its batch, measured before that step's update.
-    All other parameters have requires_grad turned off and do not change.
+    All other parameters have requires_grad turned off and do not change. `on_step(step, loss)` is called after
+    each step (for progress display).
     """
     names = [name for name, _ in model.named_parameters() if MLP_WEIGHT.search(name)]
     if not names:
@@ -97,6 +104,8 @@ def finetune_mlp(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            if on_step is not None:
+                on_step(step, losses[-1])
     model.eval()
     for param in model.parameters():
         param.requires_grad_(True)
@@ -111,6 +120,7 @@ def specialist(
     batch_size: int = 4,
     seed: int = 0,
     cache: Path | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> Specialist:
     """The base fine-tuned on `domain.train` (see `finetune_mlp`), saved as a checkpoint in the base's dtype.
 
@@ -136,7 +146,7 @@ def specialist(
     if not (out / "train_log.json").exists():
         model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
         start = time.perf_counter()
-        losses = finetune_mlp(model, domain.train, steps, lr, batch_size, seed)
+        losses = finetune_mlp(model, domain.train, steps, lr, batch_size, seed, on_step)
         seconds = time.perf_counter() - start
         with atomic_dir(out) as tmp:
             model.to(_checkpoint_dtype(base_dir)).save_pretrained(tmp)

@@ -4,14 +4,65 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moekit.architectures import Family, family_for_config
 from moekit.errors import UserError
+from moekit.io.pickle_reader import PickleReader, holds_pickled_weights_only, pickled_files, pickled_index
 from moekit.io.safetensors_reader import TensorReader, checkpoint_infos
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+# The user's --allow-pickle for the merge in progress. A context variable rather than a parameter, so that it
+# reaches every model the dense planner and the MoE builder open without each of them passing it along.
+_PICKLE_ALLOWED: ContextVar[bool] = ContextVar("moekit_pickle_allowed", default=False)
+
+
+@contextmanager
+def pickle_allowed(allowed: bool) -> Iterator[None]:
+    """Within the block, model directories holding only pickled weights are loaded (weights_only=True)."""
+    token = _PICKLE_ALLOWED.set(allowed)
+    try:
+        yield
+    finally:
+        _PICKLE_ALLOWED.reset(token)
+
+
+def open_tensors(model_dir: Path) -> TensorReader | PickleReader:
+    """A lazy reader over the weights of `model_dir`: safetensors, or pickled weights when the user allowed them."""
+    if _PICKLE_ALLOWED.get() and holds_pickled_weights_only(model_dir):
+        return PickleReader(pickled_files(model_dir, pickled_index(model_dir)))
+    return TensorReader(checkpoint_infos(model_dir))
+
+
+def check_config_matches_tensors(config_path: Path, config: dict, family: Family, infos: dict) -> None:
+    """config.json's layer count and hidden size agree with the tensors, so a wrong config cannot merge silently
+    (a num_hidden_layers that is too small would otherwise drop the layers past it without a word)."""
+    layers = {loc[0] for loc in map(family.layer_of, infos) if loc is not None}
+    declared = config.get(family.num_layers_key)
+    if layers and isinstance(declared, int) and not isinstance(declared, bool):
+        held = max(layers) + 1
+        if declared != held:
+            raise UserError(
+                f"{config_path}: {family.num_layers_key} is {declared} but the weights hold {held} layers "
+                f"({family.layer_prefix}0 to {family.layer_prefix}{held - 1}); fix config.json or re-download the model"
+            )
+        if len(layers) != held:
+            gaps = sorted(set(range(held)) - layers)
+            raise UserError(
+                f"{config_path}: the weights have no tensors for layer(s) {gaps[:5]} of {held}; the checkpoint is incomplete"
+            )
+    embed = infos.get(family.embeddings[0])
+    hidden = config.get("hidden_size")
+    if embed is not None and len(embed.shape) == 2 and isinstance(hidden, int) and embed.shape[1] != hidden:
+        raise UserError(
+            f"{config_path}: hidden_size is {hidden} but tensor '{embed.name}' is {list(embed.shape)}; fix config.json "
+            "or re-download the model"
+        )
 
 
 def resolve_model_dir(ref: str, base_dir: Path | None = None, where: str = "config") -> Path:
@@ -41,7 +92,7 @@ class Checkpoint:
     path: Path
     config: dict
     family: Family
-    tensors: TensorReader = field(repr=False)
+    tensors: TensorReader | PickleReader = field(repr=False)
 
     @classmethod
     def open(cls, ref: str, base_dir: Path | None = None, where: str = "config") -> Checkpoint:
@@ -56,7 +107,13 @@ class Checkpoint:
         if not isinstance(config, dict):
             raise UserError(f"{config_path}: not a JSON object")
         family = family_for_config(config, str(config_path))
-        return cls(ref, path, config, family, TensorReader(checkpoint_infos(path)))
+        tensors = open_tensors(path)
+        try:
+            check_config_matches_tensors(config_path, config, family, tensors.infos)
+        except UserError:
+            tensors.close()
+            raise
+        return cls(ref, path, config, family, tensors)
 
     @property
     def num_layers(self) -> int:

@@ -40,6 +40,12 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth")
+# Unpickling can run arbitrary code, so pickled weights are read only on request (moekit.io.pickle_reader).
+PICKLE_REFUSAL = (
+    "loading a pickle can run code, so it is refused: convert the weights to safetensors, or pass --allow-pickle "
+    "(allow_pickle=True in Python) to load them with torch.load(weights_only=True)"
+)
 
 
 @dataclass(frozen=True)
@@ -232,6 +238,8 @@ def checkpoint_infos(model_dir: Path) -> dict[str, TensorInfo]:
         infos: dict[str, TensorInfo] = {}
         for shard, tensors in shards.items():
             path = safe_child(model_dir, shard, str(index_path))
+            if isinstance(shard, str) and shard.endswith(PICKLED_SUFFIXES):
+                raise UserError(f"{index_path}: shard '{shard}' holds pickled weights; {PICKLE_REFUSAL}")
             if not path.is_file():
                 raise UserError(
                     f"{index_path}: shard '{shard}' (holding '{tensors[0]}') is missing; re-download it"
@@ -256,9 +264,6 @@ def checkpoint_infos(model_dir: Path) -> dict[str, TensorInfo]:
         raise UserError(
             f"{model_dir}: {len(files)} safetensors files but no {INDEX_NAME}; add the index or keep one file"
         )
-    if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")) or any(model_dir.glob("*.pth")):
-        raise UserError(
-            f"{model_dir}: only pickled weights (.bin/.pt) found; convert them to safetensors, or pass "
-            "--allow-pickle to load them with torch.load(weights_only=True)"
-        )
+    if any(p.is_file() for suffix in PICKLED_SUFFIXES for p in model_dir.glob(f"*{suffix}")):
+        raise UserError(f"{model_dir}: only pickled weights (.bin/.pt/.pth) found; {PICKLE_REFUSAL}")
     raise UserError(f"{model_dir}: no model weights (no {SINGLE_NAME} or {INDEX_NAME})")

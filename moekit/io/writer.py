@@ -12,6 +12,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -147,23 +149,47 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """
     out = Path(out).absolute()
     check_output_free(out, force)
+    tmp = out.parent / f".{out.name}.moekit-tmp-{os.getpid()}"
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.moekit-tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    except OSError as e:
-        raise UserError(f"cannot create the output next to '{out}': {e.strerror or e}") from None
-    try:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as e:
+            raise UserError(f"cannot create the output next to '{out}': {e.strerror or e}") from None
         yield tmp
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.moekit-old-{os.getpid()}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with _signals_deferred():  # an interrupt between the two renames would lose the old output
+            old = None
+            if out.exists():
+                old = out.parent / f".{out.name}.moekit-old-{os.getpid()}"
+                os.rename(out, old)
+            os.rename(tmp, out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with _signals_deferred():  # a second Ctrl-C must not stop the clean-up half way
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done; they are raised again (with their own handlers) after it.
+
+    Python runs signal handlers in the main thread only, so recording them there is enough (masking the signal
+    would not be: the kernel may hand it to a torch worker thread, whose C handler still wakes the main thread).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)

@@ -10,6 +10,7 @@ from pathlib import Path
 from moekit.allocator import return_freed_memory_promptly
 from moekit.config import is_moe_config, parse_merge_config, read_yaml
 from moekit.errors import UserError
+from moekit.io.checkpoint import pickle_allowed
 from moekit.io.output_files import (
     copy_generation_config,
     copy_tokenizer,
@@ -44,6 +45,7 @@ def merge(
     shard_size: int = DEFAULT_SHARD_SIZE,
     seed: int = 0,
     allow_nonfinite: bool = False,
+    allow_pickle: bool = False,
     progress: bool = False,
     device: str = "cpu",
     print_fn=print,
@@ -51,8 +53,16 @@ def merge(
     """Merge the models described by `config` into the directory `out` (or the config's `out:`).
 
     Everything is validated before the first byte is written; the output appears atomically. Returns the output
-    path, or None for a dry run (which prints the plan instead).
+    path, or None for a dry run (which prints the plan instead). `allow_pickle` lets models that hold only pickled
+    weights (.bin/.pt) in, loaded with torch.load(weights_only=True); without it they are refused.
     """
+    with pickle_allowed(allow_pickle):
+        return _merge(
+            config, out, force, dry_run, shard_size, seed, allow_nonfinite, progress, device, print_fn
+        )
+
+
+def _merge(config, out, force, dry_run, shard_size, seed, allow_nonfinite, progress, device, print_fn):
     return_freed_memory_promptly()
     raw, path = read_yaml(config)
     if is_moe_config(raw):

@@ -122,16 +122,16 @@ class MergeRunner:
                 for r, x in zip(job.inputs + [job.base], inputs + [base])
                 if r and not all_finite(x)
             ]
-            for what in bad_inputs:
-                if what not in self._warned:
-                    self._warned.add(what)
-                    log.warning("input %s holds NaN or Inf values", what)
-            if not self.allow_nonfinite:
+            if not self.allow_nonfinite:  # the error names the input: no warning, so stderr stays one line
                 cause = f" (from NaN/Inf in input {bad_inputs[0]})" if bad_inputs else ""
                 raise UserError(
                     f"tensor '{job.out.name}': the merge produced NaN or Inf values{cause}; fix the inputs or "
                     "parameters, or pass --allow-nonfinite to write them anyway"
                 )
+            for what in bad_inputs:
+                if what not in self._warned:
+                    self._warned.add(what)
+                    log.warning("input %s holds NaN or Inf values", what)
         return out.to(job.out.dtype)
 
     def _describe(self, ref: TensorRef) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from moekit.config import MergeConfig, Slice, Source, evaluate_setting
+from moekit.config import MergeConfig, Slice, Source, check_gradient_lengths, evaluate_setting
 from moekit.errors import UserError
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.writer import OutputTensor
@@ -145,6 +145,10 @@ def _build(config: MergeConfig, models: list[Checkpoint], index: dict[str, int])
                 raise UserError(
                     f"{name}: {src.where}.layer_range {list(src.layer_range)} goes past '{src.model}', which has {n} layers"
                 )
+        span = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        blocks = [(f"{name}: parameters", config.parameters), (f"{sl.where}.parameters", sl.parameters)]
+        for where, params in blocks + [(f"{src.where}.parameters", src.parameters) for src in sl.sources]:
+            check_gradient_lengths(params, span, where)
 
     ref_name = config.base_model or slices[0].sources[0].model
     reference = index[ref_name]
@@ -265,12 +269,13 @@ class _Planner:
         is_embedding = out_name in self.models[refs[0].model].family.embeddings
         if len(shapes) > 1:
             listing = ", ".join(f"'{self.models[r.model].ref}' {list(self._info(r).shape)}" for r in refs)
-            if is_embedding and config.tokenizer_source is None:
+            same_width = len({s[1:] for s in shapes}) == 1  # embeddings may differ in rows (vocabulary) only
+            if is_embedding and same_width and config.tokenizer_source is None:
                 raise UserError(
                     f"{self.name}: tensor '{out_name}': vocabulary sizes differ ({listing}); set tokenizer_source: base "
                     "(or union, or a model path) to merge models with different tokenizers"
                 )
-            if not is_embedding:
+            if not is_embedding or not same_width:
                 raise UserError(
                     f"{self.name}: tensor '{out_name}': shapes differ ({listing}); these models cannot be merged"
                 )

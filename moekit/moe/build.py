@@ -188,6 +188,11 @@ def _no_layout_reason(cfg: MoEConfig, family: str) -> str:
             f"{family} can become {' or '.join(lay.display for lay in takes)}"
         )
     if cfg.shared_experts:
+        if any(layout.shared for layout in takes):
+            return (
+                f"shared_experts: architecture {cfg.raw.get('architecture')!r} has no shared expert; only Qwen2-MoE has "
+                "one: use architecture: qwen2_moe, or remove shared_experts"
+            )
         return (
             f"shared_experts: only Qwen2-MoE has a shared expert, and it is built from llama, mistral or qwen2 "
             f"sources; {family} sources cannot have one: remove shared_experts"

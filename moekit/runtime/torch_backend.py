@@ -41,11 +41,14 @@ class Upcaster:
     """
 
     def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
-        self.buffer = torch.empty(numel, dtype=dtype, device=device)
+        self.numel, self.dtype, self.device = numel, dtype, device
+        self.buffer: torch.Tensor | None = None  # allocated on first use: same-dtype weights never need it
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        if weight.dtype == self.buffer.dtype:
+        if weight.dtype == self.dtype:
             return weight
+        if self.buffer is None:
+            self.buffer = torch.empty(self.numel, dtype=self.dtype, device=self.device)
         upcast = self.buffer[: weight.numel()].view(weight.shape)
         upcast.copy_(weight)
         return upcast

@@ -92,17 +92,20 @@ def merge_task_vectors(
     lambda_: float,
 ) -> torch.Tensor:
     """base + λ·combine(wᵢ·sparsify(mᵢ − base)); `consensus` is None (plain sum) or a sign-vote rule."""
+    # mergekit holds the weights as a tensor of the compute dtype, so a bf16 merge multiplies by bf16 weights.
+    weights = torch.tensor(weight, dtype=base.dtype)
     if consensus is None:
         mixed = None
-        for i, (m, w) in enumerate(zip(tensors, weight)):
+        for i, m in enumerate(tensors):
             delta = m - base
-            delta = sparsify(delta, i).apply(delta).mul_(w)
-            mixed = delta if mixed is None else mixed.add_(delta)
+            delta = sparsify(delta, i).apply(delta).mul_(weights[i])
+            mixed = accumulate(mixed, delta)
             del delta
-        total = _weight_sum(weight)
+        total = float(weights.sum())
         divisor = 1.0 if abs(total) < 1e-8 else total
     else:
-        mixed, divisor = _consensus_sum(tensors, base, weight, sparsify, consensus)
+        mixed, divisor = _consensus_sum(tensors, base, weights, sparsify, consensus)
+    mixed = mixed.to(base.dtype)
     if normalize:
         mixed.div_(divisor)
     if lambda_ != 1:
@@ -110,40 +113,43 @@ def merge_task_vectors(
     return mixed.add_(base)
 
 
-def _weight_sum(weight: list[float]) -> float:
-    # mergekit sums the weights as an fp32 tensor; do the same so the divisor has the same bits.
-    return float(torch.tensor(weight, dtype=torch.float32).sum())
+def accumulate(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """total + x, in place when possible. Half-precision inputs are summed in fp32 and rounded by the caller
+    once at the end, as torch's sum over the stacked deltas does in mergekit."""
+    if total is None:
+        return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    return total.add_(x)
 
 
 def _consensus_sum(
-    tensors: Tensors, base: torch.Tensor, weight: list[float], sparsify: Sparsifier, consensus: str
+    tensors: Tensors, base: torch.Tensor, weights: torch.Tensor, sparsify: Sparsifier, consensus: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ agreeing wᵢδ̂ᵢ, Σ agreeing wᵢ with 0 → 1), in two passes over the inputs."""
     recipes: list[Sparsified] = []
     vote = None
-    for i, (m, w) in enumerate(zip(tensors, weight)):
+    for i, m in enumerate(tensors):
         delta = m - base
         recipe = sparsify(delta, i)
         recipes.append(recipe)
         contribution = recipe.apply(delta)
         if consensus != "sum":  # the paper's vote is on the unweighted task vectors
-            contribution = contribution.mul_(w)
+            contribution = contribution.mul_(weights[i])
         if consensus == "count":
             contribution = contribution.sign_()
-        vote = contribution if vote is None else vote.add_(contribution)
+        vote = accumulate(vote, contribution)
         del delta, contribution
     positive = vote >= 0
     del vote
 
     mixed = divisor = None
-    for m, w, recipe in zip(tensors, weight, recipes):
-        delta = recipe.apply(m - base).mul_(w)
+    for i, (m, recipe) in enumerate(zip(tensors, recipes)):
+        delta = recipe.apply(m - base).mul_(weights[i])
         agree = torch.where(positive, delta > 0, delta < 0)
         delta.mul_(agree)
-        mixed = delta if mixed is None else mixed.add_(delta)
-        survived = agree.to(mixed.dtype).mul_(w)
-        divisor = survived if divisor is None else divisor.add_(survived)
-        del delta, agree, survived
+        mixed = accumulate(mixed, delta)
+        divisor = accumulate(divisor, agree.to(delta.dtype).mul_(weights[i]))
+        del delta, agree
+    divisor = divisor.to(base.dtype)
     divisor[divisor == 0] = 1
     return mixed, divisor
 

@@ -1,0 +1,149 @@
+"""Shared pieces of the hostile-input suite (tests/test_hostile_*.py): micro models written without transformers
+(milliseconds each), broken variants of them, the CLI run in-process, and the "failed cleanly" assertion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from moekit.demo.tiny_models import llama_config
+
+LITTER_PATTERNS = (".*.moekit-tmp-*", ".*.moekit-old-*")
+
+
+def micro_tensors(
+    seed: int, hidden: int = 16, intermediate: int = 32, layers: int = 2, vocab: int = 64
+) -> dict[str, torch.Tensor]:
+    """Random weights with a Llama checkpoint's names and shapes (4 heads, 2 KV heads)."""
+    g = torch.Generator().manual_seed(seed)
+    kv = hidden // 2
+
+    def rand(*shape):
+        return torch.randn(shape, generator=g)
+
+    tensors = {
+        "model.embed_tokens.weight": rand(vocab, hidden),
+        "lm_head.weight": rand(vocab, hidden),
+        "model.norm.weight": 1 + 0.1 * rand(hidden),
+    }
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "input_layernorm.weight": 1 + 0.1 * rand(hidden),
+            p + "post_attention_layernorm.weight": 1 + 0.1 * rand(hidden),
+            p + "self_attn.q_proj.weight": rand(hidden, hidden),
+            p + "self_attn.k_proj.weight": rand(kv, hidden),
+            p + "self_attn.v_proj.weight": rand(kv, hidden),
+            p + "self_attn.o_proj.weight": rand(hidden, hidden),
+            p + "mlp.gate_proj.weight": rand(intermediate, hidden),
+            p + "mlp.up_proj.weight": rand(intermediate, hidden),
+            p + "mlp.down_proj.weight": rand(hidden, intermediate),
+        }
+    return tensors
+
+
+def write_model(
+    out: Path,
+    seed: int,
+    *,
+    hidden: int = 16,
+    intermediate: int = 32,
+    layers: int = 2,
+    vocab: int = 64,
+    model_type: str = "llama",
+) -> Path:
+    """A micro Llama-family checkpoint (config.json + model.safetensors, no tokenizer)."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = llama_config(vocab, hidden, intermediate, layers, model_type=model_type)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    tensors = micro_tensors(seed, hidden, intermediate, layers, vocab)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def variant(
+    src: Path,
+    dst: Path,
+    config: Callable[[dict], None] | None = None,
+    tensors: Callable[[dict[str, torch.Tensor]], None] | None = None,
+) -> Path:
+    """A copy of model `src` with its config.json and/or its tensors edited in place by the given functions."""
+    shutil.copytree(src, dst)
+    if config is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        config(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tensors is not None:
+        t = load_file(str(dst / "model.safetensors"))
+        tensors(t)
+        save_file(t, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def linear_config(*models: Path, **extra) -> dict:
+    return {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models]} | extra
+
+
+def write_yaml(path: Path, config: dict | str) -> Path:
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+    lines: list[str] = field(init=False)
+
+    def __post_init__(self):
+        self.lines = [ln for ln in self.stderr.splitlines() if ln.strip()]
+
+
+def run_cli_in_process(*args: str) -> CliResult:
+    """`moekit ARGS` through moekit.cli.main in this process: its exit code, stdout and stderr."""
+    from moekit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = None
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as e:
+            code = e.code
+    assert isinstance(code, int), f"main() ended without an integer exit code: {code!r}"
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def litter(parent: Path) -> list[str]:
+    """Temporary or half-renamed output directories left next to an output."""
+    return sorted(p.name for pattern in LITTER_PATTERNS for p in parent.glob(pattern))
+
+
+def assert_failed_cleanly(result: CliResult, out: Path, *needles: str) -> str:
+    """Exit 2, one line on stderr ('moekit: error: ...') naming every needle, no traceback, no output, no litter."""
+    assert result.code == 2, (result.code, result.stderr)
+    assert len(result.lines) == 1, result.stderr
+    line = result.lines[0]
+    assert line.startswith("moekit: error: "), line
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in line, (needle, line)
+    assert not out.exists(), f"{out} was created"
+    assert not litter(out.parent), litter(out.parent)
+    return line
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` by relative path, with its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}

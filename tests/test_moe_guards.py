@@ -1,0 +1,80 @@
+"""MoE config guards: each user error is one line on stderr with exit code 2, through the real CLI, and nothing is
+written. The models are made once per module; each case runs `python -m moekit merge` in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import assert_one_line_error, run_cli, write_config
+
+from moekit.demo.tiny_models import make_base
+
+
+@pytest.fixture(scope="module")
+def odd_models(tiny_llama, tmp_path_factory) -> dict[str, Path]:
+    """A qwen2 model, a llama with another width, one with a bigger vocabulary, and a 'gemma' (llama weights)."""
+    root = tmp_path_factory.mktemp("moe_guard_models")
+    gemma = root / "gemma"
+    shutil.copytree(tiny_llama["base"], gemma)
+    cfg = json.loads((gemma / "config.json").read_text())
+    (gemma / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma", "architectures": ["GemmaForCausalLM"]}))
+    return {
+        "qwen2": make_base(root / "qwen2", seed=1, model_type="qwen2", tokenizer=False),
+        "wide": make_base(root / "wide", seed=1, intermediate_size=96, tokenizer=False),
+        "vocab": make_base(root / "vocab", seed=1, vocab_size=300, tokenizer=False),
+        "gemma": gemma,
+    }
+
+
+def _expert(path, i: int, **extra) -> dict:
+    return {"source_model": str(path), "positive_prompts": [f"prompt number {i}"], **extra}
+
+
+def _cases(m: dict[str, Path]) -> dict[str, tuple[dict, tuple[str, ...]]]:
+    base, ft1, ft2 = (str(m[k]) for k in ("base", "ft1", "ft2"))
+    ok = {"base_model": base, "gate_mode": "hidden", "experts": [_expert(ft1, 1), _expert(ft2, 2)]}
+    return {
+        "fewer experts than experts_per_token": ({**ok, "experts_per_token": 3}, ("2 expert(s)", "experts_per_token is 3")),
+        "hidden gates without prompts": (
+            {**ok, "experts": [_expert(ft1, 1), {"source_model": ft2}]},
+            ("experts[1]", "no positive_prompts", "gate_mode hidden"),
+        ),
+        "identical prompts": ({**ok, "experts": [_expert(ft1, 1), _expert(ft2, 1)]}, ("same prompts",)),
+        "different families": ({**ok, "experts": [_expert(ft1, 1), _expert(m["qwen2"], 2)]}, ("qwen2 model", "llama")),
+        "different shapes": ({**ok, "experts": [_expert(ft1, 1), _expert(m["wide"], 2)]}, ("experts[1]", "[96, 64]", "[128, 64]")),
+        "vocab mismatch": ({**ok, "experts": [_expert(ft1, 1), _expert(m["vocab"], 2)]}, ("300", "256", "tokenizer_source: base")),
+        "unsupported family": (
+            {**ok, "base_model": str(m["gemma"]), "experts": [_expert(m["gemma"], 1), _expert(m["gemma"], 2)]},
+            ("gemma", "llama", "mistral", "qwen2", "qwen3", "Mixtral"),
+        ),
+        "misspelled key": ({**ok, "expert_per_token": 2}, ("expert_per_token", "did you mean 'experts_per_token'")),
+        "shared expert on mixtral": ({**ok, "architecture": "mixtral", "shared_experts": [{"source_model": base}]}, ("no shared expert", "qwen2_moe")),
+        "upcycle with hidden gates and no prompts": (
+            {"merge_method": "moe", "base_model": base, "gate_mode": "hidden", "upcycle": {"num_experts": 4}},
+            ("upcycle", "prompts"),
+        ),
+    }
+
+
+CASES = list(_cases({k: Path(k) for k in ("base", "ft1", "ft2", "qwen2", "wide", "vocab", "gemma")}))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_guard_is_one_line_exit_2(tiny_llama, odd_models, tmp_path, case):
+    cfg, needles = _cases({**tiny_llama, **odd_models})[case]
+    path = write_config(tmp_path / "moe.yaml", cfg)
+    proc = run_cli("merge", str(path), "-o", str(tmp_path / "out"))
+    assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_vocab_mismatch_is_accepted_with_tokenizer_source_base(tiny_llama, odd_models, tmp_path):
+    import moekit
+
+    cfg, _ = _cases({**tiny_llama, **odd_models})["vocab mismatch"]
+    out = moekit.merge({**cfg, "gate_mode": "random", "tokenizer_source": "base"}, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 256
