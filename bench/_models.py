@@ -19,7 +19,9 @@ from safetensors.torch import save_file
 from moekit.demo.tiny_models import make_tokenizer
 
 BASE_STD = 0.02
-DELTA_STD = 0.01  # fine-tunes differ enough that slerp's angle is real (|cos| ~ 0.8, far from the lerp fallback)
+DELTA_STD = (
+    0.01  # fine-tunes differ enough that slerp's angle is real (|cos| ~ 0.8, far from the lerp fallback)
+)
 
 
 @dataclass(frozen=True)
@@ -112,15 +114,23 @@ def _write(path: Path, shape: Shape, tensors: dict[str, torch.Tensor], dtype: to
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"), {"format": "pt"})
+    save_file(
+        {k: v.to(dtype).contiguous() for k, v in tensors.items()},
+        str(tmp / "model.safetensors"),
+        {"format": "pt"},
+    )
     (tmp / "config.json").write_text(json.dumps(shape.config(dtype), indent=2))
-    (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}))
+    (tmp / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2})
+    )
     make_tokenizer(tmp, vocab_size=min(shape.vocab, 512))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
 
-def make_family(root: Path, shape: Shape, dtype: torch.dtype = torch.bfloat16, n_finetunes: int = 2, seed: int = 0) -> list[Path]:
+def make_family(
+    root: Path, shape: Shape, dtype: torch.dtype = torch.bfloat16, n_finetunes: int = 2, seed: int = 0
+) -> list[Path]:
     """[base, ft1, ..., ftN] under `root`, made once and reused (keyed by shape, dtype and seed)."""
     key = f"{shape.vocab}v{shape.hidden}h{shape.intermediate}i{shape.layers}l-{str(dtype).removeprefix('torch.')}-s{seed}"
     d = Path(root) / key
@@ -141,3 +151,41 @@ def make_family(root: Path, shape: Shape, dtype: torch.dtype = torch.bfloat16, n
 
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def add_tokens(src: Path, out: Path, tokens: list[str], seed: int, reserve: int = 0) -> Path:
+    """A copy of model `src` whose tokenizer has `tokens` added, with embed_tokens/lm_head grown by random rows to
+    cover them plus `reserve` unused rows (as hub models reserve rows past their tokenizer)."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(src, out)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    tok.add_tokens(tokens)
+    tok.save_pretrained(str(out))
+    g = torch.Generator().manual_seed(seed)
+    tensors = load_file(str(out / "model.safetensors"))
+    rows = max(len(tok) + reserve, tensors["model.embed_tokens.weight"].shape[0])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        t = tensors[name]
+        extra = torch.randn(rows - t.shape[0], t.shape[1], generator=g) * 0.5
+        tensors[name] = torch.cat([t, extra.to(t.dtype)]).contiguous()
+    save_file(tensors, str(out / "model.safetensors"), {"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["vocab_size"] = rows
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def make_vocab_family(root: Path, family: list[Path]) -> list[Path]:
+    """Models whose tokenizers differ, from a [base, ft1, ft2, ...] family: base + "<x>" (with reserved rows),
+    ft1 + "<x>", "<tool>", "alpha", and ft2 + "<tool>", "gamma" (no "<x>")."""
+    d = Path(root) / (family[0].parent.name + "-vocab")
+    paths = [d / n for n in ("base", "tool_a", "tool_b")]
+    if all((p / "model.safetensors").is_file() for p in paths):
+        return paths
+    add_tokens(family[0], paths[0], ["<x>"], seed=1, reserve=7)
+    add_tokens(family[1], paths[1], ["<x>", "<tool>", "alpha"], seed=2)
+    add_tokens(family[2], paths[2], ["<tool>", "gamma"], seed=3)
+    return paths

@@ -63,7 +63,9 @@ def timed_run(cmd: list[str], env: dict[str, str] | None = None) -> RunResult:
             )
             report = rep.read()
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+            )
         wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", report)
         rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", report)
         h, m, s = (float(g) if g else 0.0 for g in wall.groups())
@@ -76,13 +78,27 @@ def timed_run(cmd: list[str], env: dict[str, str] | None = None) -> RunResult:
     )
     proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], env=full_env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+        )
     dt, kb = proc.stderr.strip().splitlines()[-1].split()
     return RunResult(float(dt), int(kb) * 1024)
 
 
 def moekit_cmd(config: Path, out: Path, seed: int) -> list[str]:
-    return [sys.executable, "-m", "moekit", "merge", str(config), "-o", str(out), "--force", "--seed", str(seed), "-q"]
+    return [
+        sys.executable,
+        "-m",
+        "moekit",
+        "merge",
+        str(config),
+        "-o",
+        str(out),
+        "--force",
+        "--seed",
+        str(seed),
+        "-q",
+    ]
 
 
 def mergekit_cmd(config: Path, out: Path, seed: int) -> list[str]:

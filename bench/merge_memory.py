@@ -54,7 +54,9 @@ def main() -> None:
     large = dataclasses.replace(small, layers=2 * small.layers)
     work = root / ("merge_memory_quick" if args.quick else "merge_memory")
     work.mkdir(parents=True, exist_ok=True)
-    baseline = timed_run([sys.executable, "-c", "import moekit.merging.api, moekit.merging.methods"], PEER_ENV)
+    baseline = timed_run(
+        [sys.executable, "-c", "import moekit.merging.api, moekit.merging.methods"], PEER_ENV
+    )
 
     rows, rss = [], {}
     for label, shape in (("1x", small), ("2x", large)):
@@ -77,7 +79,9 @@ def main() -> None:
     print(f"\nlinear merge of 3 models; medians of {args.runs} runs\n")
     print(table(header, rows))
     grow = rss["2x"] - rss["1x"]
-    model_grow = dir_bytes(make_family(root / "models", large)[0]) - dir_bytes(make_family(root / "models", small)[0])
+    model_grow = dir_bytes(make_family(root / "models", large)[0]) - dir_bytes(
+        make_family(root / "models", small)[0]
+    )
     print(
         f"\npeak RSS grows by {grow / 1e6:+.0f} MB when each input grows by {model_grow / 1e6:.0f} MB "
         f"(largest tensor: {small.largest_tensor_numel * 4 / 1e6:.0f} MB in fp32); "

@@ -118,7 +118,9 @@ def main() -> None:
     args.budget_s = args.budget_s or (4.0 if args.quick else 10.0)
     args.min_reps, args.max_reps = (3, 9) if args.quick else (3, 21)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; H={HIDDEN} I={INTER} E={EXPERTS} k={TOP_K}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; H={HIDDEN} I={INTER} E={EXPERTS} k={TOP_K}"
+    )
     print("medians in ms; ratios > 1 mean moekit is faster (for /floor: moekit's cost over the dense floor)")
     header = (
         f"{'dtype':5} {'tokens':>6} {'reps':>4} | {'moekit':>8} {'eager':>8} {'batched':>8} {'grouped':>8} "

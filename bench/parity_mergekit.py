@@ -27,7 +27,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _compare import max_abs_diff, table  # noqa: E402
-from _models import TINY, make_family  # noqa: E402
+from _models import TINY, make_family, make_vocab_family  # noqa: E402
 from _peer import PEER_ENV, bench_dir, mergekit_cmd, mergekit_venv, moekit_cmd  # noqa: E402
 
 from moekit.io.safetensors_reader import TensorReader, checkpoint_infos  # noqa: E402
@@ -52,7 +52,10 @@ def draw_config(method: str, r: random.Random, m: list[Path]) -> dict:
     base, fts = str(m[0]), [str(p) for p in m[1:]]
 
     def per_model(models, **ranges):
-        return [{"model": x, "parameters": {k: _maybe_gradient(r, *rg) for k, rg in ranges.items()}} for x in models]
+        return [
+            {"model": x, "parameters": {k: _maybe_gradient(r, *rg) for k, rg in ranges.items()}}
+            for x in models
+        ]
 
     sparsity = {"weight": (0.1, 1.2), "density": (0.2, 0.9)}
     gta = {"merge_method": method, "base_model": base, "dtype": "float32"}
@@ -76,7 +79,11 @@ def draw_config(method: str, r: random.Random, m: list[Path]) -> dict:
         return gta | {"models": [{"model": x} for x in fts], "parameters": {"filter_wise": r.random() < 0.5}}
     if method == "slerp":
         grad = lambda: [_u(r, 0.0, 1.0) for _ in range(r.randint(2, 5))]  # noqa: E731
-        t = [{"filter": "self_attn", "value": grad()}, {"filter": "mlp", "value": grad()}, {"value": _u(r, 0, 1)}]
+        t = [
+            {"filter": "self_attn", "value": grad()},
+            {"filter": "mlp", "value": grad()},
+            {"value": _u(r, 0, 1)},
+        ]
         return {"merge_method": method, "base_model": base, "models": [{"model": base}, {"model": fts[0]}],
                 "parameters": {"t": t}, "dtype": "float32"}  # fmt: skip
     if method == "nuslerp":
@@ -97,14 +104,51 @@ def draw_config(method: str, r: random.Random, m: list[Path]) -> dict:
         return {"merge_method": method, "base_model": base, "models": [{"model": base}, {"model": fts[0]}],
                 "parameters": {"t": _u(r, 0.002, 0.02)}, "dtype": "float32"}  # fmt: skip
     if method == "arcee_fusion":
-        return {"merge_method": method, "base_model": base, "models": [{"model": base}, {"model": fts[0]}], "dtype": "float32"}
+        return {
+            "merge_method": method,
+            "base_model": base,
+            "models": [{"model": base}, {"model": fts[0]}],
+            "dtype": "float32",
+        }
     raise KeyError(method)
+
+
+VOCAB_CASES = ("linear+union", "task_arithmetic+base", "ties+union", "linear+path")
+
+
+def draw_vocab_config(case: str, r: random.Random, m: list[Path]) -> dict:
+    """A merge of models whose tokenizers differ (see _models.make_vocab_family), with `tokenizer_source`."""
+    method, source = case.split("+")
+    base, a, b = (str(p) for p in m)
+    if method == "linear":
+        models = [{"model": x, "parameters": {"weight": _u(r, 0.1, 1.5)}} for x in (base, a, b)]
+        cfg = {"merge_method": method, "models": models, "dtype": "float32"}
+        if r.random() < 0.5:
+            cfg["base_model"] = base
+    else:
+        ranges = {"weight": (0.1, 1.2)} | ({"density": (0.3, 0.9)} if method == "ties" else {})
+        models = [{"model": x, "parameters": {k: _u(r, *v) for k, v in ranges.items()}} for x in (a, b)]
+        cfg = {"merge_method": method, "base_model": base, "models": models, "dtype": "float32"}
+    if source == "path":
+        cfg["tokenizer_source"] = b
+    elif r.random() < 0.5:
+        cfg["tokenizer"] = {"source": source, "pad_to_multiple_of": 16}
+    else:
+        cfg["tokenizer_source"] = source
+    return cfg
 
 
 def stats_config(method: str, r: random.Random, m: list[Path]) -> dict:
     """One fine-tune, weight 1, lambda 1: the output minus the base is exactly the sparsified, rescaled delta."""
-    params = {"weight": 1.0, "density": _u(r, 0.2, 0.9)} | ({"epsilon": _u(r, 0.01, 0.1)} if "della" in method else {})
-    return {"merge_method": method, "base_model": str(m[0]), "models": [{"model": str(m[1]), "parameters": params}], "dtype": "float32"}
+    params = {"weight": 1.0, "density": _u(r, 0.2, 0.9)} | (
+        {"epsilon": _u(r, 0.01, 0.1)} if "della" in method else {}
+    )
+    return {
+        "merge_method": method,
+        "base_model": str(m[0]),
+        "models": [{"model": str(m[1]), "parameters": params}],
+        "dtype": "float32",
+    }
 
 
 def delta_stats(out: Path, base: Path, ft: Path) -> tuple[float, float]:
@@ -153,12 +197,16 @@ def main() -> None:
     get_method("linear")  # registers every method
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0, help="draws the configs and is the merge's --random-seed")
-    ap.add_argument("--methods", default=None, help="comma-separated; default: every method in moekit's registry")
+    ap.add_argument(
+        "--methods", default=None, help="comma-separated; default: every method in moekit's registry"
+    )
+    ap.add_argument("--no-vocab", action="store_true", help="skip the tokenizer_source cases")
     args = ap.parse_args()
 
     methods = args.methods.split(",") if args.methods else sorted(set(METHODS) - {"passthrough"})
     root = bench_dir()
     models = make_family(root / "models", TINY, dtype=torch.float32, n_finetunes=3)
+    vocab_models = make_vocab_family(root / "models", models)
     mergekit_venv()
     work = root / f"parity-seed{args.seed}"
     work.mkdir(parents=True, exist_ok=True)
@@ -185,7 +233,10 @@ def main() -> None:
                 rows.append([method, f"{diff:.2e}", err, "FAIL"])
                 failed += 1
                 continue
-            (k1, l1), (k2, l2) = delta_stats(s_me, models[0], models[1]), delta_stats(s_mk, models[0], models[1])
+            (k1, l1), (k2, l2) = (
+                delta_stats(s_me, models[0], models[1]),
+                delta_stats(s_mk, models[0], models[1]),
+            )
             ok = abs(k1 - k2) <= 0.005 and abs(l1 - l2) <= 0.01
             note = f"not bit-equal; kept {k1:.4f} vs {k2:.4f}, L1 ratio {l1:.4f} vs {l2:.4f}"
             rows.append([method, f"{diff:.2e}", note, "PASS (stats)" if ok else "FAIL"])
@@ -194,7 +245,16 @@ def main() -> None:
         ok = diff <= TOL
         rows.append([method, f"{diff:.2e}", "" if ok else f"worst at {where}", "PASS" if ok else "FAIL"])
         failed += not ok
-    print(f"\nparity with mergekit 0.1.5, configs drawn with seed {args.seed} (saved in {work}), tolerance {TOL:g}\n")
+    for case in () if args.no_vocab else VOCAB_CASES:
+        me, mk, err = both(draw_vocab_config(case, rng, vocab_models), work, case, args.seed)
+        diff, where = max_abs_diff(me, mk, align_vocab=True) if not err else (float("nan"), err)
+        ok = diff <= TOL
+        note = "rows compared token by token" if ok else f"worst at {where}"
+        rows.append([f"tokenizer: {case}", f"{diff:.2e}", note, "PASS" if ok else "FAIL"])
+        failed += not ok
+    print(
+        f"\nparity with mergekit 0.1.5, configs drawn with seed {args.seed} (saved in {work}), tolerance {TOL:g}\n"
+    )
     print(table(["method", "max abs diff", "note", "result"], rows))
     sys.exit(1 if failed else 0)
 

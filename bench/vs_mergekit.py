@@ -46,7 +46,10 @@ def configs(base: Path, ft1: Path, ft2: Path) -> dict[str, dict]:
         "task_arithmetic": {
             "merge_method": "task_arithmetic",
             "base_model": b,
-            "models": [{"model": m1, "parameters": {"weight": 0.6}}, {"model": m2, "parameters": {"weight": 0.4}}],
+            "models": [
+                {"model": m1, "parameters": {"weight": 0.6}},
+                {"model": m2, "parameters": {"weight": 0.4}},
+            ],
             "dtype": "float32",
         },
         "ties": {
@@ -96,7 +99,9 @@ def main() -> None:
     mergekit_venv()
     work = root / ("vs_mergekit_quick" if args.quick else "vs_mergekit")
     work.mkdir(parents=True, exist_ok=True)
-    print(f"models: 3 x {dir_bytes(base) / 1e6:.0f} MB bf16 Llama ({shape.params / 1e6:.0f}M params, {shape.layers} layers)")
+    print(
+        f"models: 3 x {dir_bytes(base) / 1e6:.0f} MB bf16 Llama ({shape.params / 1e6:.0f}M params, {shape.layers} layers)"
+    )
 
     rows, problems = [], []
     all_cfgs = configs(base, ft1, ft2)
@@ -104,7 +109,10 @@ def main() -> None:
         cfg_path = work / f"{method}.yaml"
         cfg_path.write_text(yaml.safe_dump(all_cfgs[method], sort_keys=False))
         outs = {"moekit": work / f"{method}-moekit", "mergekit": work / f"{method}-mergekit"}
-        cmds = {"moekit": moekit_cmd(cfg_path, outs["moekit"], args.seed), "mergekit": mergekit_cmd(cfg_path, outs["mergekit"], args.seed)}
+        cmds = {
+            "moekit": moekit_cmd(cfg_path, outs["moekit"], args.seed),
+            "mergekit": mergekit_cmd(cfg_path, outs["mergekit"], args.seed),
+        }
         results: dict[str, list] = {"moekit": [], "mergekit": []}
         try:
             for _ in range(args.runs):
@@ -134,7 +142,16 @@ def main() -> None:
         for d in outs.values():
             shutil.rmtree(d, ignore_errors=True)
 
-    header = ["method", "max abs diff (fp32)", "moekit s", "mergekit s", "time ratio", "moekit RSS", "mergekit RSS", "RSS ratio"]
+    header = [
+        "method",
+        "max abs diff (fp32)",
+        "moekit s",
+        "mergekit s",
+        "time ratio",
+        "moekit RSS",
+        "mergekit RSS",
+        "RSS ratio",
+    ]
     print(f"\nmedians of {args.runs} runs each, seed {args.seed}, configs in {work}\n")
     print(table(header, rows))
     for p in problems:

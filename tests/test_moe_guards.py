@@ -20,7 +20,9 @@ def odd_models(tiny_llama, tmp_path_factory) -> dict[str, Path]:
     gemma = root / "gemma"
     shutil.copytree(tiny_llama["base"], gemma)
     cfg = json.loads((gemma / "config.json").read_text())
-    (gemma / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma", "architectures": ["GemmaForCausalLM"]}))
+    (gemma / "config.json").write_text(
+        json.dumps({**cfg, "model_type": "gemma", "architectures": ["GemmaForCausalLM"]})
+    )
     return {
         "qwen2": make_base(root / "qwen2", seed=1, model_type="qwen2", tokenizer=False),
         "wide": make_base(root / "wide", seed=1, intermediate_size=96, tokenizer=False),
@@ -37,24 +39,38 @@ def _cases(m: dict[str, Path]) -> dict[str, tuple[dict, tuple[str, ...]]]:
     base, ft1, ft2 = (str(m[k]) for k in ("base", "ft1", "ft2"))
     ok = {"base_model": base, "gate_mode": "hidden", "experts": [_expert(ft1, 1), _expert(ft2, 2)]}
     return {
-        "fewer experts than experts_per_token": ({**ok, "experts_per_token": 3}, ("2 expert(s)", "experts_per_token is 3")),
+        "fewer experts than experts_per_token": (
+            {**ok, "experts_per_token": 3},
+            ("2 expert(s)", "experts_per_token is 3"),
+        ),
         "hidden gates without prompts": (
             {**ok, "experts": [_expert(ft1, 1), {"source_model": ft2}]},
             ("experts[1]", "no positive_prompts", "gate_mode hidden"),
         ),
         "identical prompts": ({**ok, "experts": [_expert(ft1, 1), _expert(ft2, 1)]}, ("same prompts",)),
-        "different families": ({**ok, "experts": [_expert(ft1, 1), _expert(m["qwen2"], 2)]}, ("qwen2 model", "llama")),
-        "different shapes": ({**ok, "experts": [_expert(ft1, 1), _expert(m["wide"], 2)]}, ("experts[1]", "[96, 64]", "[128, 64]")),
-        "vocab mismatch": ({**ok, "experts": [_expert(ft1, 1), _expert(m["vocab"], 2)]}, ("300", "256", "tokenizer_source: base")),
+        "different families": (
+            {**ok, "experts": [_expert(ft1, 1), _expert(m["qwen2"], 2)]},
+            ("qwen2 model", "llama"),
+        ),
+        "different shapes": (
+            {**ok, "experts": [_expert(ft1, 1), _expert(m["wide"], 2)]},
+            ("experts[1]", "[96, 64]", "[128, 64]"),
+        ),
+        "vocab mismatch": (
+            {**ok, "experts": [_expert(ft1, 1), _expert(m["vocab"], 2)]},
+            ("300", "256", "tokenizer_source: base"),
+        ),
         "unsupported family": (
-            {**ok, "base_model": str(m["gemma"]), "experts": [_expert(m["gemma"], 1), _expert(m["gemma"], 2)]},
+            {
+                **ok,
+                "base_model": str(m["gemma"]),
+                "experts": [_expert(m["gemma"], 1), _expert(m["gemma"], 2)],
+            },
             ("gemma", "llama", "mistral", "qwen2", "qwen3", "Mixtral"),
         ),
-        "misspelled key": ({**ok, "expert_per_token": 2}, ("expert_per_token", "did you mean 'experts_per_token'")),
-        "shared expert on mixtral": ({**ok, "architecture": "mixtral", "shared_experts": [{"source_model": base}]}, ("no shared expert", "qwen2_moe")),
-        "upcycle with hidden gates and no prompts": (
-            {"merge_method": "moe", "base_model": base, "gate_mode": "hidden", "upcycle": {"num_experts": 4}},
-            ("upcycle", "prompts"),
+        "misspelled key": (
+            {**ok, "expert_per_token": 2},
+            ("expert_per_token", "did you mean 'experts_per_token'"),
         ),
     }
 
@@ -78,3 +94,37 @@ def test_vocab_mismatch_is_accepted_with_tokenizer_source_base(tiny_llama, odd_m
     cfg, _ = _cases({**tiny_llama, **odd_models})["vocab mismatch"]
     out = moekit.merge({**cfg, "gate_mode": "random", "tokenizer_source": "base"}, tmp_path / "out")
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 256
+
+
+def test_more_guards_in_process(tiny_llama, tmp_path):
+    """The same one-line UserError, checked in-process (the CLI mapping of UserError is tested above)."""
+    import moekit
+    from moekit.errors import UserError
+
+    base = str(tiny_llama["base"])
+    ok = {"base_model": base, "gate_mode": "random", "experts": [{"source_model": base}] * 2}
+    cases = [
+        ({**ok, "architecture": "mixtral", "shared_experts": [{"source_model": base}]}, "no shared expert"),
+        ({**ok, "architecture": "qwen3_moe"}, "cannot be built from llama"),
+        ({**ok, "architecture": "deepseek"}, "not supported"),
+        ({**ok, "gate_mode": "hiden"}, "did you mean 'hidden'"),
+        (
+            {"merge_method": "moe", "base_model": base, "gate_mode": "hidden", "upcycle": {"num_experts": 4}},
+            "upcycle",
+        ),
+        (
+            {
+                "merge_method": "moe",
+                "base_model": base,
+                "upcycle": {"num_experts": 2},
+                "experts": ok["experts"],
+            },
+            "remove 'experts'",
+        ),
+        ({**ok, "experts": [{"source_model": base, "noise_scale": -1}] * 2}, "must be >= 0"),
+    ]
+    for cfg, needle in cases:
+        with pytest.raises(UserError, match=needle) as err:
+            moekit.merge(cfg, tmp_path / "out")
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()

@@ -55,8 +55,12 @@ def vocab_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vocab_models")
     t0 = make_base(root / "t0", seed=5, vocab_size=320)
     base = _add_tokens(t0, root / "base", ["<x>"], seed=6, reserve=7)  # 328 rows for 321 tokens
-    tool_a = _add_tokens(make_finetune(base, root / "ft_a", seed=7, scale=0.05), root / "tool_a", ["<tool>", "alpha"], 8)
-    tool_b = _add_tokens(make_finetune(t0, root / "ft_b", seed=9, scale=0.05), root / "tool_b", ["<tool>", "gamma"], 10)
+    tool_a = _add_tokens(
+        make_finetune(base, root / "ft_a", seed=7, scale=0.05), root / "tool_a", ["<tool>", "alpha"], 8
+    )
+    tool_b = _add_tokens(
+        make_finetune(t0, root / "ft_b", seed=9, scale=0.05), root / "tool_b", ["<tool>", "gamma"], 10
+    )
     return {"t0": t0, "base": base, "tool_a": tool_a, "tool_b": tool_b}
 
 
@@ -66,7 +70,9 @@ def _vocab(model_dir: Path) -> dict[str, int]:
     return AutoTokenizer.from_pretrained(str(model_dir)).get_vocab()
 
 
-def _reference_rows(out_vocab: dict[str, int], models: list[Path], base: Path | None, name: str) -> list[dict[int, torch.Tensor]]:
+def _reference_rows(
+    out_vocab: dict[str, int], models: list[Path], base: Path | None, name: str
+) -> list[dict[int, torch.Tensor]]:
     """mergekit's rules, one token at a time: per model, output token id -> the row it feeds the merge."""
     vocabs = [_vocab(m) for m in models]
     limits = [json.loads((m / "config.json").read_text())["vocab_size"] for m in models]
@@ -115,7 +121,9 @@ def test_union_linear_matches_token_by_token_reference(vocab_models, tmp_path):
         want = torch.stack([sum(w * r[j] for w, r in zip(weights, ref)) / sum(weights) for j in range(n)])
         assert (got[name][:n] - want).abs().max().item() <= TOL, name
         # Padding rows: each model's mean real row, merged like any other row.
-        pad_want = sum(w * torch.stack([r[j] for j in range(n)]).mean(0) for w, r in zip(weights, ref)) / sum(weights)
+        pad_want = sum(w * torch.stack([r[j] for j in range(n)]).mean(0) for w, r in zip(weights, ref)) / sum(
+            weights
+        )
         assert (got[name][n:] - pad_want).abs().max().item() <= TOL, name
     # The tokenizer was saved: the new tokens encode to the rows they were merged into.
     from transformers import AutoTokenizer
@@ -138,7 +146,9 @@ def test_union_without_base_takes_the_mean_of_the_models_that_have_a_token(vocab
     out_vocab = _vocab(out)
     got = load_tensors(out)["model.embed_tokens.weight"]
     ref = _reference_rows(out_vocab, models, None, "model.embed_tokens.weight")
-    want = torch.stack([sum(w * r[j] for w, r in zip(weights, ref)) / sum(weights) for j in range(len(out_vocab))])
+    want = torch.stack(
+        [sum(w * r[j] for w, r in zip(weights, ref)) / sum(weights) for j in range(len(out_vocab))]
+    )
     assert got.shape[0] == len(out_vocab)
     assert (got - want).abs().max().item() <= TOL
     # "<x>" is missing from tool_b and, without a base_model, tool_b's stand-in is the mean of the other two rows.
@@ -168,7 +178,9 @@ def test_base_source_task_arithmetic_keeps_the_base_vocabulary(vocab_models, tmp
     models = [m["base"], m["tool_a"], m["tool_b"]]
     for name in VOCAB_TENSORS:
         b, a, c = _reference_rows(out_vocab, models, m["base"], name)
-        want = torch.stack([b[j] + lam * (0.7 * (a[j] - b[j]) + 0.4 * (c[j] - b[j])) for j in range(len(out_vocab))])
+        want = torch.stack(
+            [b[j] + lam * (0.7 * (a[j] - b[j]) + 0.4 * (c[j] - b[j])) for j in range(len(out_vocab))]
+        )
         # The base reserves 328 rows but its tokenizer has 321 tokens: the output keeps one row per token.
         assert got[name].shape[0] == len(out_vocab) == 321
         assert (got[name] - want).abs().max().item() <= TOL, name
@@ -185,7 +197,10 @@ def test_model_path_source_loads_and_generates(vocab_models, tmp_path):
     m = vocab_models
     cfg = {
         "merge_method": "linear",
-        "models": [{"model": str(m["tool_a"]), "parameters": {"weight": 0.5}}, {"model": str(m["tool_b"]), "parameters": {"weight": 0.5}}],
+        "models": [
+            {"model": str(m["tool_a"]), "parameters": {"weight": 0.5}},
+            {"model": str(m["tool_b"]), "parameters": {"weight": 0.5}},
+        ],
         "tokenizer_source": str(m["tool_b"]),
     }
     out = moekit.merge(cfg, tmp_path / "out")
@@ -201,7 +216,13 @@ def test_model_path_source_loads_and_generates(vocab_models, tmp_path):
 
 def test_different_vocab_sizes_without_tokenizer_source_say_which_option(vocab_models, tmp_path):
     m = vocab_models
-    cfg = {"merge_method": "linear", "models": [{"model": str(m["tool_a"]), "parameters": {"weight": 1.0}}, {"model": str(m["tool_b"]), "parameters": {"weight": 1.0}}]}
+    cfg = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(m["tool_a"]), "parameters": {"weight": 1.0}},
+            {"model": str(m["tool_b"]), "parameters": {"weight": 1.0}},
+        ],
+    }
     with pytest.raises(UserError, match="tokenizer_source"):
         moekit.merge(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()

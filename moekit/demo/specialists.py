@@ -48,12 +48,12 @@ class Specialist:
 
 
 @contextmanager
-def deterministic(seed: int) -> Iterator[None]:
-    """Seed torch, force deterministic kernels and use every core; restore the previous settings afterwards."""
+def deterministic(seed: int, threads: int) -> Iterator[None]:
+    """Seed torch, force deterministic kernels and run on `threads` threads; restore the previous settings after."""
     previous = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
@@ -76,12 +76,14 @@ def finetune_mlp(
     batch_size: int,
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
+    threads: int | None = None,
 ) -> list[float]:
     """Train `model`'s MLP weights in place with AdamW (no weight decay) on `windows`; return the loss of each step.
 
     Each step's loss is the mean next-token cross-entropy of its batch, measured before that step's update.
     All other parameters have requires_grad turned off and do not change. `on_step(step, loss)` is called after
-    each step (for progress display).
+    each step (for progress display). `threads` defaults to every core; CPU kernels split their sums by thread,
+    so results are reproducible for a given thread count.
     """
     names = [name for name, _ in model.named_parameters() if MLP_WEIGHT.search(name)]
     if not names:
@@ -95,7 +97,7 @@ def finetune_mlp(
     order = batch_order(len(windows), steps * batch_size, seed)
     losses = []
     model.train()
-    with deterministic(seed):
+    with deterministic(seed, threads or os.cpu_count() or 1):
         for step in range(steps):
             batch = windows[order[step * batch_size : (step + 1) * batch_size]]
             # transformers shifts the labels inside the loss, so the labels are the inputs themselves.
@@ -121,15 +123,18 @@ def specialist(
     seed: int = 0,
     cache: Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    threads: int | None = None,
 ) -> Specialist:
     """The base fine-tuned on `domain.train` (see `finetune_mlp`), saved as a checkpoint in the base's dtype.
 
     Cached under a key of the base checkpoint, the training windows and every hyperparameter; a cached
     specialist is returned with its recorded losses and time. `train_log.json` in the checkpoint records them.
+    `on_step` and `threads` are as in `finetune_mlp`; the thread count is part of the key (see there).
     """
     from transformers import AutoModelForCausalLM
 
     base_dir = Path(base_dir)
+    threads = threads or os.cpu_count() or 1
     weights = sorted(base_dir.glob("*.safetensors"))
     if not weights:
         raise UserError(f"{base_dir} holds no *.safetensors weights: pass a converted checkpoint directory")
@@ -141,12 +146,13 @@ def specialist(
         lr=lr,
         batch_size=batch_size,
         seed=seed,
+        threads=threads,
     )
     out = (cache or cache_root()) / "specialists" / f"{domain.name}-{key}"
     if not (out / "train_log.json").exists():
         model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
         start = time.perf_counter()
-        losses = finetune_mlp(model, domain.train, steps, lr, batch_size, seed, on_step)
+        losses = finetune_mlp(model, domain.train, steps, lr, batch_size, seed, on_step, threads)
         seconds = time.perf_counter() - start
         with atomic_dir(out) as tmp:
             model.to(_checkpoint_dtype(base_dir)).save_pretrained(tmp)
@@ -161,7 +167,7 @@ def specialist(
                 "batch_size": batch_size,
                 "seq_len": domain.train.shape[1],
                 "seed": seed,
-                "threads": os.cpu_count(),
+                "threads": threads,
                 "losses": losses,
                 "train_seconds": seconds,
                 "train_files": list(domain.train_files),

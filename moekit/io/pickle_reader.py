@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -87,11 +89,17 @@ def pickled_files(model_dir: Path, index_path: Path | None) -> dict[Path, list[s
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types for corrupt or unsafe files
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it would call {refused.group(1)}" if refused else "it holds objects other than tensors"
+        raise UserError(
+            f"{path}: refused by torch.load(weights_only=True): {what}; this file is not plain weights, do not trust it"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for corrupt files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"{path}: cannot load as PyTorch weights with weights_only=True ({first[:200]}); the file is corrupt, "
-            "in torch's legacy format, or holds objects other than tensors"
+            f"{path}: cannot load as PyTorch weights with weights_only=True ({first[:200]}); the file is corrupt "
+            "or in torch's legacy format: re-download it or convert it to safetensors"
         ) from None
     if not isinstance(loaded, dict):
         raise UserError(f"{path}: holds a {type(loaded).__name__}, not a state dict of tensors")

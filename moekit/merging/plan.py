@@ -89,9 +89,10 @@ PREFETCH_ELEMENTS = 2 * CHUNK_ELEMENTS
 
 
 def open_models(config: MergeConfig) -> tuple[list[Checkpoint], dict[str, int]]:
-    refs: list[tuple[str, str]] = []
+    name = str(config.path) if config.path else "<config>"
+    refs: list[tuple[str, str]] = []  # (model, where in the config, starting with the config's name)
     if config.base_model:
-        refs.append((config.base_model, "base_model"))
+        refs.append((config.base_model, f"{name}: base_model"))
     for src in config.models or []:
         refs.append((src.model, src.where))
     for sl in config.slices or []:
@@ -100,11 +101,10 @@ def open_models(config: MergeConfig) -> tuple[list[Checkpoint], dict[str, int]]:
         refs.extend((src.model, src.where) for src in sl.sources)
     models: list[Checkpoint] = []
     index: dict[str, int] = {}
-    name = str(config.path) if config.path else "<config>"
     for ref, where in refs:
         if ref not in index:
             index[ref] = len(models)
-            models.append(Checkpoint.open(ref, config.base_dir, f"{name}: {where}"))
+            models.append(Checkpoint.open(ref, config.base_dir, where))
     families = {m.family.name for m in models}
     if len(families) > 1:
         listing = ", ".join(f"'{m.ref}' is {m.family.name}" for m in models)
@@ -125,13 +125,14 @@ def build_plan(config: MergeConfig) -> Plan:
 def _slices(config: MergeConfig, models: list[Checkpoint], index: dict[str, int]) -> list[Slice]:
     if config.slices is not None:
         return config.slices
+    name = str(config.path) if config.path else "<config>"
     sources = [
         Source(s.model, (0, models[index[s.model]].num_layers), s.parameters, s.where) for s in config.models
     ]
     base = config.base_model
     if base and config.method.base != "ignored" and all(s.model != base for s in sources):
-        sources.append(Source(base, (0, models[index[base]].num_layers), {}, "base_model"))
-    return [Slice(sources, {}, None, "models")]
+        sources.append(Source(base, (0, models[index[base]].num_layers), {}, f"{name}: base_model"))
+    return [Slice(sources, {}, None, f"{name}: models")]
 
 
 def _build(config: MergeConfig, models: list[Checkpoint], index: dict[str, int]) -> Plan:
@@ -143,7 +144,7 @@ def _build(config: MergeConfig, models: list[Checkpoint], index: dict[str, int])
             n = models[index[src.model]].num_layers
             if src.layer_range[1] > n:
                 raise UserError(
-                    f"{name}: {src.where}.layer_range {list(src.layer_range)} goes past '{src.model}', which has {n} layers"
+                    f"{src.where}.layer_range {list(src.layer_range)} goes past '{src.model}', which has {n} layers"
                 )
         span = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
         blocks = [(f"{name}: parameters", config.parameters), (f"{sl.where}.parameters", sl.parameters)]
@@ -253,7 +254,7 @@ class _Planner:
             if base_name is None:
                 raise UserError(f"{self.name}: merge_method '{method.name}' needs a base_model")
             raise UserError(
-                f"{self.name}: {sl.where}: base_model '{base_name}' must be one of the slice's sources for '{method.name}'"
+                f"{sl.where}: base_model '{base_name}' must be one of the slice's sources for '{method.name}'"
             )
         if len(inputs) < method.min_models:
             raise UserError(
@@ -295,9 +296,7 @@ class _Planner:
 
     def _check_exists(self, ref: TensorRef, src: Source) -> None:
         if ref.name not in self.models[ref.model].tensors:
-            raise UserError(
-                f"{self.name}: {src.where}: tensor '{ref.name}' is missing from model '{src.model}'"
-            )
+            raise UserError(f"{src.where}: tensor '{ref.name}' is missing from model '{src.model}'")
 
     def _params(
         self, tensor: str, inputs: list[tuple[Source, TensorRef]], sl: Slice, t_pos: float
@@ -311,7 +310,7 @@ class _Planner:
                     if v is None:
                         if p.required:
                             raise UserError(
-                                f"{self.name}: {src.where}: '{self.method.name}' needs parameter '{p.name}' for model '{src.model}'"
+                                f"{src.where}: '{self.method.name}' needs parameter '{p.name}' for model '{src.model}'"
                             )
                         v = p.default
                     values.append(_cast(p.kind, v))

@@ -46,7 +46,9 @@ class Vocabulary:
     source_rows: list[torch.Tensor]  # per Plan.models index: int64 [n_tokens], the model's row or -1
     base: int | None  # Plan.models index of base_model
 
-    def permute(self, tensors: list[torch.Tensor], model_ids: list[int], hold_dtype: torch.dtype) -> list[torch.Tensor]:
+    def permute(
+        self, tensors: list[torch.Tensor], model_ids: list[int], hold_dtype: torch.dtype
+    ) -> list[torch.Tensor]:
         """`tensors` (rows indexed by each model's own token ids) re-laid with `size` rows in output order.
 
         `hold_dtype` is the dtype mergekit holds the inputs in (config `dtype`, else the stored one): the fallback
@@ -84,7 +86,9 @@ def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, use_fast=True)
+    return AutoTokenizer.from_pretrained(
+        str(path), local_files_only=True, trust_remote_code=False, use_fast=True
+    )
 
 
 def _vocab_size(model: Checkpoint, tokenizer) -> int:
@@ -111,7 +115,9 @@ def stripped_tokenizer(model: Checkpoint):
     for t in unused:
         data["model"]["vocab"].pop(t, None)
     data["model"]["merges"] = [
-        m for m in data["model"]["merges"] if not any(p in unused for p in (m.split(" ") if isinstance(m, str) else m))
+        m
+        for m in data["model"]["merges"]
+        if not any(p in unused for p in (m.split(" ") if isinstance(m, str) else m))
     ]
     tok._tokenizer = Tokenizer.from_str(json.dumps(data))
     return tok
@@ -157,7 +163,9 @@ def build_vocabulary(
     try:
         base_tok = stripped_tokenizer(models[ref])
     except (OSError, ValueError) as e:
-        raise UserError(f"{where}: cannot load the tokenizer of '{models[ref].ref}' ({e}); tokenizer_source needs it") from None
+        raise UserError(
+            f"{where}: cannot load the tokenizer of '{models[ref].ref}' ({e}); tokenizer_source needs it"
+        ) from None
     toks: list[Any] = []
     for i, m in enumerate(models):
         if i == ref:
@@ -170,7 +178,9 @@ def build_vocabulary(
     if source == "base":
         out_tok = base_tok
     elif source == "union":
-        pairs = [(models[ref], base_tok)] + [(m, t) for i, (m, t) in enumerate(zip(models, toks)) if i != ref and t is not None]
+        pairs = [(models[ref], base_tok)] + [
+            (m, t) for i, (m, t) in enumerate(zip(models, toks)) if i != ref and t is not None
+        ]
         out_tok = union_tokenizer(base_tok, pairs)
     else:
         match = next((m for m in models if m.ref == source), None)
@@ -178,7 +188,9 @@ def build_vocabulary(
         try:
             out_tok = _load_tokenizer(path)
         except (OSError, ValueError) as e:
-            raise UserError(f"{where}: tokenizer_source '{source}': cannot load a tokenizer there ({e})") from None
+            raise UserError(
+                f"{where}: tokenizer_source '{source}': cannot load a tokenizer there ({e})"
+            ) from None
     vocab = out_tok.get_vocab()
     n = len(vocab)
     size = n if not pad_to_multiple_of else -(-n // pad_to_multiple_of) * pad_to_multiple_of

@@ -31,14 +31,14 @@ def build_moe(
     progress: bool = False,
     device: str = "cpu",
     print_fn=print,
-    gate_dtype: torch.dtype = torch.float32,
+    gate_dtype: torch.dtype | None = None,
     batch_size: int = 8,
 ) -> Path | None:
     """Build the MoE described by `raw` (a mergekit-moe config, `merge_method: moe`, or an upcycle) into `out`.
 
     Every check runs before the base model is loaded for gates and before any byte is written; the output appears
-    atomically. Returns the output path, or None for a dry run. `gate_dtype` is the dtype the base runs in for
-    hidden-state gates (mergekit uses bfloat16).
+    atomically. Returns the output path, or None for a dry run. `gate_dtype` (default: the config's `gate_dtype`,
+    float32) is the dtype the base runs in for hidden-state gates; bfloat16 reproduces mergekit-moe to the bit.
     """
     from moekit.merging.api import resolve_out
 
@@ -53,7 +53,10 @@ def build_moe(
         if dry_run:
             describe_plan(plan, out_path, print_fn)
             return None
-        gates = compute_gates(plan, seed=seed, device=device, dtype=gate_dtype, batch_size=batch_size, progress=progress)
+        dtype = gate_dtype or cfg.gate_dtype
+        gates = compute_gates(
+            plan, seed=seed, device=device, dtype=dtype, batch_size=batch_size, progress=progress
+        )
         with atomic_output_dir(out_path, force) as tmp:
             _write_output(plan, gates, tmp, shard_size, seed, allow_nonfinite, progress)
     finally:
@@ -62,7 +65,13 @@ def build_moe(
 
 
 def compute_gates(
-    plan: MoEPlan, *, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 8, progress: bool = False
+    plan: MoEPlan,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 8,
+    progress: bool = False,
 ) -> torch.Tensor:
     """(layers, vectors, hidden) float32: the routed experts' router vectors, then the shared expert's if it has one."""
     cfg = plan.config
@@ -77,7 +86,15 @@ def compute_gates(
     )  # fmt: skip
 
 
-def _write_output(plan: MoEPlan, gates: torch.Tensor, tmp: Path, shard_size: int, seed: int, allow_nonfinite: bool, progress: bool) -> None:
+def _write_output(
+    plan: MoEPlan,
+    gates: torch.Tensor,
+    tmp: Path,
+    shard_size: int,
+    seed: int,
+    allow_nonfinite: bool,
+    progress: bool,
+) -> None:
     writer = ShardedWriter(tmp, plan.output_tensors, shard_size)
     try:
         with tensor_progress(len(plan.jobs), plan.output_bytes, progress, label="building MoE") as advance:
@@ -137,7 +154,9 @@ def describe_plan(plan: MoEPlan, out: Path, print_fn=print) -> None:
             src = f"{plan.models[job.model].ref}:{job.name}"
         elif job.kind == "expert":
             extra = "".join(
-                f" {k}={v}" for k, v in (("noise_scale", job.expert.noise_scale), ("residual_scale", job.scale)) if v is not None
+                f" {k}={v}"
+                for k, v in (("noise_scale", job.expert.noise_scale), ("residual_scale", job.scale))
+                if v is not None
             )
             src = f"{plan.models[job.model].ref}:{job.name}{extra}"
         elif job.kind == "router":
@@ -154,5 +173,7 @@ def describe_plan(plan: MoEPlan, out: Path, print_fn=print) -> None:
     )
     if cfg.gate_mode in ("hidden", "hidden_avg"):
         size = sum(i.numel for i in plan.base.tensors.infos.values()) * 4
-        print_fn(f"hidden-state gates load the base model first: ~{size / gb:.3f} GiB (float32), freed before writing")
+        print_fn(
+            f"hidden-state gates load the base model first: ~{size / gb:.3f} GiB (float32), freed before writing"
+        )
     print_fn("dry run: nothing was written")

@@ -69,7 +69,9 @@ class MoEPlan:
 
     def gate_vectors_needed(self) -> int:
         """Router vectors the gate mode computes: routed experts, then the shared one (as mergekit orders them)."""
-        return len(self.experts) + (len(self.shared) if self.shared and not self.config.shared_gate_is_zero(self.shared) else 0)
+        return len(self.experts) + (
+            len(self.shared) if self.shared and not self.config.shared_gate_is_zero(self.shared) else 0
+        )
 
     def peak_memory_estimate(self) -> int:
         """Bytes of tensors in flight while writing: the largest source tensor, its float32 working copy when noise or
@@ -77,7 +79,9 @@ class MoEPlan:
         worst = 0
         for job in self.jobs:
             numel = math.prod(job.out.shape)
-            src = self.models[job.model].tensors.infos[job.name].dtype.itemsize if job.model is not None else 0
+            src = (
+                self.models[job.model].tensors.infos[job.name].dtype.itemsize if job.model is not None else 0
+            )
             work = 4 if job.kind == "expert" and (job.expert.noise_scale or job.scale is not None) else 0
             worst = max(worst, numel * (src + work + job.out.dtype.itemsize))
         return worst + self.num_layers * self.gate_vectors_needed() * self.hidden * 4
@@ -118,7 +122,9 @@ def _plan(cfg: MoEConfig, models: list[Checkpoint], index: dict[str, int]) -> Mo
     name = _name(cfg)
     family = base.family
     if family.is_moe:
-        raise UserError(f"{name}: base_model '{cfg.base_model}' is already an MoE ({family.name}); give a dense base model")
+        raise UserError(
+            f"{name}: base_model '{cfg.base_model}' is already an MoE ({family.name}); give a dense base model"
+        )
     if not any(family.name in layout.sources for layout in LAYOUTS):
         raise UserError(
             f"{name}: base_model '{cfg.base_model}' is a {family.name} model, which moekit cannot turn into an MoE; "
@@ -142,9 +148,13 @@ def _plan(cfg: MoEConfig, models: list[Checkpoint], index: dict[str, int]) -> Mo
         # sigmoid(0) = 1/2 on the base-MLP shared expert, the other half from the routed copies (see layouts.py).
         experts = [replace(e, residual_scale=0.5) for e in experts]
         shared = [ExpertSpec(cfg.base_model, (), (), None, None, f"{name}: upcycle (shared expert)")]
-        notes.append("shared expert: the base MLP with a zero gate (weight 1/2); routed experts carry the other half")
+        notes.append(
+            "shared expert: the base MLP with a zero gate (weight 1/2); routed experts carry the other half"
+        )
     elif cfg.shared_gate_is_zero(shared):
-        notes.append("shared expert without prompts: zero gate, so its weight is sigmoid(0) = 1/2 for every token")
+        notes.append(
+            "shared expert without prompts: zero gate, so its weight is sigmoid(0) = 1/2 for every token"
+        )
 
     hidden = _int_key(base, "hidden_size")
     num_layers = base.num_layers
@@ -169,9 +179,13 @@ def _plan(cfg: MoEConfig, models: list[Checkpoint], index: dict[str, int]) -> Mo
 
     dtype = cfg.dtype or _base_dtype(base)
     expert_shapes = _mlp_shapes(experts, models, index, family, num_layers, hidden, "experts")
-    shared_shapes = _mlp_shapes(shared, models, index, family, num_layers, hidden, "shared expert") if shared else None
+    shared_shapes = (
+        _mlp_shapes(shared, models, index, family, num_layers, hidden, "shared expert") if shared else None
+    )
 
-    jobs = _jobs(cfg, layout, models, index, experts, shared, dtype, hidden, num_layers, expert_shapes, shared_shapes)
+    jobs = _jobs(
+        cfg, layout, models, index, experts, shared, dtype, hidden, num_layers, expert_shapes, shared_shapes
+    )
     out_cfg = moe_config(
         layout, base.config, len(experts), cfg.experts_per_token, expert_shapes["gate"][0],
         shared_shapes["gate"][0] if shared_shapes else None, dtype,
@@ -243,11 +257,15 @@ def _mlp_shapes(specs, models, index, family, num_layers, hidden, what) -> dict[
                     )
     gate, down = shapes["gate"], shapes["down"]
     if len(gate) != 2 or gate[1] != hidden or down != (hidden, gate[0]) or shapes["up"] != gate:
-        raise UserError(f"{specs[0].where}: MLP shapes {[list(s) for s in shapes.values()]} do not fit hidden_size {hidden}")
+        raise UserError(
+            f"{specs[0].where}: MLP shapes {[list(s) for s in shapes.values()]} do not fit hidden_size {hidden}"
+        )
     return shapes
 
 
-def _jobs(cfg, layout, models, index, experts, shared, dtype, hidden, num_layers, expert_shapes, shared_shapes) -> list[Job]:
+def _jobs(
+    cfg, layout, models, index, experts, shared, dtype, hidden, num_layers, expert_shapes, shared_shapes
+) -> list[Job]:
     base = models[0]
     family = base.family
     mlp_names = set(family.mlp.values())
@@ -255,11 +273,15 @@ def _jobs(cfg, layout, models, index, experts, shared, dtype, hidden, num_layers
     for tensor, info in base.tensors.infos.items():
         where = family.layer_of(tensor)
         if where is None:
-            (front if "embed" in tensor else back).append(Job(OutputTensor(tensor, dtype, info.shape), "copy", 0, tensor))
+            (front if "embed" in tensor else back).append(
+                Job(OutputTensor(tensor, dtype, info.shape), "copy", 0, tensor)
+            )
             continue
         layer, rest = where
         if layer >= num_layers:
-            raise UserError(f"{base.path}: tensor '{tensor}' is in layer {layer} but the config has {num_layers} layers")
+            raise UserError(
+                f"{base.path}: tensor '{tensor}' is in layer {layer} but the config has {num_layers} layers"
+            )
         if rest in mlp_names:
             continue
         _check_base_tensor(layout, base, tensor, rest)
@@ -273,18 +295,52 @@ def _jobs(cfg, layout, models, index, experts, shared, dtype, hidden, num_layers
         if layout.zero_qkv_bias:
             layer_jobs += _zero_biases(base, layer, layer_jobs, dtype)
         jobs += layer_jobs
-        jobs.append(Job(OutputTensor(layout.router(layer), dtype, (n_routed, hidden)), "router", layer=layer, rows=(0, n_routed)))
+        jobs.append(
+            Job(
+                OutputTensor(layout.router(layer), dtype, (n_routed, hidden)),
+                "router",
+                layer=layer,
+                rows=(0, n_routed),
+            )
+        )
         for role in ROLES:
             source_tensor = family.layer_tensor(layer, family.mlp[role])
             for e in _grouped_by_source(experts):
                 spec = experts[e]
-                jobs.append(_expert_job(layout.expert_tensor(layer, e, role), spec, role, source_tensor, index, dtype, expert_shapes))
+                jobs.append(
+                    _expert_job(
+                        layout.expert_tensor(layer, e, role),
+                        spec,
+                        role,
+                        source_tensor,
+                        index,
+                        dtype,
+                        expert_shapes,
+                    )
+                )
         if shared:
             for role in ROLES:
                 source_tensor = family.layer_tensor(layer, family.mlp[role])
-                jobs.append(_expert_job(layout.shared_tensor(layer, role), shared[0], role, source_tensor, index, dtype, shared_shapes))
+                jobs.append(
+                    _expert_job(
+                        layout.shared_tensor(layer, role),
+                        shared[0],
+                        role,
+                        source_tensor,
+                        index,
+                        dtype,
+                        shared_shapes,
+                    )
+                )
             gate_kind = "zeros" if zero_gate else "router"
-            jobs.append(Job(OutputTensor(layout.shared_gate(layer), dtype, (1, hidden)), gate_kind, layer=layer, rows=(n_routed, n_routed + 1)))
+            jobs.append(
+                Job(
+                    OutputTensor(layout.shared_gate(layer), dtype, (1, hidden)),
+                    gate_kind,
+                    layer=layer,
+                    rows=(n_routed, n_routed + 1),
+                )
+            )
     return jobs + back
 
 
@@ -298,14 +354,24 @@ def _grouped_by_source(experts: list[ExpertSpec]) -> list[int]:
 
 def _expert_job(out_name, spec, role, source_tensor, index, dtype, shapes) -> Job:
     scale = spec.residual_scale if role == "down" else None
-    return Job(OutputTensor(out_name, dtype, shapes[role]), "expert", index[spec.source], source_tensor, spec, scale)
+    return Job(
+        OutputTensor(out_name, dtype, shapes[role]), "expert", index[spec.source], source_tensor, spec, scale
+    )
 
 
 def _check_base_tensor(layout: MoELayout, base: Checkpoint, tensor: str, rest: str) -> None:
     if rest.startswith("mlp."):
-        raise UserError(f"{base.path}: tensor '{tensor}' is not a gate/up/down projection weight; {layout.display} experts have no other MLP tensors")
-    if rest.endswith(".bias") and not layout.attention_biases and not (layout.zero_qkv_bias and rest.split(".")[-2] in ZERO_QKV_BIAS):
-        raise UserError(f"{base.path}: tensor '{tensor}': {layout.display} attention has no such bias; this base cannot become {layout.display}")
+        raise UserError(
+            f"{base.path}: tensor '{tensor}' is not a gate/up/down projection weight; {layout.display} experts have no other MLP tensors"
+        )
+    if (
+        rest.endswith(".bias")
+        and not layout.attention_biases
+        and not (layout.zero_qkv_bias and rest.split(".")[-2] in ZERO_QKV_BIAS)
+    ):
+        raise UserError(
+            f"{base.path}: tensor '{tensor}': {layout.display} attention has no such bias; this base cannot become {layout.display}"
+        )
 
 
 def _zero_biases(base: Checkpoint, layer: int, layer_jobs: list[Job], dtype: torch.dtype) -> list[Job]:
@@ -320,7 +386,13 @@ def _zero_biases(base: Checkpoint, layer: int, layer_jobs: list[Job], dtype: tor
     return added
 
 
-def write_plan(plan: MoEPlan, gates: torch.Tensor | None, write: Callable[[str, torch.Tensor], None], seed: int, allow_nonfinite: bool) -> None:
+def write_plan(
+    plan: MoEPlan,
+    gates: torch.Tensor | None,
+    write: Callable[[str, torch.Tensor], None],
+    seed: int,
+    allow_nonfinite: bool,
+) -> None:
     """Compute and hand each output tensor to `write`, in plan order. One source tensor is held at a time."""
     noise = torch.Generator().manual_seed(seed + NOISE_SEED_OFFSET)
     held_key, held = None, None
@@ -337,7 +409,9 @@ def write_plan(plan: MoEPlan, gates: torch.Tensor | None, write: Callable[[str, 
             tensor = torch.zeros(job.out.shape)
         tensor = tensor.to(job.out.dtype)
         if not allow_nonfinite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UserError(f"output tensor '{job.out.name}' has NaN or Inf values; check the source model, or pass --allow-nonfinite")
+            raise UserError(
+                f"output tensor '{job.out.name}' has NaN or Inf values; check the source model, or pass --allow-nonfinite"
+            )
         write(job.out.name, tensor)
 
 

@@ -23,6 +23,7 @@ MOE_KEYS = {
     "shared_experts": "one shared expert, for Qwen2-MoE",
     "architecture": "mixtral, qwen2_moe (mergekit: qwen) or qwen3_moe (mergekit: qwen3)",
     "dtype": "dtype of the output tensors (default: the base model's)",
+    "gate_dtype": "dtype the base runs in for hidden gates (moekit; default float32, mergekit: bfloat16)",
     "tokenizer_source": "base: use the base's tokenizer even when an expert's vocabulary differs",
     "upcycle": "moekit: {num_experts, noise_scale, prompts}: N copies of the base's MLP",
     "out": "output directory (moekit)",
@@ -76,6 +77,7 @@ class MoEConfig:
     experts_per_token: int
     architecture: tuple[str, ...] | None  # candidate layout names, None = infer from the sources
     dtype: torch.dtype | None
+    gate_dtype: torch.dtype
     tokenizer_source: str | None
     upcycle: bool
     out: str | None
@@ -113,7 +115,9 @@ def parse_moe_config(raw: dict, path: Path | None = None) -> MoEConfig:
     mode = raw.get("gate_mode", "hidden")
     mode = GATE_MODE_ALIASES.get(mode, mode)
     if mode not in GATE_MODES:
-        raise UserError(f"{name}: gate_mode {mode!r} is unknown{did_you_mean(str(mode), GATE_MODES)}; use one of {', '.join(GATE_MODES)}")
+        raise UserError(
+            f"{name}: gate_mode {mode!r} is unknown{did_you_mean(str(mode), GATE_MODES)}; use one of {', '.join(GATE_MODES)}"
+        )
 
     k = raw.get("experts_per_token", 2)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -130,14 +134,21 @@ def parse_moe_config(raw: dict, path: Path | None = None) -> MoEConfig:
         shared: list[ExpertSpec] = []
     else:
         if raw.get("experts") is None:
-            raise UserError(f"{name}: missing 'experts' (a list of {{source_model, positive_prompts}}), or use 'upcycle'")
-        experts = [_parse_expert(e, f"{name}: experts[{i}]") for i, e in enumerate(_list(raw["experts"], f"{name}: experts"))]
+            raise UserError(
+                f"{name}: missing 'experts' (a list of {{source_model, positive_prompts}}), or use 'upcycle'"
+            )
+        experts = [
+            _parse_expert(e, f"{name}: experts[{i}]")
+            for i, e in enumerate(_list(raw["experts"], f"{name}: experts"))
+        ]
         shared_raw = raw.get("shared_experts")
         shared = [] if shared_raw is None else [
             _parse_expert(e, f"{name}: shared_experts[{i}]") for i, e in enumerate(_list(shared_raw, f"{name}: shared_experts"))
         ]  # fmt: skip
         if len(shared) > 1:
-            raise UserError(f"{name}: shared_experts has {len(shared)} entries; Qwen2-MoE takes exactly one shared expert")
+            raise UserError(
+                f"{name}: shared_experts has {len(shared)} entries; Qwen2-MoE takes exactly one shared expert"
+            )
 
     if len(experts) < k:
         raise UserError(
@@ -146,7 +157,9 @@ def parse_moe_config(raw: dict, path: Path | None = None) -> MoEConfig:
     if mode in PROMPT_GATE_MODES and not upcycle:
         _check_prompts(experts, mode, name)
         if shared and shared[0].negative_prompts and not shared[0].positive_prompts:
-            raise UserError(f"{shared[0].where}: negative_prompts without positive_prompts; add positive_prompts")
+            raise UserError(
+                f"{shared[0].where}: negative_prompts without positive_prompts; add positive_prompts"
+            )
 
     architecture = raw.get("architecture")
     candidates = None
@@ -177,6 +190,7 @@ def parse_moe_config(raw: dict, path: Path | None = None) -> MoEConfig:
         experts_per_token=k,
         architecture=candidates,
         dtype=parse_dtype(raw.get("dtype"), f"{name}: dtype"),
+        gate_dtype=parse_dtype(raw.get("gate_dtype", "float32"), f"{name}: gate_dtype"),
         tokenizer_source=tokenizer_source,
         upcycle=upcycle,
         out=raw.get("out"),
@@ -226,10 +240,14 @@ def _parse_upcycle(entry: object, base_model: str, mode: str, where: str) -> lis
                 "{positive_prompts, negative_prompts}); or use gate_mode: random / uniform_random"
             )
     elif prompts_raw is not None:
-        raise UserError(f"{where}.prompts: gate_mode {mode} does not use prompts; remove them or use gate_mode: hidden")
+        raise UserError(
+            f"{where}.prompts: gate_mode {mode} does not use prompts; remove them or use gate_mode: hidden"
+        )
     entries = _list(prompts_raw, f"{where}.prompts") if prompts_raw is not None else [{}] * n
     if len(entries) != n:
-        raise UserError(f"{where}.prompts has {len(entries)} entries for num_experts {n}; give one per expert")
+        raise UserError(
+            f"{where}.prompts has {len(entries)} entries for num_experts {n}; give one per expert"
+        )
     experts = []
     for i, p in enumerate(entries):
         pwhere = f"{where}.prompts[{i}]"

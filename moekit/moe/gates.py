@@ -64,28 +64,43 @@ def prompt_gates(
     """(layers, len(prompt_sets), hidden) float32 router vectors for hidden, hidden_avg or cheap_embed.
 
     `embed` returns the base's embedding matrix (read only for cheap_embed). Hidden modes load the base model
-    with transformers (never with remote code) in `dtype` on `device`; mergekit uses bfloat16, we default to
-    float32, and the difference is bfloat16 rounding.
+    with transformers (never with remote code) in `dtype` on `device`; mergekit uses bfloat16 (and bfloat16 here
+    gives its numbers to the bit), float32 is the default.
     """
     tokenizer = load_tokenizer(model_dir)
-    tokenized = [(tokenize(tokenizer, s.positive), tokenize(tokenizer, s.negative) if s.negative else None) for s in prompt_sets]
+    tokenized = [
+        (tokenize(tokenizer, s.positive), tokenize(tokenizer, s.negative) if s.negative else None)
+        for s in prompt_sets
+    ]
     if mode == "cheap_embed":
         table = embed().float()
-        vectors = [_normalized_difference(lambda rows: _cheap_embedding(table, rows, batch_size), pos, neg) for pos, neg in tokenized]
+        vectors = [
+            _normalized_difference(lambda rows: _cheap_embedding(table, rows, batch_size), pos, neg)
+            for pos, neg in tokenized
+        ]
         return torch.stack(vectors, dim=1).expand(num_layers, -1, -1).contiguous()
 
+    vectors = _hidden_vectors(
+        model_dir, tokenized, tokenizer.pad_token_id, mode, device, batch_size, dtype, progress
+    )
+    gc.collect()  # the base model is gone once _hidden_vectors returns; give its memory back before the write
+    return torch.stack(vectors, dim=1).float()  # (layers, vectors, hidden)
+
+
+def _hidden_vectors(
+    model_dir, tokenized, pad_id, mode, device, batch_size, dtype, progress
+) -> list[torch.Tensor]:
     model = load_model(model_dir, device, dtype)
-    n_batches = sum(_batches(len(pos), batch_size) + (_batches(len(neg), batch_size) if neg else 0) for pos, neg in tokenized)
-    try:
-        with _batch_progress(n_batches, progress) as advance:
-            mean_hidden = lambda rows: _mean_hidden(  # noqa: E731
-                model, rows, tokenizer.pad_token_id, mode == "hidden_avg", device, batch_size, advance
-            )
-            vectors = [_normalized_difference(mean_hidden, pos, neg) for pos, neg in tokenized]
-    finally:
-        del model
-        gc.collect()
-    return torch.stack(vectors, dim=1)  # (layers, vectors, hidden)
+    n_batches = sum(
+        _batches(len(pos), batch_size) + (_batches(len(neg), batch_size) if neg else 0)
+        for pos, neg in tokenized
+    )
+    with _batch_progress(n_batches, progress) as advance:
+
+        def mean_hidden(rows):
+            return _mean_hidden(model, rows, pad_id, mode == "hidden_avg", device, batch_size, advance)
+
+        return [_normalized_difference(mean_hidden, pos, neg) for pos, neg in tokenized]
 
 
 def _normalized_difference(summarize, positive, negative) -> torch.Tensor:
@@ -102,7 +117,9 @@ def load_tokenizer(model_dir: Path):
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"{model_dir}: prompt-based gates need the base model's tokenizer, which cannot be loaded ({str(e).splitlines()[0]})") from None
+        raise UserError(
+            f"{model_dir}: prompt-based gates need the base model's tokenizer, which cannot be loaded ({str(e).splitlines()[0]})"
+        ) from None
     tok.padding_side = "left"
     if tok.bos_token_id is not None:
         tok.pad_token_id = tok.bos_token_id
@@ -119,7 +136,9 @@ def tokenize(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     ids = tokenizer([bos + p for p in prompts], add_special_tokens=False)["input_ids"]
     for p, row in zip(prompts, ids):
         if not row:
-            raise UserError(f"prompt {p!r} has no tokens (and the tokenizer has no BOS token); give a non-empty prompt")
+            raise UserError(
+                f"prompt {p!r} has no tokens (and the tokenizer has no BOS token); give a non-empty prompt"
+            )
     return [list(row) for row in ids]
 
 
@@ -141,21 +160,33 @@ def load_model(model_dir: Path, device: str, dtype: torch.dtype):
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{model_dir}: cannot load the base model for hidden-state gates ({str(e).splitlines()[0]})") from None
+        raise UserError(
+            f"{model_dir}: cannot load the base model for hidden-state gates ({str(e).splitlines()[0]})"
+        ) from None
     return model.to(device).eval()
 
 
 def _mean_hidden(model, rows, pad_id, average_positions, device, batch_size, advance) -> torch.Tensor:
-    """(layers, hidden): per layer, the mean over prompts of the last (or the mean) hidden state entering it."""
+    """(layers, hidden): per layer, the mean over prompts of the last (or the mean) hidden state entering it.
+
+    The arithmetic stays in the model's dtype, as in mergekit: with a bfloat16 base and one batch per prompt list
+    the result is mergekit's to the bit."""
     length = max(len(r) for r in rows)
     total = None
     for start in range(0, len(rows), batch_size):
         ids, mask = left_pad(rows[start : start + batch_size], length, pad_id)
         with torch.no_grad():
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True, use_cache=False)
-        states = torch.stack(out.hidden_states[:-1])  # (layers, batch, length, hidden): the input of each layer
+            out = model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                output_hidden_states=True,
+                use_cache=False,
+            )
+        states = torch.stack(
+            out.hidden_states[:-1]
+        )  # (layers, batch, length, hidden): the input of each layer
         per_prompt = states.sum(dim=2) / length if average_positions else states[:, :, -1, :]
-        part = per_prompt.float().sum(dim=1).cpu()
+        part = per_prompt.sum(dim=1).cpu()  # in the model's dtype, as mergekit computes it
         total = part if total is None else total + part
         advance()
     return total / len(rows)
@@ -189,6 +220,12 @@ def _batch_progress(total: int, enabled: bool) -> Iterator[Callable[[], None]]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("[bold]router prompts"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=Console(stderr=True)) as bar:
+    with Progress(
+        TextColumn("[bold]router prompts"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    ) as bar:
         task = bar.add_task("prompts", total=total)
         yield lambda: bar.advance(task)

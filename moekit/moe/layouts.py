@@ -80,7 +80,9 @@ def supported_sources() -> str:
     return ", ".join(f"{fam} (-> {' or '.join(outs)})" for fam, outs in by_family.items())
 
 
-def choose_layout(family: str, has_shared: bool | None, candidates: tuple[str, ...] | None) -> MoELayout | None:
+def choose_layout(
+    family: str, has_shared: bool | None, candidates: tuple[str, ...] | None
+) -> MoELayout | None:
     """The output layout for dense `family`: among `candidates` (all when None), one that takes the family and
     has a shared expert exactly when the config gives one (either, for `has_shared=None`: upcycling makes its own).
     Mixtral first, as mergekit prefers it."""

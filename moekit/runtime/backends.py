@@ -24,7 +24,9 @@ def triton_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj) 
     """The Triton kernels of `moekit.kernels` (GPU, or the CPU interpreter under TRITON_INTERPRET=1)."""
     from moekit.kernels import triton_moe_experts
 
-    return triton_moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj)
+    # The kernels take one dtype for activations and weights; the output keeps the caller's dtype.
+    out = triton_moe_experts(hidden.to(gate_up_proj.dtype), top_k_index, top_k_weights, gate_up_proj, down_proj)
+    return out.to(hidden.dtype)
 
 
 def megablocks_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj) -> torch.Tensor:

@@ -34,7 +34,9 @@ class LocalExperts(NamedTuple):
     experts: range  # their global ids
 
 
-def load_local_experts(reader: TensorReader, layer: int, num_experts: int, rank: int, world_size: int) -> LocalExperts:
+def load_local_experts(
+    reader: TensorReader, layer: int, num_experts: int, rank: int, world_size: int
+) -> LocalExperts:
     """Read layer `layer`'s experts `local_experts(num_experts, rank, world_size)` and nothing else."""
     ids = local_experts(num_experts, rank, world_size)
     for block in _BLOCK_NAMES:
@@ -53,7 +55,9 @@ def load_local_experts(reader: TensorReader, layer: int, num_experts: int, rank:
                     f"layer {layer}: the checkpoint's experts under '{prefix}' do not number {num_experts} as "
                     "config.json says; fix num_local_experts / num_experts in config.json"
                 )
-            gate_up = [torch.cat([_read(reader, f"{prefix}{e}.{name}.weight") for name in (gate, up)]) for e in ids]
+            gate_up = [
+                torch.cat([_read(reader, f"{prefix}{e}.{name}.weight") for name in (gate, up)]) for e in ids
+            ]
             down = [_read(reader, f"{prefix}{e}.{down}.weight") for e in ids]
             return LocalExperts(torch.stack(gate_up), torch.stack(down), ids)
     raise UserError(
@@ -84,4 +88,6 @@ def checkpoint_name(model_key: str, reader: TensorReader) -> str:
     legacy = model_key.replace(".mlp.", ".block_sparse_moe.", 1)
     if legacy in reader:
         return legacy
-    raise UserError(f"checkpoint: no tensor for the model's '{model_key}' (nor '{legacy}'); the checkpoint is incomplete")
+    raise UserError(
+        f"checkpoint: no tensor for the model's '{model_key}' (nor '{legacy}'); the checkpoint is incomplete"
+    )

@@ -86,10 +86,16 @@ def build_expert_parallel_model(
     return model.eval().requires_grad_(False)
 
 
-def _load_replicated_tensors(model: torch.nn.Module, reader: TensorReader, device, dtype: torch.dtype) -> None:
+def _load_replicated_tensors(
+    model: torch.nn.Module, reader: TensorReader, device, dtype: torch.dtype
+) -> None:
     """Fill every parameter and persistent buffer still on the meta device from the checkpoint."""
     state, tied_missing = {}, []
-    tied = set(model.get_expanded_tied_weights_keys(all_submodels=True)) if model.config.tie_word_embeddings else set()
+    tied = (
+        set(model.get_expanded_tied_weights_keys(all_submodels=True))
+        if model.config.tie_word_embeddings
+        else set()
+    )
     for key, tensor in model.state_dict(keep_vars=True).items():
         if not tensor.is_meta:
             continue
@@ -157,10 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_dir", type=Path)
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text, tokenized with the model's tokenizer")
-    prompt.add_argument("--prompt-ids", help="comma-separated token ids (for checkpoints without a tokenizer)")
+    prompt.add_argument(
+        "--prompt-ids", help="comma-separated token ids (for checkpoints without a tokenizer)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: config.json's")
-    parser.add_argument("--backend", default="auto", help="local experts backend (auto, torch, triton, megablocks)")
+    parser.add_argument(
+        "--backend", default="auto", help="local experts backend (auto, torch, triton, megablocks)"
+    )
     parser.add_argument("--compare", action="store_true", help="also generate with one process on rank 0")
     parser.add_argument("--json", type=Path, help="rank 0 writes the tokens (and the comparison) here")
     args = parser.parse_args(argv)
@@ -173,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     if "RANK" not in os.environ:
-        raise UserError("run this under torchrun, e.g. torchrun --nproc-per-node 2 -m moekit.runtime.ep_generate ...")
+        raise UserError(
+            "run this under torchrun, e.g. torchrun --nproc-per-node 2 -m moekit.runtime.ep_generate ..."
+        )
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:

@@ -7,7 +7,7 @@ Data flow of one call on every rank (all ranks call it together, in the same ord
      split sizes of both directions and the local expert of each row it will receive;
   3. dispatch the rows with `all_to_all_single` (uneven splits); they arrive grouped by source rank, then by
      local expert;
-  4. run the local experts with the runtime's grouped experts backend (`moekit.runtime.backends`);
+  4. run the local experts with the runtime's grouped experts (`moekit.runtime.moe_forward`, any backend);
   5. send the results back with the reverse `all_to_all_single`, then scale by the routing weights and
      index-add into token order on the rank that owns the tokens.
 
@@ -29,8 +29,9 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from moekit.errors import UserError
-from moekit.runtime.backends import BACKENDS, choose_backend
-from moekit.runtime.routing import route
+from moekit.runtime.experts import moe_forward
+from moekit.runtime.layer import MoELayer, MoEOutput
+from moekit.runtime.routing import drop_over_capacity, jitter, load_balancing_loss, route, router_z_loss
 
 
 def local_experts(num_experts: int, rank: int, world_size: int) -> range:
@@ -118,8 +119,9 @@ def expert_parallel_experts(
     local_ids = torch.arange(per_rank, device=hidden.device).repeat(world)
     local_ids = local_ids.repeat_interleave(counts_in.reshape(-1).to(hidden.device))
     unit_weights = torch.ones(received.shape[0], 1, dtype=torch.float32, device=hidden.device)
-    experts = BACKENDS[choose_backend(backend, hidden.device)]
-    expert_out = experts(received, local_ids[:, None], unit_weights, gate_up_proj, down_proj)
+    expert_out = moe_forward(
+        received, local_ids[:, None], unit_weights, gate_up_proj, down_proj, backend=backend
+    )
     returned = all_to_all_rows(expert_out, send_splits, recv_splits, group)
 
     scale = top_k_weights.reshape(-1)[dispatch.order].float()
@@ -180,7 +182,9 @@ def scatter_replicated(rows: torch.Tensor, group: dist.ProcessGroup | None = Non
     return _ScatterRows.apply(rows, group)
 
 
-def gather_replicated(share: torch.Tensor, num_rows: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def gather_replicated(
+    share: torch.Tensor, num_rows: int, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
     """Inverse of `scatter_replicated`: every rank gets all `num_rows` rows; backward keeps this rank's share."""
     return _GatherRows.apply(share, even_row_split(num_rows, dist.get_world_size(group)), group)
 
@@ -212,7 +216,9 @@ class ExpertParallelExperts(torch.nn.Module):
         self.replicated_tokens = replicated_tokens
         self.backend = backend
 
-    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         if not self.replicated_tokens:
             return self._experts(hidden, top_k_index, top_k_weights)
         share = self._experts(
@@ -241,12 +247,13 @@ class ExpertParallelExperts(torch.nn.Module):
 
 
 class ExpertParallelMoE(torch.nn.Module):
-    """Router (replicated on every rank) + expert-parallel SwiGLU experts, for users who build their own models.
+    """The expert-parallel twin of `moekit.runtime.MoELayer`: the router is replicated on every rank, the
+    experts are sharded, and forward returns the same `MoEOutput` (output, router logits, auxiliary losses).
 
-    Weights follow transformers' layout: `router.weight` [E, H], and this rank's `experts.gate_up_proj`
-    [E_local, 2I, H] and `experts.down_proj` [E_local, H, I]. forward(hidden [..., H]) -> (output [..., H],
-    router_logits [tokens, E]); the logits feed `moekit.runtime.routing`'s auxiliary losses. In data-parallel
-    training the router's gradient is local to each rank: all-reduce it as for any replicated parameter (DDP).
+    Build it from a layer with `from_layer`, or from this rank's weights directly (transformers' layout:
+    router_weight [E, H], gate_up_proj [E_local, 2I, H], down_proj [E_local, H, I]). With data-parallel tokens
+    the router's gradient, the auxiliary losses and the capacity limit are per rank (its own tokens), as in
+    any data-parallel MoE: all-reduce the router's gradient like any replicated parameter (DDP does).
     """
 
     def __init__(
@@ -255,24 +262,62 @@ class ExpertParallelMoE(torch.nn.Module):
         gate_up_proj: torch.Tensor,
         down_proj: torch.Tensor,
         top_k: int,
-        routing: str = "softmax_topk_renorm",
+        *,
+        router: str = "softmax_topk_renorm",
+        router_bias: torch.Tensor | None = None,
+        jitter_noise: float = 0.0,
+        capacity_factor: float | None = None,
         group: dist.ProcessGroup | None = None,
         replicated_tokens: bool = False,
         backend: str = "auto",
     ):
         super().__init__()
         num_experts, hidden_size = router_weight.shape
-        self.router = torch.nn.Linear(hidden_size, num_experts, bias=False)
+        self.num_experts, self.top_k = num_experts, top_k
+        self.router_name, self.jitter_noise, self.capacity_factor = router, jitter_noise, capacity_factor
+        self.router = torch.nn.Linear(hidden_size, num_experts, bias=False, device=router_weight.device)
         with torch.no_grad():
             self.router.weight.copy_(router_weight)
-        self.top_k, self.routing = top_k, routing
-        self.experts = ExpertParallelExperts(gate_up_proj, down_proj, num_experts, group, replicated_tokens, backend)
+        bias = torch.zeros(num_experts, device=router_weight.device) if router_bias is None else router_bias
+        self.register_buffer("router_bias", bias.float().clone())
+        self.experts = ExpertParallelExperts(
+            gate_up_proj, down_proj, num_experts, group, replicated_tokens, backend
+        )
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @classmethod
+    def from_layer(
+        cls, layer: MoELayer, group: dist.ProcessGroup | None = None, replicated_tokens: bool = False
+    ) -> ExpertParallelMoE:
+        """This rank's share of `layer` (copied), with the same router, options and backend."""
+        ids = local_experts(layer.num_experts, dist.get_rank(group), dist.get_world_size(group))
+        return cls(
+            layer.router.weight.detach(),
+            layer.gate_up_proj.detach()[ids.start : ids.stop].clone(),
+            layer.down_proj.detach()[ids.start : ids.stop].clone(),
+            layer.top_k,
+            router=layer.router_name,
+            router_bias=layer.router_bias,
+            jitter_noise=layer.jitter_noise,
+            capacity_factor=layer.capacity_factor,
+            group=group,
+            replicated_tokens=replicated_tokens,
+            backend=layer.backend,
+        )
+
+    def forward(self, hidden: torch.Tensor) -> MoEOutput:
+        """hidden [..., H] (this rank's tokens) -> MoEOutput, as `MoELayer.forward`."""
         flat = hidden.reshape(-1, hidden.shape[-1])
-        logits = self.router(flat)
-        weights, indices = route(logits, self.top_k, self.routing)
-        return self.experts(flat, indices, weights).reshape(hidden.shape), logits
+        logits = self.router(jitter(flat, self.jitter_noise) if self.training else flat)
+        options = {"bias": self.router_bias} if self.router_name == "sigmoid_bias_topk" else {}
+        routing = route(logits, self.top_k, self.router_name, **options)
+        kept = drop_over_capacity(routing, self.num_experts, self.capacity_factor)
+        out = self.experts(flat, kept.indices, kept.weights)
+        return MoEOutput(
+            out.reshape(hidden.shape),
+            logits,
+            load_balancing_loss(logits, routing.indices),
+            router_z_loss(logits),
+        )
 
 
 class Traffic(NamedTuple):

@@ -12,7 +12,8 @@ Choices measured on a 2-core AVX2 EPYC without bf16 units (see bench/moe_layer.p
   read of the weights that are hit. No fp32 copy outlives a call, so nothing goes stale when the weights are
   trained, loaded or edited in place.
 - With at most `_DIRECT_LOW_PRECISION_COLS` tokens on an expert the product is memory-bound, and reading half
-  the bytes in bf16 wins over upcasting: those products run in the weights' dtype.
+  the bytes in bf16 wins over upcasting: when the activations are bf16 too (a bf16 model), those products run
+  in bf16, rounding like transformers' own experts do.
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ class Upcaster:
     in many small blocks costs one parallel region per block, which stalls badly on a busy machine.
     """
 
-    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device, direct_ok: bool):
         self.numel, self.dtype, self.device = numel, dtype, device
+        # Whether few-token products may run in the weights' dtype: only when the activations came in that
+        # dtype too, so that no precision the caller supplied is lost.
+        self.direct_ok = direct_ok
         self.buffer: torch.Tensor | None = None  # allocated on first use: same-dtype weights never need it
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
@@ -56,7 +60,7 @@ class Upcaster:
 
 def weight_times(weight: torch.Tensor, rhs: torch.Tensor, upcast: Upcaster) -> torch.Tensor:
     """`weight @ rhs` in the compute dtype: weight [out, in] in any float dtype, rhs [in, n] -> [out, n]."""
-    if weight.dtype != rhs.dtype and rhs.shape[1] <= _DIRECT_LOW_PRECISION_COLS:
+    if weight.dtype != rhs.dtype and upcast.direct_ok and rhs.shape[1] <= _DIRECT_LOW_PRECISION_COLS:
         return torch.mm(weight, rhs.to(weight.dtype)).to(rhs.dtype)
     return torch.mm(upcast(weight), rhs)
 
@@ -79,6 +83,12 @@ def sort_by_expert(top_k_index: torch.Tensor, num_experts: int) -> ExpertRows:
     return ExpertRows(order, order // top_k_index.shape[-1], bounds)
 
 
+def _add_rows(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """out[rows] += values. index_put_ rather than index_add_: on CPU, index_add_ of a few rows stalled for
+    ~100 ms per call on a busy 2-core machine (its parallel path), where index_put_ took microseconds."""
+    out.index_put_((rows,), values, accumulate=True)
+
+
 def _swiglu_t(preact_t: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for a transposed pre-activation [2I, n] (gate rows first) -> [I, n]."""
     gate, up = preact_t.chunk(2, dim=0)
@@ -93,10 +103,11 @@ def _forward(
     down_proj: torch.Tensor,
     dtype: torch.dtype,
     keep_preacts: bool,
+    direct_ok: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Experts output [T, H] in `dtype`, and per expert its transposed pre-activation when `keep_preacts`."""
     out = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)
-    upcast = Upcaster(gate_up_proj[0].numel(), dtype, hidden.device)
+    upcast = Upcaster(gate_up_proj[0].numel(), dtype, hidden.device, direct_ok)
     preacts: list[torch.Tensor | None] = []
     for expert in range(gate_up_proj.shape[0]):
         start, stop = rows.bounds[expert], rows.bounds[expert + 1]
@@ -107,7 +118,7 @@ def _forward(
         preact_t = weight_times(gate_up_proj[expert], hidden[tokens].t(), upcast)  # [2I, n]
         out_t = weight_times(down_proj[expert], _swiglu_t(preact_t), upcast)  # [H, n]
         out_t.mul_(row_weights[start:stop])
-        out.index_add_(0, tokens, out_t.t())
+        _add_rows(out, tokens, out_t.t())
         preacts.append(preact_t if keep_preacts else None)
     return out, preacts
 
@@ -121,7 +132,8 @@ class _TorchExperts(torch.autograd.Function):
         rows = sort_by_expert(top_k_index, gate_up_proj.shape[0])
         hidden_c = hidden.to(dtype)
         row_weights = top_k_weights.reshape(-1).to(dtype)[rows.order]
-        out, preacts = _forward(hidden_c, rows, row_weights, gate_up_proj, down_proj, dtype, keep_preacts=True)
+        direct_ok = hidden.dtype == gate_up_proj.dtype
+        out, preacts = _forward(hidden_c, rows, row_weights, gate_up_proj, down_proj, dtype, True, direct_ok)
         ctx.save_for_backward(hidden_c, row_weights, gate_up_proj, down_proj)
         ctx.rows, ctx.preacts, ctx.dtype = rows, preacts, dtype
         ctx.hidden_dtype, ctx.weights_shape, ctx.weights_dtype = hidden.dtype, top_k_weights.shape, top_k_weights.dtype
@@ -137,7 +149,7 @@ class _TorchExperts(torch.autograd.Function):
         grad_rows = torch.zeros_like(row_weights) if need_w else None
         grad_gate_up = torch.zeros_like(gate_up_proj) if need_gate_up else None
         grad_down = torch.zeros_like(down_proj) if need_down else None
-        upcast = Upcaster(gate_up_proj[0].numel(), dtype, hidden.device)
+        upcast = Upcaster(gate_up_proj[0].numel(), dtype, hidden.device, direct_ok=False)
         for expert, preact_t in enumerate(ctx.preacts):
             if preact_t is None:
                 continue
@@ -158,7 +170,7 @@ class _TorchExperts(torch.autograd.Function):
             if grad_gate_up is not None:
                 grad_gate_up[expert] = grad_preact_t @ hidden[tokens]
             if grad_x is not None:
-                grad_x.index_add_(0, tokens, (upcast(gate_up_proj[expert]).t() @ grad_preact_t).t())
+                _add_rows(grad_x, tokens, (upcast(gate_up_proj[expert]).t() @ grad_preact_t).t())
         grad_weights = None
         if grad_rows is not None:
             grad_weights = torch.zeros_like(grad_rows).index_copy_(0, rows.order, grad_rows)
@@ -182,5 +194,6 @@ def torch_experts(
     dtype = compute_dtype(hidden.dtype, gate_up_proj.dtype, hidden.device)
     rows = sort_by_expert(top_k_index, gate_up_proj.shape[0])
     row_weights = top_k_weights.reshape(-1).to(dtype)[rows.order]
-    out, _ = _forward(hidden.to(dtype), rows, row_weights, gate_up_proj, down_proj, dtype, keep_preacts=False)
+    direct_ok = hidden.dtype == gate_up_proj.dtype
+    out, _ = _forward(hidden.to(dtype), rows, row_weights, gate_up_proj, down_proj, dtype, False, direct_ok)
     return out.to(hidden.dtype)

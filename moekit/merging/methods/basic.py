@@ -38,7 +38,9 @@ def linear(tensors: Tensors, base, *, weight: list[float], normalize: bool) -> t
     if normalize:
         total = sum(weight)
         if total == 0:
-            raise ValueError("the weights sum to 0, so they cannot be normalised; change a weight or set normalize: false")
+            raise ValueError(
+                "the weights sum to 0, so they cannot be normalised; change a weight or set normalize: false"
+            )
         out.div_(total)
     return out
 
@@ -53,7 +55,9 @@ def linear(tensors: Tensors, base, *, weight: list[float], normalize: bool) -> t
     ],
     elementwise=True,
 )
-def task_arithmetic(tensors: Tensors, base: torch.Tensor, *, weight: list[float], lambda_: float, normalize: bool):
+def task_arithmetic(
+    tensors: Tensors, base: torch.Tensor, *, weight: list[float], lambda_: float, normalize: bool
+):
     """base + λ·Σwᵢ(mᵢ − base)."""
     delta = weighted_sum((m - base for m in tensors), weight)
     if normalize:
@@ -61,7 +65,12 @@ def task_arithmetic(tensors: Tensors, base: torch.Tensor, *, weight: list[float]
     return delta.mul_(lambda_).add_(base)
 
 
-@merge_method("passthrough", params=[Param("scale", float, default=1.0, help="multiply the tensor")], max_models=1, elementwise=True)
-def passthrough(tensors: Tensors, base, *, scale: float) -> torch.Tensor:
-    """Copies the one input tensor (frankenmerges stack layers with `slices`)."""
-    return tensors[0] if scale == 1.0 else tensors[0] * scale
+@merge_method(
+    "passthrough",
+    params=[Param("scale", float, default=1.0, per_model=True, help="multiply the tensor")],
+    max_models=1,
+    elementwise=True,
+)
+def passthrough(tensors: Tensors, base, *, scale: list[float]) -> torch.Tensor:
+    """Copies the one input tensor, optionally scaled (frankenmerges stack layers with `slices`)."""
+    return tensors[0] if scale[0] == 1.0 else tensors[0] * scale[0]

@@ -144,9 +144,8 @@ def _consensus_sum(
     mixed = divisor = None
     for i, (m, recipe) in enumerate(zip(tensors, recipes)):
         delta = recipe.apply(m - base).mul_(weights[i])
-        agree = torch.where(positive, delta > 0, delta < 0)
-        delta.mul_(agree)
-        mixed = accumulate(mixed, delta)
+        agree = (delta > 0).eq_(positive).logical_and_(delta != 0)  # the elected sign, and not zero
+        mixed = accumulate(mixed, delta.mul_(agree))
         divisor = accumulate(divisor, agree.to(delta.dtype).mul_(weights[i]))
         del delta, agree
     divisor = divisor.to(base.dtype)
