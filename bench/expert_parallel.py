@@ -5,8 +5,9 @@
 Weak scaling: every rank routes its own `--tokens` tokens, so W processes do W times the work of one. The peer,
 measured in the same run, is one process without torch.distributed running all E experts on `--tokens` tokens
 through `moe_forward` ("local"); with perfect scaling and a core per process, every EP row would take the
-same time per step as "local" while moving W times as many tokens. This machine has 2 cores (shared), so the
-2-process row runs one thread per process and the 4-process row oversubscribes the cores two to one.
+same time per step as "local" while moving W times as many tokens. This machine has 2 cores (shared): every process
+runs one thread, so up to 2 processes ideal scaling keeps the step time of "local", and 4 processes
+oversubscribe the cores two to one (ideal: twice the step time, the same tokens/s as 2).
 
 Columns: medians over --steps timed steps, each the slowest rank's time; "a2a only" times the two exchanges of
 one forward (dispatch and combine, the same split sizes) without the expert compute; bytes are rows sent to
@@ -31,7 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _compare import table  # noqa: E402
 
-CORES = 2
+# One thread per process everywhere: on 2 shared cores, multi-threaded GEMMs in several processes spin on each
+# other, and one thread per process keeps the rows comparable (ideal weak scaling: equal times up to 2 processes).
+THREADS = 1
 
 
 def make_weights(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,7 +68,7 @@ def run_local(args) -> dict:
     """The peer: one process, all experts, no torch.distributed."""
     from moekit.runtime import moe_forward, route
 
-    torch.set_num_threads(CORES)
+    torch.set_num_threads(THREADS)
     router, gate_up, down = make_weights(args)
     x = make_tokens(args, 0)
     weights, indices = route(x @ router.T, args.top_k)
@@ -91,7 +94,7 @@ def run_rank(args, rank: int, world: int) -> dict | None:
         sort_for_dispatch,
     )
 
-    torch.set_num_threads(max(1, CORES // world))
+    torch.set_num_threads(THREADS)
     router, gate_up, down = make_weights(args)
     mine = local_experts(args.experts, rank, world)
     x = make_tokens(args, rank)
@@ -150,7 +153,7 @@ def launch(args, world: int, workdir: Path) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = workdir / f"world{world}.json"
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": str(THREADS)}
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "worker"]
     procs = [
         subprocess.Popen(
@@ -174,8 +177,8 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=1024)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=512, help="tokens per rank")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--tokens", type=int, default=256, help="tokens per rank")
+    parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--worlds", default="1,2,4")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -194,10 +197,9 @@ def main() -> None:
     rows = []
     for key, r in results.items():
         world = 1 if key == "local" else key
-        threads = CORES if key == "local" else max(1, CORES // world)
         tokens_per_s = world * args.tokens / r["fwd_bwd"]
         rows.append([
-            "local (no dist)" if key == "local" else f"EP gloo x{world}", world, threads, args.tokens,
+            "local (no dist)" if key == "local" else f"EP gloo x{world}", world, THREADS, args.tokens,
             f"{r['fwd'] * 1e3:.1f}", f"{r['fwd_bwd'] * 1e3:.1f}", f"{r['a2a'] * 1e3:.1f}" if key != "local" else "-",
             f"{r['bytes'] / 1e6:.2f}", f"{tokens_per_s:.0f}",
             f"{tokens_per_s / (args.tokens / base['fwd_bwd']):.2f}x",

@@ -23,7 +23,7 @@ from _models import ANCHOR, dir_bytes, make_family  # noqa: E402
 from _peer import bench_dir, moekit_cmd, timed_run  # noqa: E402
 
 NUM_EXPERTS = 8
-RUNS = 3
+RUNS = 1  # peak RSS barely varies between runs; each run writes 1.3 GB
 
 
 def mb(n: int) -> str:
@@ -69,7 +69,7 @@ def main() -> None:
         )
     print(
         f"8-expert upcycle of a {gb(dir_bytes(base))} bf16 Llama ({ANCHOR.layers} layers, hidden {ANCHOR.hidden}, "
-        f"intermediate {ANCHOR.intermediate}); median of {RUNS} runs"
+        f"intermediate {ANCHOR.intermediate}); median of {RUNS} run(s)"
     )
     print(
         f"one expert's tensors in one layer: {mb(expert_set)}; largest tensor (embedding): {mb(largest)}; "

@@ -41,7 +41,8 @@ def _u(r: random.Random, lo: float, hi: float) -> float:
 
 
 def _maybe_gradient(r: random.Random, lo: float, hi: float):
-    """A scalar, or a gradient list of 2-4 values (mergekit interpolates it over the layers)."""
+    """A scalar, or a gradient list of 2-4 values (mergekit interpolates it over the layers; moekit refuses a
+    list longer than the layer count, as some values would never be used)."""
     if r.random() < 0.5:
         return _u(r, lo, hi)
     return [_u(r, lo, hi) for _ in range(r.randint(2, 4))]
@@ -78,7 +79,7 @@ def draw_config(method: str, r: random.Random, m: list[Path]) -> dict:
     if method == "model_stock":
         return gta | {"models": [{"model": x} for x in fts], "parameters": {"filter_wise": r.random() < 0.5}}
     if method == "slerp":
-        grad = lambda: [_u(r, 0.0, 1.0) for _ in range(r.randint(2, 5))]  # noqa: E731
+        grad = lambda: [_u(r, 0.0, 1.0) for _ in range(r.randint(2, TINY.layers))]  # noqa: E731
         t = [
             {"filter": "self_attn", "value": grad()},
             {"filter": "mlp", "value": grad()},

@@ -167,7 +167,7 @@ def _short(value: object) -> str:
 def parse_dtype(value: object, where: str) -> torch.dtype | None:
     if value is None:
         return None
-    if value not in DTYPES:
+    if not isinstance(value, str) or value not in DTYPES:
         raise UserError(
             f"{where}: unknown dtype {value!r}{did_you_mean(str(value), DTYPES)}; use float32, float16 or bfloat16"
         )

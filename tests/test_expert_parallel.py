@@ -101,7 +101,7 @@ def cases_for(world_size: int) -> dict[str, dict]:
     idle = world_size - 1
     no_tokens = [5, 0, 7, 4][:world_size]
     return {
-        # The standalone module (its own router): data-parallel tokens, uneven per rank.
+        # ExpertParallelMoE.from_layer(MoELayer): data-parallel tokens, uneven per rank.
         "module": make_case(
             1, world_size, [6, 3, 8, 5][:world_size], "module", 2, "softmax_topk_renorm", None
         ),
@@ -290,24 +290,18 @@ def test_traffic_counts_rows_for_other_ranks():
 # --------------------------------------------------------------------------- loading a rank's experts
 
 
-def make_tiny_moe(out: Path, family: str, seed: int) -> Path:
-    """A random tiny Mixtral or Qwen2-MoE saved by transformers (hub per-expert names), experts scaled up
-    so that they dominate the residual stream and wrong experts would change the greedy tokens."""
-    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+def make_tiny_qwen2_moe(out: Path, seed: int) -> Path:
+    """A random tiny Qwen2-MoE with tied embeddings, saved by transformers (hub per-expert names), experts
+    scaled up so that they dominate the residual stream and wrong experts would change the greedy tokens."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     torch.manual_seed(seed)
-    common = dict(
+    config = Qwen2MoeConfig(
         vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=64, num_experts_per_tok=2,
+        max_position_embeddings=64, num_experts_per_tok=2, intermediate_size=48, moe_intermediate_size=40,
+        shared_expert_intermediate_size=24, num_experts=4, tie_word_embeddings=True,
     )  # fmt: skip
-    if family == "mixtral":
-        model = MixtralForCausalLM(MixtralConfig(intermediate_size=48, num_local_experts=4, **common))
-    else:  # tied embeddings exercise the launcher's tying path
-        config = Qwen2MoeConfig(
-            intermediate_size=48, moe_intermediate_size=40, shared_expert_intermediate_size=24, num_experts=4,
-            tie_word_embeddings=True, **common,
-        )  # fmt: skip
-        model = Qwen2MoeForCausalLM(config)
+    model = Qwen2MoeForCausalLM(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".experts." in name:
@@ -318,8 +312,22 @@ def make_tiny_moe(out: Path, family: str, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_moes(tmp_path_factory) -> dict[str, Path]:
+    """`mixtral`: a clown MoE built by `moekit merge` from four distinct "fine-tunes" of a tiny Llama (with a
+    tokenizer); `qwen2_moe`: a tied-embedding Qwen2-MoE saved by transformers."""
+    import moekit
+    from moekit.demo.tiny_models import make_base, make_finetune
+
     root = tmp_path_factory.mktemp("ep_models")
-    return {f: make_tiny_moe(root / f, f, seed) for seed, f in enumerate(["mixtral", "qwen2_moe"])}
+    base = make_base(root / "base", seed=0, hidden_size=32, intermediate_size=64, num_layers=2)
+    # Far-apart fine-tunes (noise 0.3 against weights of 0.02), so that swapped experts change the tokens.
+    experts = [
+        {"source_model": str(make_finetune(base, root / f"ft{i}", seed=i, scale=0.3))} for i in range(4)
+    ]
+    config = {"base_model": str(base), "gate_mode": "random", "experts_per_token": 2, "experts": experts}
+    return {
+        "mixtral": moekit.merge(config, root / "mixtral", seed=5),
+        "qwen2_moe": make_tiny_qwen2_moe(root / "qwen2_moe", seed=1),
+    }
 
 
 class RecordingReader:
@@ -406,22 +414,30 @@ def single_process_greedy(
 @pytest.mark.distributed
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_torchrun_generation_matches_one_process(tiny_moes, family, tmp_path):
-    prompt, new_tokens = [3, 17, 42, 9, 60, 11], 8
+    model_dir, new_tokens = tiny_moes[family], 8
+    if family == "mixtral":  # built by moekit merge, with the base's tokenizer: prompt as text
+        from transformers import AutoTokenizer
+
+        text = "Mixture of experts routes every token"
+        prompt_args, prompt = ["--prompt", text], AutoTokenizer.from_pretrained(model_dir)(text).input_ids
+    else:
+        prompt = [3, 17, 42, 9, 60, 11]
+        prompt_args = ["--prompt-ids", ",".join(map(str, prompt))]
     torchrun = Path(sys.executable).with_name("torchrun")
     result_path = tmp_path / "result.json"
     proc = subprocess.run(
         [str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-         "-m", "moekit.runtime.ep_generate", str(tiny_moes[family]), "--prompt-ids", ",".join(map(str, prompt)),
+         "-m", "moekit.runtime.ep_generate", str(model_dir), *prompt_args,
          "--max-new-tokens", str(new_tokens), "--json", str(result_path)],
         capture_output=True, text=True, timeout=300, env=local_env(),
     )  # fmt: skip
     assert result_path.is_file(), f"launcher wrote no result (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     result = json.loads(result_path.read_text())
     assert result["world_size"] == 2
-    expected = single_process_greedy(tiny_moes[family], prompt, new_tokens)
+    expected = single_process_greedy(model_dir, prompt, new_tokens)
     assert result["tokens"] == expected
     # The comparison can fail: the same model with its expert blocks swapped between ranks says otherwise.
-    assert single_process_greedy(tiny_moes[family], prompt, new_tokens, swap_experts=True) != expected
+    assert single_process_greedy(model_dir, prompt, new_tokens, swap_experts=True) != expected
 
 
 if __name__ == "__main__":

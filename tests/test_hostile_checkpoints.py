@@ -206,7 +206,8 @@ def hostile_pickle(bad: Path) -> None:
 
 def garbage_pickle(bad: Path) -> None:
     (bad / "model.safetensors").unlink()
-    (bad / "pytorch_model.bin").write_bytes(torch.randint(0, 256, (300,), dtype=torch.uint8).numpy().tobytes())
+    noise = torch.randint(0, 256, (300,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    (bad / "pytorch_model.bin").write_bytes(noise.numpy().tobytes())  # seeded: the README quotes its message
 
 
 def list_pickle(bad: Path) -> None:

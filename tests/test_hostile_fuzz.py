@@ -111,6 +111,8 @@ def _mutate(config: dict, data, models) -> dict:
     config = json.loads(json.dumps(config))
     for _ in range(data.draw(st.integers(1, 3))):
         spots = [(p, v) for p, v in _paths(config) if isinstance(v, dict | list) and v]
+        if not spots:  # everything was dropped
+            break
         path, node = data.draw(st.sampled_from(spots))
         key = data.draw(st.sampled_from(list(node) if isinstance(node, dict) else list(range(len(node)))))
         action = data.draw(st.sampled_from(["replace", "drop", "rename", "add"]))

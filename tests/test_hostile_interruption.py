@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from hostile_models import (
+    INTERRUPTED,
     assert_failed_cleanly,
     linear_config,
     litter,
@@ -85,7 +86,7 @@ def test_signal_mid_merge_leaves_nothing(sig, force, slow_merge, micro_models, t
     _, stderr = proc.communicate(timeout=120)
     expected_rc = 130 if sig == signal.SIGINT else 143
     assert proc.returncode == expected_rc, (seed, proc.returncode, stderr)
-    assert stderr.strip().splitlines() == ["moekit: interrupted; no output was written"], (seed, stderr)
+    assert stderr.strip().splitlines() == [INTERRUPTED], (seed, stderr)
     assert not tmp.exists() and not litter(tmp_path), (seed, litter(tmp_path))
     if force:
         assert snapshot(out) == before, seed

@@ -5,6 +5,7 @@ and no code in moekit asks transformers for remote code.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -30,22 +31,29 @@ except OSError:
     pass
 assert len(attempts) == 1, "the block is not in place"
 attempts.clear()
+import json
 from moekit.cli import main
-try:
-    main(sys.argv[1:])
-except SystemExit as e:
-    print("exit", e.code, "connection attempts", len(attempts), attempts[:3])
+for args in json.loads(sys.argv[1]):
+    try:
+        main(args)
+    except SystemExit as e:
+        print("exit", e.code, "connection attempts", len(attempts), attempts[:3])
 """
 
 
-def _run_blocked(*args: str) -> subprocess.CompletedProcess:
+def _run_blocked(*commands: list[str]) -> subprocess.CompletedProcess:
+    """Run each `moekit` command line in one fresh process with the network blocked."""
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
     }
     return subprocess.run(
-        [sys.executable, "-c", BLOCKED_RUN, *args], capture_output=True, text=True, timeout=600, env=env
+        [sys.executable, "-c", BLOCKED_RUN, json.dumps(commands)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
 
 
@@ -74,10 +82,10 @@ def test_merges_that_load_transformers_make_no_connection(tiny_llama, tmp_path):
             ],
         },
     )
-    for config in (dense, moe):
-        out = tmp_path / f"out-{config.stem}"
-        proc = _run_blocked("merge", str(config), "-o", str(out), "-q")
-        assert "exit 0 connection attempts 0 " in proc.stdout, (proc.stdout, proc.stderr)
+    outs = [tmp_path / "out-dense", tmp_path / "out-moe"]
+    proc = _run_blocked(*(["merge", str(c), "-o", str(o), "-q"] for c, o in zip((dense, moe), outs)))
+    assert proc.stdout.count("exit 0 connection attempts 0 ") == 2, (proc.stdout, proc.stderr)
+    for out in outs:
         assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
 
 

@@ -1,10 +1,12 @@
-"""MoE config guards: each user error is one line on stderr with exit code 2, through the real CLI, and nothing is
-written. The models are made once per module; each case runs `python -m moekit merge` in a fresh process."""
+"""MoE config guards: each user error is one line on stderr with exit code 2, through the CLI, and nothing is
+written. The models are made once per module. One case runs `python -m moekit merge` in a fresh process (the real
+exit code); the others call the same CLI entry point in-process, which saves a torch import (~2 s) per case."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -78,11 +80,21 @@ def _cases(m: dict[str, Path]) -> dict[str, tuple[dict, tuple[str, ...]]]:
 CASES = list(_cases({k: Path(k) for k in ("base", "ft1", "ft2", "qwen2", "wide", "vocab", "gemma")}))
 
 
+def _cli_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    from moekit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, exit_info.value.code, captured.out, captured.err)
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_guard_is_one_line_exit_2(tiny_llama, odd_models, tmp_path, case):
+def test_guard_is_one_line_exit_2(tiny_llama, odd_models, tmp_path, capsys, case):
     cfg, needles = _cases({**tiny_llama, **odd_models})[case]
     path = write_config(tmp_path / "moe.yaml", cfg)
-    proc = run_cli("merge", str(path), "-o", str(tmp_path / "out"))
+    args = ("merge", str(path), "-o", str(tmp_path / "out"))
+    proc = run_cli(*args) if case == CASES[0] else _cli_in_process(capsys, *args)
     assert_one_line_error(proc, *needles)
     assert not (tmp_path / "out").exists()
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
@@ -128,3 +140,26 @@ def test_more_guards_in_process(tiny_llama, tmp_path):
             moekit.merge(cfg, tmp_path / "out")
         assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_hidden_gates_on_cuda_match_cpu_or_are_refused_without_cuda(tiny_llama, tmp_path):
+    """--device cuda: the same router vectors as on CPU (1e-4: GPU kernels sum in another order), or, on a machine
+    without CUDA, one clear line before anything is loaded or written."""
+    import torch
+
+    import moekit
+    from moekit.errors import UserError
+
+    base, ft1, ft2 = (str(tiny_llama[k]) for k in ("base", "ft1", "ft2"))
+    cfg = {"base_model": base, "gate_mode": "hidden", "experts": [_expert(ft1, 1), _expert(ft2, 2)]}
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device"):
+            moekit.merge(cfg, tmp_path / "gpu", device="cuda")
+        assert not (tmp_path / "gpu").exists()
+        return
+    from conftest import load_tensors
+
+    gpu = load_tensors(moekit.merge(cfg, tmp_path / "gpu", device="cuda"))
+    cpu = load_tensors(moekit.merge(cfg, tmp_path / "cpu"))
+    name = "model.layers.3.block_sparse_moe.gate.weight"
+    assert (gpu[name] - cpu[name]).abs().max().item() <= 1e-4

@@ -72,7 +72,9 @@ def run_both(experts, hidden, routing_result, dtype):
             module.config._experts_implementation = "eager"
             out = module(x, routing_result.indices, w)
         else:
-            out = moe_forward(x, routing_result.indices, w, module.gate_up_proj, module.down_proj, backend="torch")
+            out = moe_forward(
+                x, routing_result.indices, w, module.gate_up_proj, module.down_proj, backend="torch"
+            )
         (out.float() * cotangent.float()).sum().backward()
         results.append(
             {
@@ -137,9 +139,13 @@ def test_gradcheck_float64(k):
     gen = torch.Generator().manual_seed(k)
     tokens, hidden, inter, num_experts = 6, 4, 3, 5
     x = torch.randn(tokens, hidden, dtype=torch.float64, generator=gen, requires_grad=True)
-    r = random_routing(tokens, num_experts, k, seed=k, router=routing.softmax_topk_renorm, allowed=[0, 1, 3, 4])
+    r = random_routing(
+        tokens, num_experts, k, seed=k, router=routing.softmax_topk_renorm, allowed=[0, 1, 3, 4]
+    )
     w = r.weights.double().requires_grad_()
-    gate_up = torch.randn(num_experts, 2 * inter, hidden, dtype=torch.float64, generator=gen, requires_grad=True)
+    gate_up = torch.randn(
+        num_experts, 2 * inter, hidden, dtype=torch.float64, generator=gen, requires_grad=True
+    )
     down = torch.randn(num_experts, hidden, inter, dtype=torch.float64, generator=gen, requires_grad=True)
 
     def experts(x, w, gate_up, down):
@@ -226,13 +232,17 @@ def test_moe_layer_matches_transformers_block(router_name):
 
 def test_moe_layer_capacity_sigmoid_and_user_errors():
     layer = MoELayer(16, 8, 4, 2, router="sigmoid_bias_topk", capacity_factor=0.5, backend="torch")
-    layer.router_bias[3] = 10.0  # every token picks expert 3; capacity lets only ceil(0.5 * 2 * 12 / 4) = 3 in
+    layer.router_bias[3] = (
+        10.0  # every token picks expert 3; capacity lets only ceil(0.5 * 2 * 12 / 4) = 3 in
+    )
     x = torch.randn(12, 16, generator=torch.Generator().manual_seed(12))
     result = layer(x)
     logits = x @ layer.router.weight.t()
     kept = routing.drop_over_capacity(routing.sigmoid_bias_topk(logits, 2, layer.router_bias), 4, 0.5)
     assert (kept.indices == 3).sum() == 3
-    expected = moe_forward(x, kept.indices, kept.weights, layer.gate_up_proj, layer.down_proj, backend="torch")
+    expected = moe_forward(
+        x, kept.indices, kept.weights, layer.gate_up_proj, layer.down_proj, backend="torch"
+    )
     assert_close_scaled(result.hidden, expected, 1e-6)
     with pytest.raises(UserError, match="did you mean"):
         MoELayer(16, 8, 4, 2, router="softmax_top_k")

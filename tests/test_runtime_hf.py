@@ -70,7 +70,9 @@ def saved_model(request, tmp_path_factory):
 
 
 def load(path, implementation):
-    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation=implementation, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, experts_implementation=implementation, dtype=torch.float32
+    )
     assert model.config._experts_implementation == implementation
     return model
 

@@ -179,9 +179,9 @@ def build_windows(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    separator = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    if separator is None or separator == tokenizer.unk_token_id and tokenizer.unk_token != "<|endoftext|>":
-        separator = tokenizer.eos_token_id
+    # SmolLM2 separates pretraining documents with <|endoftext|>; its EOS (<|im_end|>) ends chat turns.
+    vocab = tokenizer.get_vocab()
+    separator = vocab["<|endoftext|>"] if "<|endoftext|>" in vocab else tokenizer.eos_token_id
     groups: dict[str, list[Path]] = {}
     for path in corpus.files:
         groups.setdefault(corpus.group_of(path), []).append(path)

@@ -11,9 +11,9 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -65,16 +65,29 @@ def demo_config(name: str, models_dir: Path, work: Path) -> Path:
     return rewritten
 
 
+# Runs a command and records its wall time and peak RSS. It sits between the demo and the command because a
+# child forked straight from the demo inherits the demo's resident pages (torch, a loaded model) into its own
+# high-water mark; a child of this small process starts from a small one.
+_MEASURING_LAUNCHER = """
+import resource, subprocess, sys, time
+start = time.perf_counter()
+code = subprocess.call(sys.argv[2:])
+seconds = time.perf_counter() - start
+with open(sys.argv[1], "w") as report:
+    report.write(f"{seconds} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}")
+sys.exit(code)
+"""
+
+
 def run_measured(cmd: list[str]) -> tuple[float, int]:
     """Run `cmd` to completion; return its wall seconds and its own peak resident memory in bytes."""
-    start = time.perf_counter()
-    process = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise click.ClickException(f"`{' '.join(cmd)}` failed with exit code {code}")
-    return seconds, usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux reports KiB
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "usage"
+        code = subprocess.call([sys.executable, "-S", "-c", _MEASURING_LAUNCHER, str(report), *cmd])
+        if code != 0:
+            raise click.ClickException(f"`{' '.join(cmd)}` failed with exit code {code}")
+        seconds, peak = report.read_text().split()
+    return float(seconds), int(peak) * (1 if sys.platform == "darwin" else 1024)  # Linux reports KiB
 
 
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:

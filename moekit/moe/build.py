@@ -19,6 +19,7 @@ from moekit.config import DTYPES
 from moekit.errors import UserError
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.writer import OutputTensor
+from moekit.merging.engine import all_finite
 from moekit.moe.config import ExpertSpec, MoEConfig
 from moekit.moe.layouts import LAYOUTS, ROLES, MoELayout, choose_layout, moe_config, supported_sources
 
@@ -397,18 +398,21 @@ def write_plan(
     noise = torch.Generator().manual_seed(seed + NOISE_SEED_OFFSET)
     held_key, held = None, None
     for job in plan.jobs:
+        fresh = True  # whether this output differs from the last one checked for NaN/Inf
         if job.kind in ("copy", "expert"):
             key = (job.model, job.name)
             if key != held_key:
                 held_key, held = None, None  # drop the previous tensor before reading the next
                 held, held_key = plan.models[job.model].tensors.read(job.name), key
+            else:
+                fresh = job.kind == "expert" and (bool(job.expert.noise_scale) or job.scale is not None)
             tensor = _expert_weights(held, job, noise) if job.kind == "expert" else held
         elif job.kind == "router":
             tensor = gates[job.layer, job.rows[0] : job.rows[1]]
         else:
             tensor = torch.zeros(job.out.shape)
         tensor = tensor.to(job.out.dtype)
-        if not allow_nonfinite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if fresh and not allow_nonfinite and not all_finite(tensor):
             raise UserError(
                 f"output tensor '{job.out.name}' has NaN or Inf values; check the source model, or pass --allow-nonfinite"
             )

@@ -25,7 +25,9 @@ def triton_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj) 
     from moekit.kernels import triton_moe_experts
 
     # The kernels take one dtype for activations and weights; the output keeps the caller's dtype.
-    out = triton_moe_experts(hidden.to(gate_up_proj.dtype), top_k_index, top_k_weights, gate_up_proj, down_proj)
+    out = triton_moe_experts(
+        hidden.to(gate_up_proj.dtype), top_k_index, top_k_weights, gate_up_proj, down_proj
+    )
     return out.to(hidden.dtype)
 
 
@@ -41,7 +43,9 @@ def megablocks_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_pr
     tokens = order // top_k
     preact = grouped_gemm_util.ops.gmm(hidden[tokens], gate_up_proj, batch_sizes, trans_b=True)
     gate, up = preact.chunk(2, dim=-1)
-    rows_out = grouped_gemm_util.ops.gmm(torch.nn.functional.silu(gate) * up, down_proj, batch_sizes, trans_b=True)
+    rows_out = grouped_gemm_util.ops.gmm(
+        torch.nn.functional.silu(gate) * up, down_proj, batch_sizes, trans_b=True
+    )
     rows_out = rows_out.float() * top_k_weights.reshape(-1)[order, None].float()
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device).index_add(0, tokens, rows_out)
     return out.to(hidden.dtype)

@@ -28,7 +28,10 @@ def moekit_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     if reason is not None:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-        warnings.warn(f"moekit experts: {reason}; using transformers' grouped_mm for {type(self).__name__}", stacklevel=2)
+        warnings.warn(
+            f"moekit experts: {reason}; using transformers' grouped_mm for {type(self).__name__}",
+            stacklevel=2,
+        )
         return ALL_EXPERTS_FUNCTIONS["grouped_mm"](self, hidden_states, top_k_index, top_k_weights)
     return moe_forward(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
 
@@ -36,8 +39,9 @@ def moekit_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 def _unsupported_reason(experts) -> str | None:
     """Why this experts module is outside moekit's contract (concatenated SwiGLU, no bias, [E, out, in])."""
     import torch
-    from transformers.integrations.moe import _default_apply_gate
+    from transformers.integrations import moe
 
+    default_gate = getattr(moe, "_default_apply_gate", None)
     if not getattr(experts, "has_gate", True) or not hasattr(experts, "gate_up_proj"):
         return "experts without a gate projection"
     if getattr(experts, "has_bias", False):
@@ -46,7 +50,7 @@ def _unsupported_reason(experts) -> str | None:
         return "transposed or interleaved gate_up_proj layout"
     if getattr(experts, "has_post_expert_norm", False):
         return "a post-expert norm"
-    if getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+    if getattr(type(experts), "_apply_gate", default_gate) is not default_gate:
         return "a custom gating function"
     act = getattr(experts, "act_fn", None)
     if not isinstance(act, torch.nn.SiLU) and type(act).__name__ != "SiLUActivation":

@@ -10,7 +10,14 @@ from torch import nn
 
 from moekit.errors import UserError, did_you_mean
 from moekit.runtime.experts import moe_forward
-from moekit.runtime.routing import ROUTERS, drop_over_capacity, jitter, load_balancing_loss, route, router_z_loss
+from moekit.runtime.routing import (
+    ROUTERS,
+    drop_over_capacity,
+    jitter,
+    load_balancing_loss,
+    route,
+    router_z_loss,
+)
 
 
 class MoEOutput(NamedTuple):
@@ -59,7 +66,9 @@ class MoELayer(nn.Module):
             backend,
         )
         self.router = nn.Linear(hidden_size, num_experts, bias=False, **factory)
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory))
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory)
+        )
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
         self.register_buffer("router_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
         self.reset_parameters()
@@ -83,7 +92,10 @@ class MoELayer(nn.Module):
             flat, kept.indices, kept.weights, self.gate_up_proj, self.down_proj, backend=self.backend
         )
         return MoEOutput(
-            out.reshape(hidden.shape), logits, load_balancing_loss(logits, routing.indices), router_z_loss(logits)
+            out.reshape(hidden.shape),
+            logits,
+            load_balancing_loss(logits, routing.indices),
+            router_z_loss(logits),
         )
 
     def extra_repr(self) -> str:

@@ -65,7 +65,9 @@ def sigmoid_bias_topk(
     num_experts = scores.shape[-1]
     if num_groups > 1:
         if num_experts % num_groups:
-            raise UserError(f"sigmoid routing: {num_experts} experts do not split into {num_groups} equal groups")
+            raise UserError(
+                f"sigmoid routing: {num_experts} experts do not split into {num_groups} equal groups"
+            )
         grouped = choice.view(*choice.shape[:-1], num_groups, num_experts // num_groups)
         group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
         best_groups = group_scores.topk(groups_per_token, dim=-1).indices
@@ -122,10 +124,16 @@ def load_balancing_loss(
     num_experts = router_logits.shape[-1]
     probs = torch.softmax(router_logits.float().reshape(-1, num_experts), dim=-1)
     flat_indices = indices.reshape(probs.shape[0], -1)
-    keep = torch.ones(probs.shape[0], device=probs.device) if token_mask is None else token_mask.reshape(-1).float()
+    keep = (
+        torch.ones(probs.shape[0], device=probs.device)
+        if token_mask is None
+        else token_mask.reshape(-1).float()
+    )
     valid = flat_indices < num_experts
     assignments = torch.zeros(num_experts + 1, device=probs.device).index_add_(
-        0, torch.where(valid, flat_indices, num_experts).reshape(-1), keep.repeat_interleave(flat_indices.shape[1])
+        0,
+        torch.where(valid, flat_indices, num_experts).reshape(-1),
+        keep.repeat_interleave(flat_indices.shape[1]),
     )[:num_experts]
     num_tokens = keep.sum()
     fraction = assignments / num_tokens

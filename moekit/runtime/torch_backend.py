@@ -89,9 +89,13 @@ def _add_rows(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> No
     out.index_put_((rows,), values, accumulate=True)
 
 
-def _swiglu_t(preact_t: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for a transposed pre-activation [2I, n] (gate rows first) -> [I, n]."""
+def _swiglu_t(preact_t: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """silu(gate) * up for a transposed pre-activation [2I, n] (gate rows first) -> [I, n].
+
+    `in_place` overwrites the gate rows (saves two [I, n] temporaries when the pre-activation is not kept)."""
     gate, up = preact_t.chunk(2, dim=0)
+    if in_place:
+        return torch.nn.functional.silu(gate, inplace=True).mul_(up)
     return torch.nn.functional.silu(gate) * up
 
 
@@ -116,9 +120,13 @@ def _forward(
             continue
         tokens = rows.tokens[start:stop]
         preact_t = weight_times(gate_up_proj[expert], hidden[tokens].t(), upcast)  # [2I, n]
-        out_t = weight_times(down_proj[expert], _swiglu_t(preact_t), upcast)  # [H, n]
+        out_t = weight_times(
+            down_proj[expert], _swiglu_t(preact_t, in_place=not keep_preacts), upcast
+        )  # [H, n]
         out_t.mul_(row_weights[start:stop])
-        _add_rows(out, tokens, out_t.t())
+        _add_rows(
+            out, tokens, out_t.t().contiguous()
+        )  # a strided source makes index_put_ miss cache per element
         preacts.append(preact_t if keep_preacts else None)
     return out, preacts
 
@@ -136,7 +144,11 @@ class _TorchExperts(torch.autograd.Function):
         out, preacts = _forward(hidden_c, rows, row_weights, gate_up_proj, down_proj, dtype, True, direct_ok)
         ctx.save_for_backward(hidden_c, row_weights, gate_up_proj, down_proj)
         ctx.rows, ctx.preacts, ctx.dtype = rows, preacts, dtype
-        ctx.hidden_dtype, ctx.weights_shape, ctx.weights_dtype = hidden.dtype, top_k_weights.shape, top_k_weights.dtype
+        ctx.hidden_dtype, ctx.weights_shape, ctx.weights_dtype = (
+            hidden.dtype,
+            top_k_weights.shape,
+            top_k_weights.dtype,
+        )
         return out.to(hidden.dtype)
 
     @staticmethod
@@ -166,7 +178,9 @@ class _TorchExperts(torch.autograd.Function):
             if grad_down is not None:
                 grad_down[expert] = (grad_y_t * scale) @ act_t.t()
             grad_act = grad_act_unscaled * scale
-            grad_preact_t = torch.cat([grad_act * up * sig * (1 + gate * (1 - sig)), grad_act * silu])  # [2I, n]
+            grad_preact_t = torch.cat(
+                [grad_act * up * sig * (1 + gate * (1 - sig)), grad_act * silu]
+            )  # [2I, n]
             if grad_gate_up is not None:
                 grad_gate_up[expert] = grad_preact_t @ hidden[tokens]
             if grad_x is not None:

@@ -35,11 +35,17 @@ class Sparsified:
 
     keep: torch.Tensor | None  # bool, same shape as the delta; None keeps everything
     factor: torch.Tensor | float | None  # scalar or per-element multiplier for the survivors
+    masked: torch.Tensor | None = (
+        None  # delta·keep, already computed to measure its norm: used by the first apply
+    )
 
     def apply(self, delta: torch.Tensor) -> torch.Tensor:
         """The sparse delta (bit-identical every time it is applied to the same delta). It may be `delta` itself,
         so callers pass a delta they own."""
-        out = delta if self.keep is None else delta.mul_(self.keep)
+        if self.masked is not None:
+            out, self.masked = self.masked, None
+        else:
+            out = delta if self.keep is None else delta.mul_(self.keep)
         return out if self.factor is None else out.mul_(self.factor)
 
 
@@ -62,8 +68,8 @@ def _rescale(
     else:
         before, after = delta.abs().max(), masked.abs().max()
     if before < eps or after < eps:
-        return Sparsified(keep, None)
-    return Sparsified(keep, before / after)
+        return Sparsified(keep, None, masked)
+    return Sparsified(keep, before / after, masked)
 
 
 SAMPLE = 1 << 16  # elements sampled (by stride) to bracket an order statistic before the exact selection
@@ -156,6 +162,12 @@ def work_dtype(delta: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if delta.dtype == torch.bfloat16 else torch.float32
 
 
+def draw(probs: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """Bool keep mask, one Bernoulli draw per element. Drawing straight into a bool tensor consumes the generator
+    exactly as mergekit's `torch.bernoulli(probs)` does (same draws, same order), without its float output."""
+    return torch.empty(probs.shape, dtype=torch.bool).bernoulli_(probs, generator=rng)
+
+
 def bernoulli(
     delta: torch.Tensor, density: float, rescale_norm: str | None, rng: torch.Generator
 ) -> Sparsified:
@@ -163,7 +175,7 @@ def bernoulli(
     if density >= 1:
         return KEEP_ALL
     probs = torch.full(delta.shape, density, dtype=work_dtype(delta))
-    keep = torch.bernoulli(probs, generator=rng).bool()
+    keep = draw(probs, rng)
     del probs
     return _rescale(delta.to(work_dtype(delta)), keep, rescale_norm, density)
 
@@ -191,11 +203,13 @@ def della_magprune(
     ranks.scatter_(1, order, positions)
     del order, positions
     ranks = ranks.to(dtype)
-    lo = ranks.min(dim=1, keepdim=True).values
-    hi = ranks.max(dim=1, keepdim=True).values
+    # Each row's ranks are a permutation of 1..cols, so its min and max are known; mergekit reduces for them
+    # (slow on CPU for short rows). Same-shaped tensors keep the arithmetic, and so the bits, identical.
+    lo = torch.ones((*ranks.shape[:1], 1, *ranks.shape[2:]), dtype=dtype)
+    hi = torch.full_like(lo, ranks.shape[1])
     rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
     del ranks
     probs = (density - epsilon) + rank_norm * 2 * epsilon
     del rank_norm
-    keep = torch.bernoulli(probs, generator=rng).bool().reshape(delta.shape)
+    keep = draw(probs, rng).reshape(delta.shape)
     return _rescale(delta.to(dtype), keep, rescale_norm, probs.reshape(delta.shape).float())

@@ -104,7 +104,7 @@ def merge_task_vectors(
         total = float(weights.sum())
         divisor = 1.0 if abs(total) < 1e-8 else total
     else:
-        mixed, divisor = _consensus_sum(tensors, base, weights, sparsify, consensus)
+        mixed, divisor = _consensus_sum(tensors, base, weights, sparsify, consensus, normalize)
     mixed = mixed.to(base.dtype)
     if normalize:
         mixed.div_(divisor)
@@ -122,9 +122,14 @@ def accumulate(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
 
 
 def _consensus_sum(
-    tensors: Tensors, base: torch.Tensor, weights: torch.Tensor, sparsify: Sparsifier, consensus: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ agreeing wᵢδ̂ᵢ, Σ agreeing wᵢ with 0 → 1), in two passes over the inputs."""
+    tensors: Tensors,
+    base: torch.Tensor,
+    weights: torch.Tensor,
+    sparsify: Sparsifier,
+    consensus: str,
+    need_divisor: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(Σ agreeing wᵢδ̂ᵢ, Σ agreeing wᵢ with 0 → 1 or None when not needed), in two passes over the inputs."""
     recipes: list[Sparsified] = []
     vote = None
     for i, m in enumerate(tensors):
@@ -138,18 +143,21 @@ def _consensus_sum(
             contribution = contribution.sign_()
         vote = accumulate(vote, contribution)
         del delta, contribution
-    positive = vote >= 0
+    # ±1 per element. An agreeing weighted delta is relu(d·s)·s: d where sign(d) = s, else 0, with float ops only
+    # (bool masks cost a slow conversion on CPU); mergekit's sign(d) == s mask selects the same elements.
+    elected = (vote >= 0).to(base.dtype).mul_(2).sub_(1)
     del vote
 
     mixed = divisor = None
     for i, (m, recipe) in enumerate(zip(tensors, recipes)):
-        delta = recipe.apply(m - base).mul_(weights[i])
-        agree = (delta > 0).eq_(positive).logical_and_(delta != 0)  # the elected sign, and not zero
-        mixed = accumulate(mixed, delta.mul_(agree))
-        divisor = accumulate(divisor, agree.to(delta.dtype).mul_(weights[i]))
-        del delta, agree
-    divisor = divisor.to(base.dtype)
-    divisor[divisor == 0] = 1
+        agreeing = recipe.apply(m - base).mul_(weights[i]).mul_(elected).relu_().mul_(elected)
+        if need_divisor:  # weight where the model survived: sign(agreeing)·s is 1 there, 0 elsewhere
+            divisor = accumulate(divisor, agreeing.sign().mul_(elected).mul_(weights[i]))
+        mixed = accumulate(mixed, agreeing)
+        del agreeing
+    if divisor is not None:
+        divisor = divisor.to(base.dtype)
+        divisor[divisor == 0] = 1
     return mixed, divisor
 
 
