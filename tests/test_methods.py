@@ -398,3 +398,30 @@ def test_kth_smallest_is_exact_on_large_tensors(layout):
     keep = rank_above(values, n // 4)
     assert int(keep.sum()) == n // 4
     assert values[keep].min() >= values[~keep].max()
+
+
+def test_count_vote_and_other_rescale_norms():
+    base, models = random_models(3, seed=21)
+    weight, density = [1.5, 0.5, 0.7], [0.6, 0.6, 0.6]
+    sparse = [(m - base) * ref_topk_mask(m - base, d) for m, d in zip(models, density)]
+    got = call("ties", models, base, weight=weight, density=density, sign_vote="count")
+    elected = torch.where(sum(torch.sign(w * d) for w, d in zip(weight, sparse)) >= 0, 1.0, -1.0)
+    agree = [(torch.sign(d) == elected).float() for d in sparse]
+    den = sum(w * a for w, a in zip(weight, agree))
+    want = base + sum(w * d * a for w, d, a in zip(weight, sparse, agree)) / torch.where(den == 0, 1.0, den)
+    assert close(got, want)
+
+    for norm, measure in (("l2", torch.linalg.vector_norm), ("linf", lambda x: x.abs().max())):
+        got = call(
+            "breadcrumbs",
+            models[:1],
+            base,
+            weight=1.0,
+            density=0.5,
+            gamma=0.1,
+            rescale=True,
+            rescale_norm=norm,
+        )
+        dense = models[0] - base
+        sparse = dense * ref_window_mask(dense, 0.5, 0.1)
+        assert close(got, base + sparse * (measure(dense) / measure(sparse)))

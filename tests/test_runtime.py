@@ -16,7 +16,7 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
 
 from moekit import MoELayer, moe_forward
 from moekit.errors import UserError
-from moekit.runtime import hf, routing
+from moekit.runtime import hf, routing, torch_backend
 from moekit.runtime.backends import choose_backend
 from moekit.runtime.torch_backend import torch_experts
 
@@ -152,6 +152,21 @@ def test_gradcheck_float64(k):
         return torch_experts(x, r.indices, w, gate_up, down)
 
     assert torch.autograd.gradcheck(experts, (x, w, gate_up, down))
+
+
+@pytest.mark.parametrize("tokens,grouped", [(1, True), (12, True), (150, False)])
+def test_bf16_inference_matches_eager(tokens, grouped):
+    """Inference on bf16 models: few rows per expert take the bf16 grouped-GEMM path, more take the fp32 loop."""
+    experts = mixtral_experts(seed=tokens).to(torch.bfloat16)
+    hidden = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+    r = random_routing(tokens, 8, 2, seed=tokens, router=routing.softmax_topk_renorm, allowed=[0, 1, 2, 4, 6])
+    rows = torch_backend.sort_by_expert(r.indices, 8)
+    assert torch_backend._small_low_precision_batch(hidden, experts.gate_up_proj, rows) == grouped
+    with torch.no_grad():
+        out = moe_forward(hidden, r.indices, r.weights, experts.gate_up_proj, experts.down_proj, backend="torch")
+        expected = experts(hidden, r.indices, r.weights)
+    assert out.dtype == torch.bfloat16
+    assert_close_scaled(out, expected, 2e-2)
 
 
 def test_bf16_weights_with_fp32_activations():

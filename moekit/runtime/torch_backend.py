@@ -11,9 +11,10 @@ Choices measured on a 2-core AVX2 EPYC without bf16 units (see bench/moe_layer.p
   tokens is upcast right before use into one reused buffer (one expert's weight at a time), so the cost is one
   read of the weights that are hit. No fp32 copy outlives a call, so nothing goes stale when the weights are
   trained, loaded or edited in place.
-- With at most `_DIRECT_LOW_PRECISION_COLS` tokens on an expert the product is memory-bound, and reading half
-  the bytes in bf16 wins over upcasting: when the activations are bf16 too (a bf16 model), those products run
-  in bf16, rounding like transformers' own experts do.
+- Inference on a bf16 model (bf16 activations and weights) with at most `_SMALL_BATCH_ROWS` rows on every
+  expert is memory-bound: reading the weights once in bf16 beats upcasting them, so that case runs two
+  bf16 `torch._grouped_mm` calls (rounding like transformers' own experts do). The per-expert loop measured
+  1.3–2× slower there, and faster (fp32 GEMMs) from a few dozen rows per expert on.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import NamedTuple
 
 import torch
 
-# At most this many tokens on one expert: multiply in the weights' own (low) precision, memory-bound anyway.
-_DIRECT_LOW_PRECISION_COLS = 2
+# Inference with low-precision activations and weights and at most this many rows on every expert runs
+# bf16 grouped GEMMs instead of upcasting every hit expert's weights.
+_SMALL_BATCH_ROWS = 16
 
 
 def compute_dtype(hidden_dtype: torch.dtype, weight_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -41,11 +43,8 @@ class Upcaster:
     in many small blocks costs one parallel region per block, which stalls badly on a busy machine.
     """
 
-    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device, direct_ok: bool):
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
         self.numel, self.dtype, self.device = numel, dtype, device
-        # Whether few-token products may run in the weights' dtype: only when the activations came in that
-        # dtype too, so that no precision the caller supplied is lost.
-        self.direct_ok = direct_ok
         self.buffer: torch.Tensor | None = None  # allocated on first use: same-dtype weights never need it
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
@@ -56,13 +55,6 @@ class Upcaster:
         upcast = self.buffer[: weight.numel()].view(weight.shape)
         upcast.copy_(weight)
         return upcast
-
-
-def weight_times(weight: torch.Tensor, rhs: torch.Tensor, upcast: Upcaster) -> torch.Tensor:
-    """`weight @ rhs` in the compute dtype: weight [out, in] in any float dtype, rhs [in, n] -> [out, n]."""
-    if weight.dtype != rhs.dtype and upcast.direct_ok and rhs.shape[1] <= _DIRECT_LOW_PRECISION_COLS:
-        return torch.mm(weight, rhs.to(weight.dtype)).to(rhs.dtype)
-    return torch.mm(upcast(weight), rhs)
 
 
 class ExpertRows(NamedTuple):
@@ -107,11 +99,10 @@ def _forward(
     down_proj: torch.Tensor,
     dtype: torch.dtype,
     keep_preacts: bool,
-    direct_ok: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Experts output [T, H] in `dtype`, and per expert its transposed pre-activation when `keep_preacts`."""
     out = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)
-    upcast = Upcaster(gate_up_proj[0].numel(), dtype, hidden.device, direct_ok)
+    upcast = Upcaster(gate_up_proj[0].numel(), dtype, hidden.device)
     preacts: list[torch.Tensor | None] = []
     for expert in range(gate_up_proj.shape[0]):
         start, stop = rows.bounds[expert], rows.bounds[expert + 1]
@@ -119,14 +110,12 @@ def _forward(
             preacts.append(None)
             continue
         tokens = rows.tokens[start:stop]
-        preact_t = weight_times(gate_up_proj[expert], hidden[tokens].t(), upcast)  # [2I, n]
-        out_t = weight_times(
-            down_proj[expert], _swiglu_t(preact_t, in_place=not keep_preacts), upcast
-        )  # [H, n]
+        preact_t = upcast(gate_up_proj[expert]) @ hidden[tokens].t()  # [2I, n]
+        act_t = _swiglu_t(preact_t, in_place=not keep_preacts)  # [I, n]
+        out_t = upcast(down_proj[expert]) @ act_t  # [H, n]
         out_t.mul_(row_weights[start:stop])
-        _add_rows(
-            out, tokens, out_t.t().contiguous()
-        )  # a strided source makes index_put_ miss cache per element
+        # Contiguous rows: with a strided source index_put_ misses the cache on every element.
+        _add_rows(out, tokens, out_t.t().contiguous())
         preacts.append(preact_t if keep_preacts else None)
     return out, preacts
 
@@ -140,8 +129,9 @@ class _TorchExperts(torch.autograd.Function):
         rows = sort_by_expert(top_k_index, gate_up_proj.shape[0])
         hidden_c = hidden.to(dtype)
         row_weights = top_k_weights.reshape(-1).to(dtype)[rows.order]
-        direct_ok = hidden.dtype == gate_up_proj.dtype
-        out, preacts = _forward(hidden_c, rows, row_weights, gate_up_proj, down_proj, dtype, True, direct_ok)
+        out, preacts = _forward(
+            hidden_c, rows, row_weights, gate_up_proj, down_proj, dtype, keep_preacts=True
+        )
         ctx.save_for_backward(hidden_c, row_weights, gate_up_proj, down_proj)
         ctx.rows, ctx.preacts, ctx.dtype = rows, preacts, dtype
         ctx.hidden_dtype, ctx.weights_shape, ctx.weights_dtype = (
@@ -161,7 +151,7 @@ class _TorchExperts(torch.autograd.Function):
         grad_rows = torch.zeros_like(row_weights) if need_w else None
         grad_gate_up = torch.zeros_like(gate_up_proj) if need_gate_up else None
         grad_down = torch.zeros_like(down_proj) if need_down else None
-        upcast = Upcaster(gate_up_proj[0].numel(), dtype, hidden.device, direct_ok=False)
+        upcast = Upcaster(gate_up_proj[0].numel(), dtype, hidden.device)
         for expert, preact_t in enumerate(ctx.preacts):
             if preact_t is None:
                 continue
@@ -208,6 +198,35 @@ def torch_experts(
     dtype = compute_dtype(hidden.dtype, gate_up_proj.dtype, hidden.device)
     rows = sort_by_expert(top_k_index, gate_up_proj.shape[0])
     row_weights = top_k_weights.reshape(-1).to(dtype)[rows.order]
-    direct_ok = hidden.dtype == gate_up_proj.dtype
-    out, _ = _forward(hidden.to(dtype), rows, row_weights, gate_up_proj, down_proj, dtype, False, direct_ok)
+    if _small_low_precision_batch(hidden, gate_up_proj, rows):
+        out = _forward_grouped(hidden, rows, row_weights, gate_up_proj, down_proj)
+    else:
+        out, _ = _forward(
+            hidden.to(dtype), rows, row_weights, gate_up_proj, down_proj, dtype, keep_preacts=False
+        )
     return out.to(hidden.dtype)
+
+
+def _small_low_precision_batch(hidden: torch.Tensor, gate_up_proj: torch.Tensor, rows: ExpertRows) -> bool:
+    """bf16/fp16 activations and weights on a CPU, and few rows on every expert (see the module docstring)."""
+    busiest = max(b - a for a, b in zip(rows.bounds, rows.bounds[1:]))
+    return (
+        hidden.device.type == "cpu"
+        and hidden.dtype == gate_up_proj.dtype
+        and hidden.dtype in (torch.bfloat16, torch.float16)
+        and 0 < busiest <= _SMALL_BATCH_ROWS
+        and hasattr(torch, "_grouped_mm")
+    )
+
+
+def _forward_grouped(hidden, rows: ExpertRows, row_weights, gate_up_proj, down_proj) -> torch.Tensor:
+    """Inference in the weights' dtype with two grouped GEMMs over the expert-sorted rows -> [T, H] fp32."""
+    num_rows = rows.bounds[-1]
+    tokens = rows.tokens[:num_rows]
+    ends = torch.tensor(rows.bounds[1:], dtype=torch.int32)  # grouped_mm wants int32 end offsets
+    preact = torch._grouped_mm(hidden[tokens], gate_up_proj.transpose(1, 2), offs=ends)  # [S, 2I]
+    gate, up = preact.chunk(2, dim=-1)
+    rows_out = torch._grouped_mm(torch.nn.functional.silu(gate) * up, down_proj.transpose(1, 2), offs=ends)
+    out = torch.zeros(hidden.shape, dtype=torch.float32)
+    _add_rows(out, tokens, rows_out.float() * row_weights[:num_rows, None])
+    return out
