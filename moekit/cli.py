@@ -42,7 +42,7 @@ def cli() -> None:
     \b
     Examples:
       moekit merge merge_configs/linear.yaml -o out/linear
-      moekit merge merge_configs/clown_moe.yaml --dry-run
+      moekit merge merge_configs/moe_clown.yaml --dry-run
       moekit route-stats out/moe --prompts code=code.txt --prompts legal=legal.txt --plot load.png
     """
 

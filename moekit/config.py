@@ -113,6 +113,7 @@ class _NoDuplicateKeysLoader(yaml.SafeLoader):
 def read_yaml(source: str | Path | dict) -> tuple[dict, Path | None]:
     """The config as a dict, and the file it came from. YAML errors name the line and column."""
     if isinstance(source, dict):
+        check_config_size(source, "<config>")
         return source, None
     path = Path(source)
     text = None
@@ -139,9 +140,36 @@ def read_yaml(source: str | Path | dict) -> tuple[dict, Path | None]:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         raise UserError(f"{name}{at}: YAML syntax error: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{name}: the YAML is nested too deeply to be a merge config") from None
+    if raw is None:
+        raise UserError(f"{name}: the config is empty")
     if not isinstance(raw, dict):
         raise UserError(f"{name}: the config must be a YAML mapping (key: value), not {type(raw).__name__}")
+    check_config_size(raw, name)
     return raw, path
+
+
+MAX_CONFIG_VALUES = 100_000  # a real config holds hundreds; YAML aliases can make billions out of a few lines
+
+
+def check_config_size(raw: dict, name: str) -> None:
+    """Refuse a config whose values, with YAML aliases expanded, number more than MAX_CONFIG_VALUES (a "billion
+    laughs" config, or one that contains itself): every later check walks or prints values and would never end."""
+    count, stack = 0, [raw]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise UserError(
+                f"{name}: the config expands to more than {MAX_CONFIG_VALUES} values (YAML aliases that repeat or "
+                "contain themselves); write it out plainly"
+            )
+        if isinstance(node, dict):
+            stack.extend(node)
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
 
 
 def is_moe_config(raw: dict) -> bool:

@@ -70,7 +70,9 @@ def set_entry(name: str, **changes):
 
 
 def overlap(h: dict) -> None:
-    h["model.layers.0.mlp.up_proj.weight"]["data_offsets"] = h["model.layers.0.mlp.gate_proj.weight"]["data_offsets"]
+    h["model.layers.0.mlp.up_proj.weight"]["data_offsets"] = h["model.layers.0.mlp.gate_proj.weight"][
+        "data_offsets"
+    ]
 
 
 def truncate(keep: int | None = None, fraction: float = 0.5):
@@ -97,14 +99,19 @@ def shard(index_edit=None, link: tuple[str, Path] | None = None):
         tensors = load_file(str(bad / "model.safetensors"))
         (bad / "model.safetensors").unlink()
         names = sorted(tensors)
-        files = {"model-00001-of-00002.safetensors": names[:10], "model-00002-of-00002.safetensors": names[10:]}
+        files = {
+            "model-00001-of-00002.safetensors": names[:10],
+            "model-00002-of-00002.safetensors": names[10:],
+        }
         weight_map = {}
         for file, part in files.items():
             save_file({n: tensors[n] for n in part}, str(bad / file), metadata={"format": "pt"})
             weight_map |= dict.fromkeys(part, file)
         if index_edit is not None:
             index_edit(weight_map, bad)
-        (bad / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (bad / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
 
     return edit
 
@@ -222,75 +229,221 @@ PICKLE = ("--allow-pickle",)
 
 CHECKPOINT_CASES: list[Case] = [
     # --- truncated files and lying headers ---
-    Case("truncated-half", "a safetensors file cut in half", broken(truncate()), (BAD, "the file is truncated")),
-    Case("truncated-to-5-bytes", "a safetensors file of 5 bytes", broken(truncate(keep=5)), (BAD, "not a safetensors file")),
-    Case("header-length-lies", "a header length larger than the file", broken(write_raw_header_length(2**40)),
-         (BAD, "header length 1099511627776 does not fit")),
-    Case("header-not-json", "a header that is not JSON", broken(write_raw_header_length(7)), (BAD, "not JSON")),
-    Case("header-lies-dtype", "a header that says F16 for F32 data", broken(set_entry(LIED, dtype="F16")),
-         (BAD, LIED, "header says F16", "lies about dtype, shape or offsets")),
-    Case("header-lies-shape", "a header whose shape does not match the bytes", broken(set_entry(LIED, shape=[16, 33])),
-         (BAD, LIED, "header says F32 [16, 33]")),
-    Case("header-offsets-past-end", "data_offsets past the end of the file",
-         broken(set_entry(LIED, data_offsets=[10**9, 10**9 + 2048])), (BAD, LIED, "truncated")),
-    Case("header-offsets-reversed", "data_offsets in the wrong order", broken(set_entry(LIED, data_offsets=[2048, 0])),
-         (BAD, LIED, "not ordered")),
-    Case("header-overlap", "two tensors sharing the same bytes", broken(edit_header(overlap)), (BAD, "overlap")),
-    Case("header-unknown-dtype", "an unknown dtype", broken(set_entry(LIED, dtype="F17")), (BAD, "unknown dtype 'F17'")),
-    Case("header-negative-shape", "a negative dimension", broken(set_entry(LIED, shape=[-16, -32])), (BAD, "bad shape")),
+    Case(
+        "truncated-half", "a safetensors file cut in half", broken(truncate()), (BAD, "the file is truncated")
+    ),
+    Case(
+        "truncated-to-5-bytes",
+        "a safetensors file of 5 bytes",
+        broken(truncate(keep=5)),
+        (BAD, "not a safetensors file"),
+    ),
+    Case(
+        "header-length-lies",
+        "a header length larger than the file",
+        broken(write_raw_header_length(2**40)),
+        (BAD, "header length 1099511627776 does not fit"),
+    ),
+    Case(
+        "header-not-json", "a header that is not JSON", broken(write_raw_header_length(7)), (BAD, "not JSON")
+    ),
+    Case(
+        "header-lies-dtype",
+        "a header that says F16 for F32 data",
+        broken(set_entry(LIED, dtype="F16")),
+        (BAD, LIED, "header says F16", "lies about dtype, shape or offsets"),
+    ),
+    Case(
+        "header-lies-shape",
+        "a header whose shape does not match the bytes",
+        broken(set_entry(LIED, shape=[16, 33])),
+        (BAD, LIED, "header says F32 [16, 33]"),
+    ),
+    Case(
+        "header-offsets-past-end",
+        "data_offsets past the end of the file",
+        broken(set_entry(LIED, data_offsets=[10**9, 10**9 + 2048])),
+        (BAD, LIED, "truncated"),
+    ),
+    Case(
+        "header-offsets-reversed",
+        "data_offsets in the wrong order",
+        broken(set_entry(LIED, data_offsets=[2048, 0])),
+        (BAD, LIED, "not ordered"),
+    ),
+    Case(
+        "header-overlap", "two tensors sharing the same bytes", broken(edit_header(overlap)), (BAD, "overlap")
+    ),
+    Case(
+        "header-unknown-dtype",
+        "an unknown dtype",
+        broken(set_entry(LIED, dtype="F17")),
+        (BAD, "unknown dtype 'F17'"),
+    ),
+    Case(
+        "header-negative-shape",
+        "a negative dimension",
+        broken(set_entry(LIED, shape=[-16, -32])),
+        (BAD, "bad shape"),
+    ),
     # --- indexes that point at missing files or outside the model ---
-    Case("index-missing-shard", "an index naming a shard that is not there",
-         broken(remap(LIED, "model-00003-of-00003.safetensors")), ("model-00003-of-00003.safetensors", "is missing")),
-    Case("index-dotdot", "an index shard name ../../etc/passwd", broken(remap(LIED, "../../etc/passwd")),
-         ("'../../etc/passwd' points outside the model directory",)),
-    Case("index-absolute", "an index shard name /etc/passwd", broken(remap(LIED, "/etc/passwd")),
-         ("'/etc/passwd' is an absolute path",)),
-    Case("index-symlink", "an index shard that is a symlink leaving the directory",
-         lambda m, d: broken(symlinked_shard(m["ft3"] / "model.safetensors"))(m, d),
-         ("'evil.safetensors' points outside the model directory",)),
-    Case("single-file-symlink", "model.safetensors as a symlink leaving the directory", symlinked_single,
-         ("'model.safetensors' points outside the model directory",)),
-    Case("index-wrong-shard", "an index that maps a tensor to a shard without it", broken(remap("lm_head.weight", SHARD2)),
-         ("'lm_head.weight' is mapped to", "does not hold it")),
-    Case("index-not-json", "an index that is not JSON",
-         broken(unreadable_index),
-         ("model.safetensors.index.json", "not valid JSON")),
+    Case(
+        "index-missing-shard",
+        "an index naming a shard that is not there",
+        broken(remap(LIED, "model-00003-of-00003.safetensors")),
+        ("model-00003-of-00003.safetensors", "is missing"),
+    ),
+    Case(
+        "index-dotdot",
+        "an index shard name ../../etc/passwd",
+        broken(remap(LIED, "../../etc/passwd")),
+        ("'../../etc/passwd' points outside the model directory",),
+    ),
+    Case(
+        "index-absolute",
+        "an index shard name /etc/passwd",
+        broken(remap(LIED, "/etc/passwd")),
+        ("'/etc/passwd' is an absolute path",),
+    ),
+    Case(
+        "index-symlink",
+        "an index shard that is a symlink leaving the directory",
+        lambda m, d: broken(symlinked_shard(m["ft3"] / "model.safetensors"))(m, d),
+        ("'evil.safetensors' points outside the model directory",),
+    ),
+    Case(
+        "single-file-symlink",
+        "model.safetensors as a symlink leaving the directory",
+        symlinked_single,
+        ("'model.safetensors' points outside the model directory",),
+    ),
+    Case(
+        "index-wrong-shard",
+        "an index that maps a tensor to a shard without it",
+        broken(remap("lm_head.weight", SHARD2)),
+        ("'lm_head.weight' is mapped to", "does not hold it"),
+    ),
+    Case(
+        "index-shard-not-a-name",
+        "an index that maps a tensor to a list instead of a file name",
+        broken(shard(lambda wm, bad: wm.__setitem__(LIED, ["model-00001-of-00002.safetensors"]))),
+        (f"tensor '{LIED}' maps to ['model-00001-of-00002.safetensors'], not a file name",),
+    ),
+    Case(
+        "index-not-json",
+        "an index that is not JSON",
+        broken(unreadable_index),
+        ("model.safetensors.index.json", "not valid JSON"),
+    ),
     # --- config.json against the tensors ---
-    Case("config-more-layers", "config.json says 6 layers, the tensors hold 2", broken(edit_config(num_hidden_layers=6)),
-         (BAD, "num_hidden_layers is 6 but the weights hold 2 layers")),
-    Case("config-fewer-layers", "config.json says 1 layer, the tensors hold 2", broken(edit_config(num_hidden_layers=1)),
-         (BAD, "num_hidden_layers is 1 but the weights hold 2 layers")),
-    Case("config-hidden-size", "config.json hidden_size disagrees with the embeddings", broken(edit_config(hidden_size=24)),
-         (BAD, "hidden_size is 24", "model.embed_tokens.weight")),
-    Case("config-layer-gap", "a layer missing from the middle of the tensors", layer_gap,
-         (BAD, "no tensors for layer(s) [2]")),
-    Case("config-not-json", "a config.json that is not JSON", broken(lambda bad: (bad / "config.json").write_text("{")),
-         (BAD, "config.json: not valid JSON")),
-    Case("config-model-type", "an unsupported model_type", broken(edit_config(model_type="gpt2")),
-         ("model_type 'gpt2' is not supported",)),
-    Case("tensor-missing", "one model lacks a tensor the others have",
-         broken(edit_tensors(lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))),
-         ("tensor 'model.layers.1.mlp.up_proj.weight' is missing from model", BAD)),
+    Case(
+        "config-more-layers",
+        "config.json says 6 layers, the tensors hold 2",
+        broken(edit_config(num_hidden_layers=6)),
+        (BAD, "num_hidden_layers is 6 but the weights hold 2 layers"),
+    ),
+    Case(
+        "config-fewer-layers",
+        "config.json says 1 layer, the tensors hold 2",
+        broken(edit_config(num_hidden_layers=1)),
+        (BAD, "num_hidden_layers is 1 but the weights hold 2 layers"),
+    ),
+    Case(
+        "config-hidden-size",
+        "config.json hidden_size disagrees with the embeddings",
+        broken(edit_config(hidden_size=24)),
+        (BAD, "hidden_size is 24", "model.embed_tokens.weight"),
+    ),
+    Case(
+        "config-layer-gap",
+        "a layer missing from the middle of the tensors",
+        layer_gap,
+        (BAD, "no tensors for layer(s) [2]"),
+    ),
+    Case(
+        "config-not-json",
+        "a config.json that is not JSON",
+        broken(lambda bad: (bad / "config.json").write_text("{")),
+        (BAD, "config.json: not valid JSON"),
+    ),
+    Case(
+        "config-model-type",
+        "an unsupported model_type",
+        broken(edit_config(model_type="gpt2")),
+        ("model_type 'gpt2' is not supported",),
+    ),
+    Case(
+        "tensor-missing",
+        "one model lacks a tensor the others have",
+        broken(edit_tensors(lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))),
+        ("tensor 'model.layers.1.mlp.up_proj.weight' is missing from model", BAD),
+    ),
     # --- pickled weights ---
-    Case("pickle-refused", "only pytorch_model.bin, without --allow-pickle", broken(to_pickle),
-         (BAD, "only pickled weights", "--allow-pickle")),
-    Case("pickle-index-refused", "a safetensors index pointing at .bin shards, without --allow-pickle",
-         broken(pickle_shards("model.safetensors.index.json")), ("holds pickled weights", "--allow-pickle")),
-    Case("pickle-hostile", "with --allow-pickle: a pickle that would run code", broken(hostile_pickle),
-         ("pytorch_model.bin", "refused by torch.load(weights_only=True)", "io.open"), PICKLE),
-    Case("pickle-garbage", "with --allow-pickle: a .bin that is random bytes", broken(garbage_pickle),
-         ("pytorch_model.bin", "cannot load as PyTorch weights"), PICKLE),
-    Case("pickle-not-state-dict", "with --allow-pickle: a .bin holding a list", broken(list_pickle),
-         ("pytorch_model.bin", "holds a list, not a state dict"), PICKLE),
+    Case(
+        "pickle-refused",
+        "only pytorch_model.bin, without --allow-pickle",
+        broken(to_pickle),
+        (BAD, "only pickled weights", "--allow-pickle"),
+    ),
+    Case(
+        "pickle-index-refused",
+        "a safetensors index pointing at .bin shards, without --allow-pickle",
+        broken(pickle_shards("model.safetensors.index.json")),
+        ("holds pickled weights", "--allow-pickle"),
+    ),
+    Case(
+        "pickle-hostile",
+        "with --allow-pickle: a pickle that would run code",
+        broken(hostile_pickle),
+        ("pytorch_model.bin", "refused by torch.load(weights_only=True)", "io.open"),
+        PICKLE,
+    ),
+    Case(
+        "pickle-garbage",
+        "with --allow-pickle: a .bin that is random bytes",
+        broken(garbage_pickle),
+        ("pytorch_model.bin", "cannot load as PyTorch weights"),
+        PICKLE,
+    ),
+    Case(
+        "pickle-not-state-dict",
+        "with --allow-pickle: a .bin holding a list",
+        broken(list_pickle),
+        ("pytorch_model.bin", "holds a list, not a state dict"),
+        PICKLE,
+    ),
     # --- NaN and Inf ---
-    Case("nan-input", "NaN in an input tensor", broken(poison(float("nan"))),
-         (f"tensor '{LIED}'", "produced NaN or Inf", f"from NaN/Inf in input tensor '{LIED}' of '{BAD}'", "--allow-nonfinite")),
-    Case("inf-input", "Inf in an input tensor", broken(poison(float("inf"))),
-         (f"from NaN/Inf in input tensor '{LIED}'", "--allow-nonfinite")),
-    Case("overflow", "finite inputs whose merge overflows float32",
-         lambda m, d: broken(poison(3e38))(m, d) | {"models": [{"model": str(d / "bad"), "parameters": {"weight": 4.0}},
-                                                                {"model": str(m["ft1"]), "parameters": {"weight": -1.0}}]},
-         (f"tensor '{LIED}': the merge produced NaN or Inf values;", "--allow-nonfinite")),
+    Case(
+        "nan-input",
+        "NaN in an input tensor",
+        broken(poison(float("nan"))),
+        (
+            f"tensor '{LIED}'",
+            "produced NaN or Inf",
+            f"from NaN/Inf in input tensor '{LIED}' of '{BAD}'",
+            "--allow-nonfinite",
+        ),
+    ),
+    Case(
+        "inf-input",
+        "Inf in an input tensor",
+        broken(poison(float("inf"))),
+        (f"from NaN/Inf in input tensor '{LIED}'", "--allow-nonfinite"),
+    ),
+    Case(
+        "overflow",
+        "finite inputs whose merge overflows float32",
+        lambda m, d: (
+            broken(poison(3e38))(m, d)
+            | {
+                "models": [
+                    {"model": str(d / "bad"), "parameters": {"weight": 4.0}},
+                    {"model": str(m["ft1"]), "parameters": {"weight": -1.0}},
+                ]
+            }
+        ),
+        (f"tensor '{LIED}': the merge produced NaN or Inf values;", "--allow-nonfinite"),
+    ),
 ]
 
 
@@ -347,6 +500,27 @@ def test_allow_pickle_loads_bin_weights(layout, micro_models, tmp_path, monkeypa
     assert result.code == 0, result.stderr
     assert calls and all(c.get("weights_only") is True and c.get("mmap") is True for c in calls)
     _assert_close(load_tensors(tmp_path / "out"), _expected_linear(micro_models["ft1"], micro_models["ft2"]))
+
+
+def test_allow_pickle_reaches_moe_experts(micro_models, tmp_path):
+    """The opt-in also covers the MoE builder: a pickled expert's MLP lands, unchanged, in its expert slot."""
+    bad = shutil.copytree(micro_models["ft2"], tmp_path / "pickled")
+    to_pickle(bad)
+    cfg = {
+        "base_model": str(micro_models["base"]),
+        "gate_mode": "random",
+        "experts": [{"source_model": str(micro_models["ft1"])}, {"source_model": str(bad)}],
+    }
+    config = write_yaml(tmp_path / "moe.yaml", cfg)
+    refused = run_cli_in_process("merge", str(config), "-o", str(tmp_path / "refused"))
+    assert refused.code == 2 and "--allow-pickle" in refused.stderr
+    result = run_cli_in_process("merge", str(config), "-o", str(tmp_path / "out"), "--allow-pickle")
+    assert result.code == 0, result.stderr
+    got, src = load_tensors(tmp_path / "out"), load_tensors(micro_models["ft2"])
+    for layer in range(2):
+        for w, proj in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj")):
+            name = f"model.layers.{layer}.block_sparse_moe.experts.1.{w}.weight"
+            assert torch.equal(got[name], src[f"model.layers.{layer}.mlp.{proj}.weight"]), name
 
 
 def test_allow_pickle_is_scoped_to_one_call(micro_models, tmp_path):

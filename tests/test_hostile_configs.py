@@ -89,6 +89,29 @@ CONFIG_CASES: list[Case] = [
         text("merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1, weight: 2}}\n"),
         ("{config}:4:", "'weight' is given twice"),
     ),
+    Case("yaml-empty", "an empty config file", text(""), ("{config}: the config is empty",)),
+    Case(
+        "yaml-bomb",
+        "YAML: aliases that expand to a billion values (billion laughs)",
+        text(
+            "merge_method: linear\nmodels:\n  - model: [&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol], "
+            + ", ".join(f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10))
+            + "]\n"
+        ),
+        ("{config}: the config expands to more than 100000 values",),
+    ),
+    Case(
+        "yaml-self-reference",
+        "YAML: a list that contains itself",
+        text("merge_method: linear\nmodels: &m [*m]\n"),
+        ("{config}: the config expands to more than",),
+    ),
+    Case(
+        "yaml-too-deep",
+        "YAML: lists nested 5000 deep",
+        text("merge_method: linear\nmodels: " + "[" * 5000 + "]" * 5000 + "\n"),
+        ("{config}: the YAML is nested too deeply",),
+    ),
     Case(
         "yaml-not-mapping",
         "YAML: a list instead of a mapping",
@@ -204,6 +227,12 @@ CONFIG_CASES: list[Case] = [
         "a model path that is a number",
         lambda m, d: {"merge_method": "linear", "models": [{"model": 42}]},
         ("models[0].model", "expected a model path"),
+    ),
+    Case(
+        "moe-gate-mode-list",
+        "MoE: gate_mode given as a list",
+        moe([("ft1", ["a"]), ("ft2", ["b"])], gate_mode=["hidden"]),
+        ("gate_mode ['hidden'] is unknown",),
     ),
     Case(
         "moe-k-float",

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from moekit.config import DENSE_KEYS, MODEL_KEYS, SLICE_KEYS, SOURCE_KEYS
 from moekit.errors import UserError
+from moekit.io.checkpoint import open_tensors, pickle_allowed
 from moekit.io.pickle_reader import PickleReader
 from moekit.io.safetensors_reader import DTYPES, TensorReader, checkpoint_infos
 from moekit.moe.config import EXPERT_KEYS, MOE_KEYS, UPCYCLE_KEYS
@@ -280,3 +281,30 @@ def test_random_and_mutated_pickles(data):
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "pytorch_model.bin").write_bytes(blob)
         _read_everything(Path(tmp), pickled=True)
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text(max_size=12)
+    | st.sampled_from(["model.safetensors", "a.bin"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@FUZZ
+@given(index=JSON | st.fixed_dictionaries({"weight_map": JSON | st.dictionaries(st.text(max_size=8), JSON)}))
+def test_random_index_files(index):
+    """A sharded checkpoint whose index JSON is random: the safetensors reader, and the pickle path when allowed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        (d / "shard.safetensors").write_bytes(VALID_FILE)
+        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+        _read_everything(d)
+        with pickle_allowed(True):
+            try:
+                open_tensors(d).close()
+            except UserError as e:
+                assert "\n" not in str(e)

@@ -98,6 +98,7 @@ def test_readme_table_is_what_moekit_prints(micro_models, tmp_path, monkeypatch,
     fresh = f"{before}{START}\n{table}\n{END}{after}"
     if os.environ.get("MOEKIT_UPDATE_README") == "1":
         README.write_text(fresh)
+        text = fresh
     assert text == fresh, (
         "tests/README.md is out of date: MOEKIT_UPDATE_README=1 pytest tests/test_hostile_readme.py"
     )

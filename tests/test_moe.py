@@ -268,7 +268,12 @@ def test_qwen2_moe_from_llama_gets_zero_qkv_biases(tiny_llama, tmp_path):
     assert _max_logit_diff(tiny_llama["base"], out) <= LOGIT_TOL
 
 
-def test_clown_experts_are_the_sources_mlps_and_the_rest_is_the_base(tiny_llama, tmp_path):
+def test_clown_experts_are_the_sources_mlps_and_the_rest_is_the_base(tiny_llama, tmp_path, monkeypatch):
+    import moekit.moe.build
+
+    monkeypatch.setattr(
+        moekit.moe.build, "CHUNK_ELEMENTS", 1000
+    )  # base tensors copied in row chunks of 15 rows
     base = tiny_llama["base"]
     fts = [tiny_llama["ft1"], tiny_llama["ft2"], tiny_llama["ft3"]]
     cfg = {
@@ -289,7 +294,12 @@ def test_clown_experts_are_the_sources_mlps_and_the_rest_is_the_base(tiny_llama,
             assert torch.equal(
                 got[f"model.layers.3.block_sparse_moe.experts.{e}.{w}.weight"], want.to(torch.bfloat16)
             )
-    for k in ("model.layers.0.self_attn.q_proj.weight", "model.norm.weight", "lm_head.weight"):
+    for k in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+        "model.embed_tokens.weight",
+    ):
         assert torch.equal(got[k], dense[k].to(torch.bfloat16))
     assert all(t.dtype == torch.bfloat16 for t in got.values())
     config = json.loads((out / "config.json").read_text())

@@ -226,3 +226,15 @@ def test_different_vocab_sizes_without_tokenizer_source_say_which_option(vocab_m
     with pytest.raises(UserError, match="tokenizer_source"):
         moekit.merge(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_misspelled_tokenizer_source_suggests_union(vocab_models, tmp_path):
+    m = vocab_models
+    models = [
+        {"model": str(m["tool_a"]), "parameters": {"weight": 1.0}},
+        {"model": str(m["tool_b"]), "parameters": {"weight": 1.0}},
+    ]
+    cfg = {"merge_method": "linear", "models": models, "tokenizer_source": "unoin"}
+    with pytest.raises(UserError, match="did you mean 'union'"):
+        moekit.merge(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

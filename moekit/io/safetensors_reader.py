@@ -234,6 +234,10 @@ def checkpoint_infos(model_dir: Path) -> dict[str, TensorInfo]:
             raise UserError(f"{index_path}: no 'weight_map' object; the index is corrupt")
         shards: dict[str, list[str]] = {}
         for tensor, shard in weight_map.items():
+            if not isinstance(shard, str):
+                raise UserError(
+                    f"{index_path}: tensor '{tensor}' maps to {shard!r:.60}, not a file name; the index is corrupt"
+                )
             shards.setdefault(shard, []).append(tensor)
         infos: dict[str, TensorInfo] = {}
         for shard, tensors in shards.items():

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from moekit.errors import UserError
+from moekit.errors import UserError, did_you_mean
 from moekit.io.checkpoint import Checkpoint
 
 
@@ -184,7 +184,12 @@ def build_vocabulary(
         out_tok = union_tokenizer(base_tok, pairs)
     else:
         match = next((m for m in models if m.ref == source), None)
-        path = match.path if match else Path(source)
+        path = match.path if match else Path(source).expanduser()
+        if not path.is_dir():
+            raise UserError(
+                f"{where}: tokenizer_source '{source}' is not 'base', 'union' or a local model directory"
+                f"{did_you_mean(source, ['base', 'union'])}"
+            )
         try:
             out_tok = _load_tokenizer(path)
         except (OSError, ValueError) as e:

@@ -98,10 +98,12 @@ def _write_output(
     writer = ShardedWriter(tmp, plan.output_tensors, shard_size)
     try:
         with tensor_progress(len(plan.jobs), plan.output_bytes, progress, label="building MoE") as advance:
+            nbytes = {t.name: t.nbytes for t in plan.output_tensors}
 
-            def write(name: str, tensor: torch.Tensor) -> None:
-                writer.write(name, tensor)
-                advance(tensor.numel() * tensor.element_size())
+            def write(name: str, tensor: torch.Tensor, last: bool) -> None:
+                writer.write(name, tensor, last)
+                if last:
+                    advance(nbytes[name])
 
             write_plan(plan, gates, write, seed, allow_nonfinite)
         writer.close()

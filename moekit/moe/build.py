@@ -24,6 +24,9 @@ from moekit.moe.config import ExpertSpec, MoEConfig
 from moekit.moe.layouts import LAYOUTS, ROLES, MoELayout, choose_layout, moe_config, supported_sources
 
 ZERO_QKV_BIAS = ("q_proj", "k_proj", "v_proj")
+CHUNK_ELEMENTS = (
+    2 * 1024 * 1024
+)  # base tensors are copied, and all tensors checked for NaN/Inf, in pieces this big
 NOISE_SEED_OFFSET = 0x6E6F697365  # keeps the noise stream apart from the random-gate stream drawn with `seed`
 
 
@@ -75,17 +78,20 @@ class MoEPlan:
         )
 
     def peak_memory_estimate(self) -> int:
-        """Bytes of tensors in flight while writing: the largest source tensor, its float32 working copy when noise or
-        a residual scale applies, and the cast output; plus the gate vectors."""
+        """Bytes of tensors in flight while writing: the largest expert source tensor (or base-tensor chunk), its
+        float32 working copy and noise when noise or a residual scale applies, the cast output, the float64 chunk of
+        the NaN/Inf check, and the gate vectors."""
         worst = 0
         for job in self.jobs:
             numel = math.prod(job.out.shape)
+            if job.kind == "copy":
+                numel = min(numel, CHUNK_ELEMENTS)
             src = (
                 self.models[job.model].tensors.infos[job.name].dtype.itemsize if job.model is not None else 0
             )
-            work = 4 if job.kind == "expert" and (job.expert.noise_scale or job.scale is not None) else 0
+            work = 8 if job.kind == "expert" and (job.expert.noise_scale or job.scale is not None) else 0
             worst = max(worst, numel * (src + work + job.out.dtype.itemsize))
-        return worst + self.num_layers * self.gate_vectors_needed() * self.hidden * 4
+        return worst + CHUNK_ELEMENTS * 8 + self.num_layers * self.gate_vectors_needed() * self.hidden * 4
 
     def close(self) -> None:
         for m in self.models:
@@ -390,33 +396,61 @@ def _zero_biases(base: Checkpoint, layer: int, layer_jobs: list[Job], dtype: tor
 def write_plan(
     plan: MoEPlan,
     gates: torch.Tensor | None,
-    write: Callable[[str, torch.Tensor], None],
+    write: Callable[[str, torch.Tensor, bool], None],
     seed: int,
     allow_nonfinite: bool,
 ) -> None:
-    """Compute and hand each output tensor to `write`, in plan order. One source tensor is held at a time."""
+    """Compute and hand each output tensor to `write(name, tensor, last)`, in plan order.
+
+    Memory in flight is one expert source tensor (kept while its copies are written) or one row chunk of a base
+    tensor (embeddings and lm_head, the largest tensors, are copied in chunks), plus its cast.
+    """
     noise = torch.Generator().manual_seed(seed + NOISE_SEED_OFFSET)
     held_key, held = None, None
     for job in plan.jobs:
+        if job.kind == "copy":
+            held_key, held = None, None
+            reader = plan.models[job.model].tensors
+            for rows, last in _row_chunks(job.out.shape):
+                part = reader.read(job.name, rows).to(job.out.dtype)
+                _check_finite(part, job, allow_nonfinite)
+                write(job.out.name, part, last)
+            continue
         fresh = True  # whether this output differs from the last one checked for NaN/Inf
-        if job.kind in ("copy", "expert"):
+        if job.kind == "expert":
             key = (job.model, job.name)
             if key != held_key:
                 held_key, held = None, None  # drop the previous tensor before reading the next
                 held, held_key = plan.models[job.model].tensors.read(job.name), key
             else:
-                fresh = job.kind == "expert" and (bool(job.expert.noise_scale) or job.scale is not None)
-            tensor = _expert_weights(held, job, noise) if job.kind == "expert" else held
+                fresh = bool(job.expert.noise_scale) or job.scale is not None
+            tensor = _expert_weights(held, job, noise)
         elif job.kind == "router":
             tensor = gates[job.layer, job.rows[0] : job.rows[1]]
         else:
             tensor = torch.zeros(job.out.shape)
         tensor = tensor.to(job.out.dtype)
-        if fresh and not allow_nonfinite and not all_finite(tensor):
-            raise UserError(
-                f"output tensor '{job.out.name}' has NaN or Inf values; check the source model, or pass --allow-nonfinite"
-            )
-        write(job.out.name, tensor)
+        if fresh:
+            _check_finite(tensor, job, allow_nonfinite)
+        write(job.out.name, tensor, True)
+
+
+def _row_chunks(shape: tuple[int, ...]):
+    """(rows, last) pieces of a tensor of `shape` with at most CHUNK_ELEMENTS elements each (whole when 0-d)."""
+    if not shape or shape[0] == 0:
+        yield None, True
+        return
+    step = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
+    for a in range(0, shape[0], step):
+        b = min(shape[0], a + step)
+        yield (a, b), b == shape[0]
+
+
+def _check_finite(tensor: torch.Tensor, job: Job, allow_nonfinite: bool) -> None:
+    if not allow_nonfinite and not all_finite(tensor):
+        raise UserError(
+            f"output tensor '{job.out.name}' has NaN or Inf values; check the source model, or pass --allow-nonfinite"
+        )
 
 
 def _expert_weights(source: torch.Tensor, job: Job, noise: torch.Generator) -> torch.Tensor:
