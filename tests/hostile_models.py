@@ -183,8 +183,8 @@ def micro_models(tmp_path_factory) -> dict[str, Path]:
 @dataclass(frozen=True)
 class Case:
     """One bad input. `config(models, case_dir)` returns the config (a dict, or YAML text for syntax errors) and
-    may write broken model files into `case_dir`. Needles must appear in the error line; "{name}" expands to the
-    path of micro model `name`, "{dir}" to the case directory and "{config}" to the config file."""
+    may write broken model files into `case_dir`. Needles (and `args`) must appear in the error line; "{name}"
+    expands to the path of micro model `name`, "{dir}" to the case directory and "{config}" to the config file."""
 
     id: str
     what: str
@@ -199,6 +199,7 @@ def run_case(case: Case, models: dict[str, Path], case_dir: Path) -> tuple[CliRe
     case_dir.mkdir(parents=True)
     config_path = write_yaml(case_dir / "config.yaml", case.config(models, case_dir))
     out = case_dir / "out"
-    args = ["merge", str(config_path), *(["-o", str(out)] if case.give_out else []), *case.args]
     names = {k: str(v) for k, v in models.items()} | {"dir": str(case_dir), "config": str(config_path)}
+    extra = [a.format(**names) for a in case.args]
+    args = ["merge", str(config_path), *(["-o", str(out)] if case.give_out else []), *extra]
     return run_cli_in_process(*args), out, [n.format(**names) for n in case.needles]

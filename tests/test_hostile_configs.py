@@ -6,6 +6,8 @@ Most cases run `moekit merge` in-process (moekit.cli.main) to keep the suite fas
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from helpers import assert_one_line_error, run_cli
 from hostile_models import Case, assert_failed_cleanly, linear_config, micro_models, run_case, write_yaml
@@ -108,8 +110,8 @@ CONFIG_CASES: list[Case] = [
     ),
     Case(
         "yaml-too-deep",
-        "YAML: lists nested 5000 deep",
-        text("merge_method: linear\nmodels: " + "[" * 5000 + "]" * 5000 + "\n"),
+        "YAML: lists nested 1200 deep",
+        text("merge_method: linear\nmodels: " + "[" * 1200 + "]" * 1200 + "\n"),
         ("{config}: the YAML is nested too deeply",),
     ),
     Case(
@@ -399,6 +401,22 @@ CONFIG_CASES: list[Case] = [
         "no -o and no out: in the config",
         dense("linear", TWO),
         ("no output directory",),
+        give_out=False,
+    ),
+    Case(
+        "out-is-input",
+        "-o naming an input model, with --force",
+        lambda m, d: linear_config(shutil.copytree(m["ft1"], d / "mine"), m["ft2"]),
+        ("output '{dir}/mine' is or contains the input model",),
+        args=("-o", "{dir}/mine", "--force"),
+        give_out=False,
+    ),
+    Case(
+        "out-contains-input",
+        "-o naming a directory that holds an input model, with --force",
+        lambda m, d: linear_config(shutil.copytree(m["ft1"], d / "mine"), m["ft2"]),
+        ("output '{dir}' is or contains the input model '{dir}/mine'",),
+        args=("-o", "{dir}", "--force"),
         give_out=False,
     ),
     # --- models that cannot be merged together ---

@@ -141,6 +141,18 @@ def check_output_free(out: Path, force: bool) -> None:
         raise UserError(f"output '{out}' exists and is not a directory; choose another --out")
 
 
+def check_output_spares_inputs(out: Path, inputs: list[Path]) -> None:
+    """Refuse an output that is, or contains, an input model: with --force, replacing it would delete the input."""
+    target = Path(out).resolve()
+    for model in inputs:
+        source = Path(model).resolve()
+        if source == target or target in source.parents:
+            raise UserError(
+                f"output '{out}' is or contains the input model '{model}'; writing there would replace the input: "
+                "choose another --out"
+            )
+
+
 @contextmanager
 def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `out`; on success it replaces `out` by rename, on any failure it is removed.

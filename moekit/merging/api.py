@@ -18,7 +18,7 @@ from moekit.io.output_files import (
     write_json,
     write_recipe,
 )
-from moekit.io.writer import ShardedWriter, atomic_output_dir, check_output_free
+from moekit.io.writer import ShardedWriter, atomic_output_dir, check_output_free, check_output_spares_inputs
 from moekit.merging.engine import MergeRunner
 from moekit.merging.plan import Plan, build_plan
 from moekit.progress import tensor_progress
@@ -80,6 +80,7 @@ def _merge(config, out, force, dry_run, shard_size, seed, allow_nonfinite, progr
         check_output_free(out_path, force)
     plan = build_plan(cfg)
     try:
+        check_output_spares_inputs(out_path, [m.path for m in plan.models])
         if dry_run:
             describe_plan(plan, out_path, print_fn)
             return None
