@@ -173,7 +173,9 @@ def check_config_size(raw: dict, name: str) -> None:
 
 
 def is_moe_config(raw: dict) -> bool:
-    return raw.get("merge_method") == "moe" or (("experts" in raw or "upcycle" in raw) and "merge_method" not in raw)
+    return raw.get("merge_method") == "moe" or (
+        ("experts" in raw or "upcycle" in raw) and "merge_method" not in raw
+    )
 
 
 def check_keys(obj: object, allowed, where: str) -> dict:

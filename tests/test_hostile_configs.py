@@ -59,6 +59,13 @@ W1 = {"weight": 1.0}
 TWO = [("ft1", W1), ("ft2", W1)]
 TA = dict(base="base")
 
+
+def _output_holding_input(models, d) -> dict:
+    """A directory that is an earlier model output (so --force may replace it) and also holds an input model."""
+    (d / "config.json").write_text("{}")
+    return linear_config(shutil.copytree(models["ft1"], d / "mine"), models["ft2"])
+
+
 CONFIG_CASES: list[Case] = [
     # --- YAML syntax: the line and column of the problem ---
     Case(
@@ -406,7 +413,7 @@ CONFIG_CASES: list[Case] = [
     Case(
         "out-is-input",
         "-o naming an input model, with --force",
-        lambda m, d: linear_config(shutil.copytree(m["ft1"], d / "mine"), m["ft2"]),
+        lambda m, d: _output_holding_input(m, d),
         ("output '{dir}/mine' is or contains the input model",),
         args=("-o", "{dir}/mine", "--force"),
         give_out=False,
@@ -414,7 +421,7 @@ CONFIG_CASES: list[Case] = [
     Case(
         "out-contains-input",
         "-o naming a directory that holds an input model, with --force",
-        lambda m, d: linear_config(shutil.copytree(m["ft1"], d / "mine"), m["ft2"]),
+        lambda m, d: _output_holding_input(m, d),
         ("output '{dir}' is or contains the input model '{dir}/mine'",),
         args=("-o", "{dir}", "--force"),
         give_out=False,

@@ -179,6 +179,12 @@ def test_existing_output_is_never_touched_without_force(micro_models, tmp_path):
     assert result.code == 2 and len(result.lines) == 1
     assert f"output '{out}' already exists; pass --force" in result.lines[0]
     assert snapshot(out) == {"precious.txt": b"not a model, but mine"} and not litter(tmp_path)
+    # Not a model directory: --force does not replace it either.
+    result = run_cli_in_process("merge", str(config), "-o", str(out), "--force")
+    assert result.code == 2 and "refusing to replace it even with --force" in result.lines[0]
+    assert snapshot(out) == {"precious.txt": b"not a model, but mine"} and not litter(tmp_path)
+    # An earlier model output is replaced with --force.
+    (out / "config.json").write_text("{}")
     assert run_cli_in_process("merge", str(config), "-o", str(out), "--force").code == 0
     assert (
         not (out / "precious.txt").exists() and (out / "model.safetensors").is_file() and not litter(tmp_path)
@@ -190,7 +196,7 @@ def test_commit_defers_a_signal_until_the_output_is_whole(tmp_path, monkeypatch)
     the old output is never lost half-way (it would be, were the interrupt raised between the renames)."""
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("old")
+    (out / "config.json").write_text("old")
     real_rename = os.rename
     renames = []
 

@@ -173,8 +173,15 @@ def test_existing_output_needs_force(tiny_llama, tmp_path):
     )
     out = tmp_path / "out"
     out.mkdir()
+    (out / "config.json").write_text("{}")  # an earlier model output: --force may replace it
     (out / "keep.txt").write_text("mine")
     assert_one_line_error(run_cli("merge", str(cfg), "-o", str(out)), "--force")
     assert (out / "keep.txt").read_text() == "mine"
     assert run_cli("merge", str(cfg), "-o", str(out), "--force").returncode == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    # A directory that holds no model is never replaced, even with --force.
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep")
+    assert_one_line_error(run_cli("merge", str(cfg), "-o", str(precious), "--force"), "refusing to replace")
+    assert (precious / "notes.txt").read_text() == "keep"

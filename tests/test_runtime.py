@@ -163,7 +163,9 @@ def test_bf16_inference_matches_eager(tokens, grouped):
     rows = torch_backend.sort_by_expert(r.indices, 8)
     assert torch_backend._small_low_precision_batch(hidden, experts.gate_up_proj, rows) == grouped
     with torch.no_grad():
-        out = moe_forward(hidden, r.indices, r.weights, experts.gate_up_proj, experts.down_proj, backend="torch")
+        out = moe_forward(
+            hidden, r.indices, r.weights, experts.gate_up_proj, experts.down_proj, backend="torch"
+        )
         expected = experts(hidden, r.indices, r.weights)
     assert out.dtype == torch.bfloat16
     assert_close_scaled(out, expected, 2e-2)

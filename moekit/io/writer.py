@@ -139,6 +139,19 @@ def check_output_free(out: Path, force: bool) -> None:
         )
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' exists and is not a directory; choose another --out")
+    if out.is_dir() and not looks_like_model_output(out):
+        raise UserError(
+            f"output '{out}' is a non-empty directory that holds no model (no config.json or *.safetensors); "
+            "refusing to replace it even with --force: choose another --out"
+        )
+
+
+def looks_like_model_output(path: Path) -> bool:
+    """--force may replace an empty directory or a model directory, never an arbitrary one (e.g. `-o ~`)."""
+    entries = list(path.iterdir())
+    return not entries or any(
+        e.name in ("config.json", "moekit_config.yaml") or e.suffix == ".safetensors" for e in entries
+    )
 
 
 def check_output_spares_inputs(out: Path, inputs: list[Path]) -> None:

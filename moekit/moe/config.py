@@ -113,7 +113,7 @@ def parse_moe_config(raw: dict, path: Path | None = None) -> MoEConfig:
     base_model = _string(raw.get("base_model"), f"{name}: base_model", "a path to the base model's directory")
 
     mode = raw.get("gate_mode", "hidden")
-    mode = GATE_MODE_ALIASES.get(mode, mode)
+    mode = GATE_MODE_ALIASES.get(mode, mode) if isinstance(mode, str) else mode
     if mode not in GATE_MODES:
         raise UserError(
             f"{name}: gate_mode {mode!r} is unknown{did_you_mean(str(mode), GATE_MODES)}; use one of {', '.join(GATE_MODES)}"
