@@ -138,7 +138,8 @@ def main() -> None:
         ])  # fmt: skip
         if diff > PARITY_TOL:
             problems.append(f"{method}: max abs diff {diff:.3e} at {where}")
-        print(f"  {method}: done", flush=True)
+        # Each row as it completes, so a long run that is cut short still shows what it measured.
+        print("  " + " | ".join(rows[-1]), flush=True)
         for d in outs.values():
             shutil.rmtree(d, ignore_errors=True)
 

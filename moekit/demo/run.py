@@ -157,7 +157,7 @@ def main(
     """Fine-tune two SmolLM2 specialists, merge them four ways with `moekit merge`, and measure what each kept.
 
     \b
-    Example (the README's first command; ~10 min on 2 CPU cores, cached afterwards except the merges):
+    Example (the README's first command; downloads 93 MB once, the model and fine-tunes are then cached):
       python -m moekit.demo --plot docs/demo_route_stats.png
     """
     from transformers import AutoTokenizer

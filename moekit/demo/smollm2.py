@@ -18,7 +18,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from moekit.demo.cache import atomic_dir, atomic_file, cache_root
+from moekit.demo.cache import atomic_dir, atomic_file, cache_root, file_lock
 from moekit.errors import UserError
 
 # The demo never reaches a model hub: everything loads from local files.
@@ -88,9 +88,12 @@ def smollm2_checkpoint(dtype: str = "bfloat16", cache: Path | None = None) -> Pa
     out = cache / f"smollm2-135m-instruct-{VERSION}-{dtype}"
     if (out / "config.json").exists():
         return out
-    gguf_path = fetch_gguf(cache)
-    with atomic_dir(out) as tmp:
-        convert_gguf(gguf_path, tmp, dtype)
+    # One process downloads and converts; others (e.g. parallel test workers) wait and reuse its result.
+    with file_lock(cache / ".smollm2.lock"):
+        if not (out / "config.json").exists():
+            gguf_path = fetch_gguf(cache)
+            with atomic_dir(out) as tmp:
+                convert_gguf(gguf_path, tmp, dtype)
     return out
 
 

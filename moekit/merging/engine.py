@@ -118,6 +118,7 @@ class MergeRunner:
         except ValueError as e:
             raise UserError(f"tensor '{job.out.name}': {method.name}: {e}") from None
         if out.is_floating_point() and not all_finite(out):
+            inputs, base = self.read_piece(piece)  # afresh: the method may have overwritten its inputs
             bad_inputs = [
                 self._describe(r)
                 for r, x in zip(job.inputs + [job.base], inputs + [base])

@@ -21,9 +21,9 @@ from moekit.io.writer import OutputTensor
 from moekit.merging.registry import MergeMethod
 from moekit.merging.tokenizer import Vocabulary, build_vocabulary
 
-PRE_WEIGHT_MARKERS = (
-    "embed",
-)  # non-layer tensors evaluated at t = 0; every other one at t = 1, as in mergekit
+# Non-layer tensors named like these come before the layers (embeddings, from the first slice); the others after
+# them (final norm, lm_head, from the last slice). mergekit 0.1.5 evaluates gradients at t = 0 for both.
+PRE_WEIGHT_MARKERS = ("embed",)
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ def _build(config: MergeConfig, models: list[Checkpoint], index: dict[str, int])
             layer_sources.append((index[first.model], first.layer_range[0] + offset))
             out_layer += 1
     for t in sorted(post):
-        jobs.append(planner.job(t, [(s, t) for s in slices[-1].sources], slices[-1], t_pos=1.0))
+        jobs.append(planner.job(t, [(s, t) for s in slices[-1].sources], slices[-1], t_pos=0.0))
 
     # Alphabetical order, as mergekit walks tensors: randomised methods then draw their masks in the same order.
     jobs.sort(key=lambda j: j.out.name)

@@ -7,6 +7,9 @@ as scalars. Gradients and filters are resolved by the planner before the call, s
     @merge_method("task_arithmetic", base="required", params=[Param("weight", float, per_model=True), ...])
     def task_arithmetic(tensors, base, *, weight, lambda_, normalize): ...
 
+The input tensors are fresh copies that the engine never reads again, so a method may overwrite them in place
+to save memory; the planner guarantees no two inputs share storage.
+
 A method raises ValueError for a problem with the numbers (e.g. weights summing to zero); the engine turns it
 into a one-line error that names the tensor.
 """

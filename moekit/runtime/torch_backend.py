@@ -61,6 +61,7 @@ class ExpertRows(NamedTuple):
     """The sorted-by-expert view of a routing: for expert e, rows `bounds[e]:bounds[e+1]` of `order`."""
 
     order: torch.Tensor  # [T*k] flat (token, slot) positions, sorted by expert id (stable)
+    inverse: torch.Tensor  # [T, k] the sorted row of each (token, slot)
     tokens: torch.Tensor  # [T*k] the token of each sorted row: order // k
     bounds: list[int]  # [E + 1] row offsets per expert; rows past bounds[E] are dropped assignments
 
@@ -70,23 +71,22 @@ def sort_by_expert(top_k_index: torch.Tensor, num_experts: int) -> ExpertRows:
     flat = top_k_index.reshape(-1).long()
     keys = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
     order = torch.argsort(keys, stable=True)
+    positions = torch.arange(order.numel(), device=order.device)
+    inverse = torch.empty_like(order).index_put_((order,), positions).view(-1, top_k_index.shape[-1])
     counts = torch.bincount(keys, minlength=num_experts + 1)
     bounds = [0, *torch.cumsum(counts[:num_experts], 0).tolist()]
-    return ExpertRows(order, order // top_k_index.shape[-1], bounds)
+    return ExpertRows(order, inverse, order // top_k_index.shape[-1], bounds)
 
 
-# Below this many rows, `_add_rows` uses index_put_; from here on, index_add_.
-_INDEX_ADD_MIN_ROWS = 64
+def _combine(sorted_rows: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
+    """Sum the expert-sorted rows [T*k, H] back into token order -> [T, H]; rows past bounds[E] must be zero.
 
-
-def _add_rows(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
-    """out[rows] += values. Measured on a busy 2-core CPU: index_add_ of a few rows stalled for ~100 ms per
-    call (its parallel path) where index_put_ took microseconds, while for hundreds of rows index_add_ is
-    ~5× faster than the serial accumulating index_put_."""
-    if rows.numel() >= _INDEX_ADD_MIN_ROWS:
-        out.index_add_(0, rows, values)
-    else:
-        out.index_put_((rows,), values, accumulate=True)
+    One row gather per slot, added up: index_add_ (a parallel scatter-add) stalled for up to ~0.5 s per
+    layer on this busy 2-core machine, and one gather of all T*k rows costs a large fresh buffer."""
+    out = sorted_rows.index_select(0, rows.inverse[:, 0])
+    for slot in range(1, rows.inverse.shape[1]):
+        out.add_(sorted_rows.index_select(0, rows.inverse[:, slot]))
+    return out
 
 
 def _swiglu_t(preact_t: torch.Tensor, in_place: bool) -> torch.Tensor:
@@ -109,7 +109,8 @@ def _forward(
     keep_preacts: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Experts output [T, H] in `dtype`, and per expert its transposed pre-activation when `keep_preacts`."""
-    out = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)
+    sorted_out = torch.empty(rows.order.numel(), hidden.shape[1], dtype=dtype, device=hidden.device)
+    sorted_out[rows.bounds[-1] :] = 0  # dropped assignments add nothing
     upcast = Upcaster(gate_up_proj[0].numel(), dtype, hidden.device)
     preacts: list[torch.Tensor | None] = []
     for expert in range(gate_up_proj.shape[0]):
@@ -121,12 +122,10 @@ def _forward(
         preact_t = upcast(gate_up_proj[expert]) @ hidden[tokens].t()  # [2I, n]
         act_t = _swiglu_t(preact_t, in_place=not keep_preacts)  # [I, n]
         out_t = upcast(down_proj[expert]) @ act_t  # [H, n]
-        # Scale and transpose in one pass into contiguous rows (a strided source makes the row add crawl).
-        scaled = torch.empty(stop - start, out.shape[1], dtype=dtype, device=out.device)
-        torch.mul(out_t.t(), row_weights[start:stop, None], out=scaled)
-        _add_rows(out, tokens, scaled)
+        # Scale and transpose in one pass into this expert's contiguous rows.
+        torch.mul(out_t.t(), row_weights[start:stop, None], out=sorted_out[start:stop])
         preacts.append(preact_t if keep_preacts else None)
-    return out, preacts
+    return _combine(sorted_out, rows), preacts
 
 
 class _TorchExperts(torch.autograd.Function):
@@ -156,7 +155,7 @@ class _TorchExperts(torch.autograd.Function):
         rows, dtype = ctx.rows, ctx.dtype
         need_x, _, need_w, need_gate_up, need_down = ctx.needs_input_grad
         grad_out = grad_out.to(dtype)
-        grad_x = torch.zeros_like(hidden) if need_x else None
+        grad_x_sorted = hidden.new_zeros(rows.order.numel(), hidden.shape[1]) if need_x else None
         grad_rows = torch.zeros_like(row_weights) if need_w else None
         grad_gate_up = torch.zeros_like(gate_up_proj) if need_gate_up else None
         grad_down = torch.zeros_like(down_proj) if need_down else None
@@ -182,14 +181,15 @@ class _TorchExperts(torch.autograd.Function):
             )  # [2I, n]
             if grad_gate_up is not None:
                 grad_gate_up[expert] = grad_preact_t @ hidden[tokens]
-            if grad_x is not None:
-                _add_rows(grad_x, tokens, (upcast(gate_up_proj[expert]).t() @ grad_preact_t).t())
+            if grad_x_sorted is not None:
+                grad_x_sorted[start:stop] = (upcast(gate_up_proj[expert]).t() @ grad_preact_t).t()
         grad_weights = None
         if grad_rows is not None:
             grad_weights = torch.zeros_like(grad_rows).index_copy_(0, rows.order, grad_rows)
             grad_weights = grad_weights.reshape(ctx.weights_shape).to(ctx.weights_dtype)
-        if grad_x is not None:
-            grad_x = grad_x.to(ctx.hidden_dtype)
+        grad_x = None
+        if grad_x_sorted is not None:
+            grad_x = _combine(grad_x_sorted, rows).to(ctx.hidden_dtype)
         return grad_x, None, grad_weights, grad_gate_up, grad_down
 
 
@@ -236,6 +236,6 @@ def _forward_grouped(hidden, rows: ExpertRows, row_weights, gate_up_proj, down_p
     preact = torch._grouped_mm(hidden[tokens], gate_up_proj.transpose(1, 2), offs=ends)  # [S, 2I]
     gate, up = preact.chunk(2, dim=-1)
     rows_out = torch._grouped_mm(torch.nn.functional.silu(gate) * up, down_proj.transpose(1, 2), offs=ends)
-    out = torch.zeros(hidden.shape, dtype=torch.float32)
-    _add_rows(out, tokens, rows_out.float() * row_weights[:num_rows, None])
-    return out
+    sorted_out = torch.zeros(rows.order.numel(), hidden.shape[1])
+    torch.mul(rows_out, row_weights[:num_rows, None], out=sorted_out[:num_rows])
+    return _combine(sorted_out, rows)

@@ -51,7 +51,8 @@ def slerp_tensors(
         sin_theta = torch.sin(theta)
         coef_a = torch.sin((1 - t_) * theta) / sin_theta
         coef_b = torch.sin(t_ * theta) / sin_theta
-    return (coef_a * v0).add_(coef_b * v1)
+    # In place: the engine's inputs are ours to overwrite, and the big tensors then need no temporaries.
+    return v0.mul_(coef_a).add_(v1.mul_(coef_b))
 
 
 @merge_method(

@@ -97,7 +97,7 @@ def merge_task_vectors(
     if consensus is None:
         mixed = None
         for i, m in enumerate(tensors):
-            delta = m - base
+            delta = m.sub_(base)  # the engine's inputs are ours to overwrite: no extra tensor-sized copy
             delta = sparsify(delta, i).apply(delta).mul_(weights[i])
             mixed = accumulate(mixed, delta)
             del delta
@@ -132,27 +132,34 @@ def _consensus_sum(
     """(Σ agreeing wᵢδ̂ᵢ, Σ agreeing wᵢ with 0 → 1 or None when not needed), in two passes over the inputs."""
     recipes: list[Sparsified] = []
     vote = None
-    for i, m in enumerate(tensors):
-        delta = m - base
+    # Each input becomes its delta in place (the engine's inputs are ours to overwrite), so the second pass
+    # rebuilds the sparse delta from it without another tensor-sized copy.
+    deltas = [m.sub_(base) for m in tensors]
+    for i, delta in enumerate(deltas):
         recipe = sparsify(delta, i)
         recipes.append(recipe)
-        contribution = recipe.apply(delta)
+        contribution = recipe.apply(delta.clone())
         if consensus != "sum":  # the paper's vote is on the unweighted task vectors
             contribution = contribution.mul_(weights[i])
         if consensus == "count":
             contribution = contribution.sign_()
         vote = accumulate(vote, contribution)
-        del delta, contribution
+        del contribution
     # ±1 per element. An agreeing weighted delta is relu(d·s)·s: d where sign(d) = s, else 0, with float ops only
     # (bool masks cost a slow conversion on CPU); mergekit's sign(d) == s mask selects the same elements.
     elected = (vote >= 0).to(base.dtype).mul_(2).sub_(1)
     del vote
 
     mixed = divisor = None
-    for i, (m, recipe) in enumerate(zip(tensors, recipes)):
-        agreeing = recipe.apply(m - base).mul_(weights[i]).mul_(elected).relu_().mul_(elected)
-        if need_divisor:  # weight where the model survived: sign(agreeing)·s is 1 there, 0 elsewhere
-            divisor = accumulate(divisor, agreeing.sign().mul_(elected).mul_(weights[i]))
+    for i, recipe in enumerate(recipes):
+        agreeing = recipe.apply(deltas[i]).mul_(weights[i]).mul_(elected).relu_().mul_(elected)
+        deltas[i] = None
+        if need_divisor:  # the weight where the model survived (adding w·1 is exact: same bits as mergekit's)
+            if divisor is None:
+                divisor = torch.zeros_like(
+                    agreeing, dtype=torch.float32 if agreeing.dtype.itemsize < 4 else None
+                )
+            divisor.add_(agreeing != 0, alpha=float(weights[i]))
         mixed = accumulate(mixed, agreeing)
         del agreeing
     if divisor is not None:
