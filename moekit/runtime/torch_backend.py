@@ -106,26 +106,27 @@ def _forward(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     dtype: torch.dtype,
-    keep_preacts: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """Experts output [T, H] in `dtype`, and per expert its transposed pre-activation when `keep_preacts`."""
-    sorted_out = torch.empty(rows.order.numel(), hidden.shape[1], dtype=dtype, device=hidden.device)
-    sorted_out[rows.bounds[-1] :] = 0  # dropped assignments add nothing
+    keep_preact: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Experts output [T, H] in `dtype`, and the transposed pre-activation [2I, S] when `keep_preact`.
+
+    Each expert's GEMM writes its own columns of one [dim, S] buffer, so SwiGLU, the routing-weight scale and
+    the combine run once over all experts: every op is a parallel region, and on a busy machine each one
+    can stall, so per-expert elementwise ops cost far more than their arithmetic."""
+    num_rows = rows.bounds[-1]
+    hit = [(a, b, e) for e, (a, b) in enumerate(zip(rows.bounds, rows.bounds[1:])) if a < b]
+    hidden_t = hidden[rows.tokens[:num_rows]].t()  # [H, S]
     upcast = Upcaster(gate_up_proj[0].numel(), dtype, hidden.device)
-    preacts: list[torch.Tensor | None] = []
-    for expert in range(gate_up_proj.shape[0]):
-        start, stop = rows.bounds[expert], rows.bounds[expert + 1]
-        if start == stop:
-            preacts.append(None)
-            continue
-        tokens = rows.tokens[start:stop]
-        preact_t = upcast(gate_up_proj[expert]) @ hidden[tokens].t()  # [2I, n]
-        act_t = _swiglu_t(preact_t, in_place=not keep_preacts)  # [I, n]
-        out_t = upcast(down_proj[expert]) @ act_t  # [H, n]
-        # Scale and transpose in one pass into this expert's contiguous rows.
-        torch.mul(out_t.t(), row_weights[start:stop, None], out=sorted_out[start:stop])
-        preacts.append(preact_t if keep_preacts else None)
-    return _combine(sorted_out, rows), preacts
+    preact_t = torch.empty(gate_up_proj.shape[1], num_rows, dtype=dtype, device=hidden.device)
+    for start, stop, expert in hit:
+        torch.mm(upcast(gate_up_proj[expert]), hidden_t[:, start:stop], out=preact_t[:, start:stop])
+    act_t = _swiglu_t(preact_t, in_place=not keep_preact)  # [I, S]
+    out_t = torch.empty(down_proj.shape[1], num_rows, dtype=dtype, device=hidden.device)
+    for start, stop, expert in hit:
+        torch.mm(upcast(down_proj[expert]), act_t[:, start:stop], out=out_t[:, start:stop])
+    sorted_out = torch.zeros(rows.order.numel(), hidden.shape[1], dtype=dtype, device=hidden.device)
+    torch.mul(out_t.t(), row_weights[:num_rows, None], out=sorted_out[:num_rows])
+    return _combine(sorted_out, rows), preact_t if keep_preact else None
 
 
 class _TorchExperts(torch.autograd.Function):
@@ -137,11 +138,11 @@ class _TorchExperts(torch.autograd.Function):
         rows = sort_by_expert(top_k_index, gate_up_proj.shape[0])
         hidden_c = hidden.to(dtype)
         row_weights = top_k_weights.reshape(-1).to(dtype)[rows.order]
-        out, preacts = _forward(
-            hidden_c, rows, row_weights, gate_up_proj, down_proj, dtype, keep_preacts=True
+        out, preact_t = _forward(
+            hidden_c, rows, row_weights, gate_up_proj, down_proj, dtype, keep_preact=True
         )
         ctx.save_for_backward(hidden_c, row_weights, gate_up_proj, down_proj)
-        ctx.rows, ctx.preacts, ctx.dtype = rows, preacts, dtype
+        ctx.rows, ctx.preact_t, ctx.dtype = rows, preact_t, dtype
         ctx.hidden_dtype, ctx.weights_shape, ctx.weights_dtype = (
             hidden.dtype,
             top_k_weights.shape,
@@ -160,10 +161,11 @@ class _TorchExperts(torch.autograd.Function):
         grad_gate_up = torch.zeros_like(gate_up_proj) if need_gate_up else None
         grad_down = torch.zeros_like(down_proj) if need_down else None
         upcast = Upcaster(gate_up_proj[0].numel(), dtype, hidden.device)
-        for expert, preact_t in enumerate(ctx.preacts):
-            if preact_t is None:
-                continue
+        for expert in range(gate_up_proj.shape[0]):
             start, stop = rows.bounds[expert], rows.bounds[expert + 1]
+            if start == stop:
+                continue
+            preact_t = ctx.preact_t[:, start:stop]
             tokens, scale = rows.tokens[start:stop], row_weights[start:stop]
             gate, up = preact_t.chunk(2, dim=0)
             sig = torch.sigmoid(gate)
@@ -211,7 +213,7 @@ def torch_experts(
         out = _forward_grouped(hidden, rows, row_weights, gate_up_proj, down_proj)
     else:
         out, _ = _forward(
-            hidden.to(dtype), rows, row_weights, gate_up_proj, down_proj, dtype, keep_preacts=False
+            hidden.to(dtype), rows, row_weights, gate_up_proj, down_proj, dtype, keep_preact=False
         )
     return out.to(hidden.dtype)
 

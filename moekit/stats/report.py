@@ -176,7 +176,7 @@ def plot(stats: RouteStats, path: str | Path) -> Path:
         mi_ax = fig.add_subplot(grid[1, 1])
         mi_ax.plot(stats.layers, spec.mi_normalised, marker="o", markersize=3)
         mi_ax.set_ylim(0, 1)
-        mi_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        mi_ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
         mi_ax.set_xlabel("layer")
         mi_ax.set_ylabel("I(label; expert) / bound")
         mi_ax.set_title(f"specialisation: mean {spec.mean_mi_bits:.3f} bits", fontsize=10)
