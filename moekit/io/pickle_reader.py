@@ -16,7 +16,13 @@ from pathlib import Path
 import torch
 
 from moekit.errors import UserError
-from moekit.io.safetensors_reader import INDEX_NAME, PICKLED_SUFFIXES, TensorInfo, safe_child
+from moekit.io.safetensors_reader import (
+    INDEX_NAME,
+    PICKLED_SUFFIXES,
+    CheckpointReader,
+    TensorInfo,
+    safe_child,
+)
 
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 
@@ -111,7 +117,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
-class PickleReader:
+class PickleReader(CheckpointReader):
     """The TensorReader interface (infos, names, read with row ranges, close) over mmap-loaded pickled weights."""
 
     def __init__(self, files: dict[Path, list[str] | None]):
@@ -130,12 +136,6 @@ class PickleReader:
                 self.infos[name] = TensorInfo(name, t.dtype, tuple(t.shape), path, 0, nbytes)
                 self._tensors[name] = t
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.infos
-
-    def names(self) -> list[str]:
-        return list(self.infos)
-
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """A private copy of tensor `name` (or of rows a..b of dimension 0), never a view into the mapped file."""
         t = self._tensors[name]
@@ -145,9 +145,3 @@ class PickleReader:
 
     def close(self) -> None:
         self._tensors.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

@@ -147,18 +147,36 @@ def _check_no_overlap(path: Path, infos: dict[str, TensorInfo]) -> None:
             )
 
 
-class TensorReader:
-    """Reads tensors (or row ranges of them) from a set of safetensors files, one at a time, without mmap."""
+class CheckpointReader:
+    """What the planner and engine need of a checkpoint's tensors: `infos`, membership, `read(name, rows)`, close."""
 
-    def __init__(self, infos: dict[str, TensorInfo]):
-        self.infos = infos
-        self._handles: dict[Path, object] = {}
+    infos: dict[str, TensorInfo]
 
     def __contains__(self, name: str) -> bool:
         return name in self.infos
 
     def names(self) -> list[str]:
         return list(self.infos)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class TensorReader(CheckpointReader):
+    """Reads tensors (or row ranges of them) from a set of safetensors files, one at a time, without mmap."""
+
+    def __init__(self, infos: dict[str, TensorInfo]):
+        self.infos = infos
+        self._handles: dict[Path, object] = {}
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor `name` in its stored dtype; with `rows=(a, b)`, only rows a..b of dimension 0."""
@@ -196,12 +214,6 @@ class TensorReader:
         for f in self._handles.values():
             f.close()
         self._handles.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def safe_child(model_dir: Path, filename: object, what: str) -> Path:

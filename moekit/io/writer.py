@@ -8,6 +8,7 @@ front, write each header first, and then stream each tensor's bytes straight to 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -218,3 +219,44 @@ def _signals_deferred() -> Iterator[None]:
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         for sig in dict.fromkeys(caught):
             signal.raise_signal(sig)
+
+
+def check_shard_size(shard_size: int) -> None:
+    if shard_size <= 0:
+        raise UserError(f"--shard-size must be a positive number of bytes, got {shard_size}")
+
+
+class PlannedOutputs:
+    """For plans whose `jobs` each carry `out: OutputTensor`: the output layout the writer needs."""
+
+    jobs: list
+
+    @property
+    def output_tensors(self) -> list[OutputTensor]:
+        return [j.out for j in self.jobs]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(j.out.nbytes for j in self.jobs)
+
+
+@contextmanager
+def streaming_output(
+    out: Path, force: bool, tensors: Sequence[OutputTensor], shard_size: int
+) -> Iterator[tuple[Path, ShardedWriter]]:
+    """The temporary output directory and a writer over it. On success the shards are finished and the directory
+    renamed into place; a full disk or any other failure leaves nothing behind and says so in one line."""
+    with atomic_output_dir(out, force) as tmp:
+        writer = ShardedWriter(tmp, tensors, shard_size)
+        try:
+            yield tmp, writer
+            writer.close()
+        except OSError as e:
+            writer.abort()
+            what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise UserError(
+                f"cannot write the output in '{tmp.parent}': {what}; nothing was written"
+            ) from None
+        except BaseException:
+            writer.abort()
+            raise

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import errno
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from moekit.io.output_files import (
     write_json,
     write_recipe,
 )
-from moekit.io.writer import ShardedWriter, atomic_output_dir, check_output_free, check_output_spares_inputs
+from moekit.io.writer import check_output_free, check_output_spares_inputs, check_shard_size, streaming_output
 from moekit.merging.engine import MergeRunner
 from moekit.merging.plan import Plan, build_plan
 from moekit.progress import tensor_progress
@@ -72,8 +71,7 @@ def _merge(config, out, force, dry_run, shard_size, seed, allow_nonfinite, progr
             raw, path, out, force=force, dry_run=dry_run, shard_size=shard_size, seed=seed,
             allow_nonfinite=allow_nonfinite, progress=progress, device=device, print_fn=print_fn,
         )  # fmt: skip
-    if shard_size <= 0:
-        raise UserError(f"--shard-size must be a positive number of bytes, got {shard_size}")
+    check_shard_size(shard_size)
     cfg = parse_merge_config(raw, path)
     out_path = resolve_out(out, cfg.out, cfg.base_dir)
     if not dry_run:
@@ -84,18 +82,16 @@ def _merge(config, out, force, dry_run, shard_size, seed, allow_nonfinite, progr
         if dry_run:
             describe_plan(plan, out_path, print_fn)
             return None
-        with atomic_output_dir(out_path, force) as tmp:
-            _write_all(plan, tmp, shard_size, seed, allow_nonfinite, progress)
+        _write_all(plan, out_path, force, shard_size, seed, allow_nonfinite, progress)
     finally:
         plan.close()
     return out_path
 
 
 def _write_all(
-    plan: Plan, tmp: Path, shard_size: int, seed: int, allow_nonfinite: bool, progress: bool
+    plan: Plan, out: Path, force: bool, shard_size: int, seed: int, allow_nonfinite: bool, progress: bool
 ) -> None:
-    writer = ShardedWriter(tmp, plan.output_tensors, shard_size)
-    try:
+    with streaming_output(out, force, plan.output_tensors, shard_size) as (tmp, writer):
         with tensor_progress(len(plan.jobs), plan.output_bytes, progress) as advance:
             runner = MergeRunner(
                 plan,
@@ -104,12 +100,7 @@ def _write_all(
                 on_progress=lambda job: advance(job.out.nbytes),
             )
             runner.run(lambda job, tensor, last: writer.write(job.out.name, tensor, last))
-        writer.close()
         write_dense_metadata(plan, tmp)
-    except OSError as e:
-        writer.abort()
-        what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise UserError(f"cannot write the output in '{tmp.parent}': {what}; nothing was written") from None
 
 
 def output_config(plan: Plan) -> dict:

@@ -17,7 +17,7 @@ import torch
 from moekit.config import MergeConfig, Slice, Source, check_gradient_lengths, evaluate_setting
 from moekit.errors import UserError
 from moekit.io.checkpoint import Checkpoint
-from moekit.io.writer import OutputTensor
+from moekit.io.writer import OutputTensor, PlannedOutputs
 from moekit.merging.registry import MergeMethod
 from moekit.merging.tokenizer import Vocabulary, build_vocabulary
 
@@ -42,7 +42,7 @@ class Job:
 
 
 @dataclass
-class Plan:
+class Plan(PlannedOutputs):
     config: MergeConfig
     method: MergeMethod
     models: list[Checkpoint]
@@ -55,14 +55,6 @@ class Plan:
     vocab: Vocabulary | None = (
         None  # set by tokenizer_source: embedding inputs are re-laid in its token order
     )
-
-    @property
-    def output_tensors(self) -> list[OutputTensor]:
-        return [j.out for j in self.jobs]
-
-    @property
-    def output_bytes(self) -> int:
-        return sum(j.out.nbytes for j in self.jobs)
 
     def peak_memory_estimate(self) -> int:
         """Bytes of tensor data in flight at once: the worst job's inputs in compute dtype, twice (prefetch), plus

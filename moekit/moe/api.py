@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import errno
 from pathlib import Path
 
 import torch
 
-from moekit.errors import UserError
 from moekit.io.output_files import copy_generation_config, copy_tokenizer, write_json, write_recipe
-from moekit.io.writer import ShardedWriter, atomic_output_dir, check_output_free
+from moekit.io.writer import check_output_free, check_output_spares_inputs, check_shard_size, streaming_output
 from moekit.moe.build import MoEPlan, build_plan, write_plan
 from moekit.moe.config import PROMPT_GATE_MODES, parse_moe_config
 from moekit.moe.gates import EMBED_NAME, PromptSet, prompt_gates, random_gates
@@ -42,14 +40,14 @@ def build_moe(
     """
     from moekit.merging.api import resolve_out
 
-    if shard_size <= 0:
-        raise UserError(f"--shard-size must be a positive number of bytes, got {shard_size}")
+    check_shard_size(shard_size)
     cfg = parse_moe_config(raw, path)
     out_path = resolve_out(out, cfg.out, cfg.base_dir)
     if not dry_run:
         check_output_free(out_path, force)
     plan = build_plan(cfg)
     try:
+        check_output_spares_inputs(out_path, [m.path for m in plan.models])
         if dry_run:
             describe_plan(plan, out_path, print_fn)
             return None
@@ -57,8 +55,7 @@ def build_moe(
         gates = compute_gates(
             plan, seed=seed, device=device, dtype=dtype, batch_size=batch_size, progress=progress
         )
-        with atomic_output_dir(out_path, force) as tmp:
-            _write_output(plan, gates, tmp, shard_size, seed, allow_nonfinite, progress)
+        _write_output(plan, gates, out_path, force, shard_size, seed, allow_nonfinite, progress)
     finally:
         plan.close()
     return out_path
@@ -89,14 +86,14 @@ def compute_gates(
 def _write_output(
     plan: MoEPlan,
     gates: torch.Tensor,
-    tmp: Path,
+    out: Path,
+    force: bool,
     shard_size: int,
     seed: int,
     allow_nonfinite: bool,
     progress: bool,
 ) -> None:
-    writer = ShardedWriter(tmp, plan.output_tensors, shard_size)
-    try:
+    with streaming_output(out, force, plan.output_tensors, shard_size) as (tmp, writer):
         with tensor_progress(len(plan.jobs), plan.output_bytes, progress, label="building MoE") as advance:
             nbytes = {t.name: t.nbytes for t in plan.output_tensors}
 
@@ -106,12 +103,7 @@ def _write_output(
                     advance(nbytes[name])
 
             write_plan(plan, gates, write, seed, allow_nonfinite)
-        writer.close()
         write_metadata(plan, tmp)
-    except OSError as e:
-        writer.abort()
-        what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise UserError(f"cannot write the output in '{tmp.parent}': {what}; nothing was written") from None
 
 
 def write_metadata(plan: MoEPlan, out: Path) -> None:

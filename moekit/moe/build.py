@@ -18,7 +18,7 @@ import torch
 from moekit.config import DTYPES
 from moekit.errors import UserError
 from moekit.io.checkpoint import Checkpoint
-from moekit.io.writer import OutputTensor
+from moekit.io.writer import OutputTensor, PlannedOutputs
 from moekit.merging.engine import all_finite
 from moekit.moe.config import ExpertSpec, MoEConfig
 from moekit.moe.layouts import LAYOUTS, ROLES, MoELayout, choose_layout, moe_config, supported_sources
@@ -46,7 +46,7 @@ class Job:
 
 
 @dataclass
-class MoEPlan:
+class MoEPlan(PlannedOutputs):
     config: MoEConfig
     layout: MoELayout
     models: list[Checkpoint]  # models[0] is the base
@@ -62,14 +62,6 @@ class MoEPlan:
     @property
     def base(self) -> Checkpoint:
         return self.models[0]
-
-    @property
-    def output_tensors(self) -> list[OutputTensor]:
-        return [j.out for j in self.jobs]
-
-    @property
-    def output_bytes(self) -> int:
-        return sum(j.out.nbytes for j in self.jobs)
 
     def gate_vectors_needed(self) -> int:
         """Router vectors the gate mode computes: routed experts, then the shared one (as mergekit orders them)."""
