@@ -1,8 +1,9 @@
 """The `torch` experts backend: a fast CPU path for SwiGLU experts, differentiable through one autograd Function.
 
-Data flow (one sort, no padded copies): flat expert ids -> a stable argsort -> per-expert counts -> for each
-expert that got tokens, gather its token rows, multiply by that expert's contiguous weights, apply SwiGLU,
-multiply by the down projection, scale by the routing weights and index-add back into token order.
+Data flow (one sort, no padded copies): flat expert ids -> a stable argsort -> per-expert counts -> gather the
+token rows in expert order once -> per hit expert, a GEMM with its contiguous weights into its columns of one
+buffer -> SwiGLU once -> per hit expert the down GEMM -> scale by the routing weights once -> gather back into
+token order and sum the k slots.
 
 Choices measured on a 2-core AVX2 EPYC without bf16 units (see bench/moe_layer.py):
 - Products are written weight-first, `W @ Xᵀ` ([out, in] @ [in, n]): MKL runs that shape up to 2× faster than
