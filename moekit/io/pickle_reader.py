@@ -21,6 +21,7 @@ from moekit.io.safetensors_reader import (
     PICKLED_SUFFIXES,
     CheckpointReader,
     TensorInfo,
+    read_weight_map,
     safe_child,
 )
 
@@ -62,13 +63,7 @@ def pickled_files(model_dir: Path, index_path: Path | None) -> dict[Path, list[s
     safetensors index that points at `.bin` files); without one, the directory must hold a single pickled file.
     """
     if index_path is not None:
-        try:
-            index = json.loads(index_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{index_path}: not valid JSON ({e}); re-download the index") from None
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise UserError(f"{index_path}: no 'weight_map' object; the index is corrupt")
+        weight_map = read_weight_map(index_path)
         files: dict[Path, list[str] | None] = {}
         for tensor, shard in weight_map.items():
             path = safe_child(model_dir, shard, str(index_path))

@@ -233,17 +233,23 @@ def safe_child(model_dir: Path, filename: object, what: str) -> Path:
     return model_dir / filename
 
 
+def read_weight_map(index_path: Path) -> dict:
+    """The `weight_map` (tensor -> shard file) of a checkpoint index, or a one-line error."""
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{index_path}: not valid JSON ({e}); re-download the index") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{index_path}: no 'weight_map' object; the index is corrupt")
+    return weight_map
+
+
 def checkpoint_infos(model_dir: Path) -> dict[str, TensorInfo]:
     """All tensors of a checkpoint directory: the index and its shards, or a single safetensors file."""
     index_path = model_dir / INDEX_NAME
     if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{index_path}: not valid JSON ({e}); re-download the index") from None
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise UserError(f"{index_path}: no 'weight_map' object; the index is corrupt")
+        weight_map = read_weight_map(index_path)
         shards: dict[str, list[str]] = {}
         for tensor, shard in weight_map.items():
             if not isinstance(shard, str):

@@ -35,6 +35,21 @@ def resolve_out(out: str | Path | None, config_out: str | None, base_dir: Path |
     raise UserError("no output directory: pass -o/--out DIR or set 'out:' in the config")
 
 
+def open_plan(cfg, build, out, force: bool, dry_run: bool):
+    """(output path, plan) for a parsed config: the output is checked free before the (slow) planning, and
+    checked not to hold an input after it, so nothing is read for a run that would be refused anyway."""
+    out_path = resolve_out(out, cfg.out, cfg.base_dir)
+    if not dry_run:
+        check_output_free(out_path, force)
+    plan = build(cfg)
+    try:
+        check_output_spares_inputs(out_path, [m.path for m in plan.models])
+    except BaseException:
+        plan.close()
+        raise
+    return out_path, plan
+
+
 def merge(
     config: str | Path | dict,
     out: str | Path | None = None,
@@ -72,13 +87,8 @@ def _merge(config, out, force, dry_run, shard_size, seed, allow_nonfinite, progr
             allow_nonfinite=allow_nonfinite, progress=progress, device=device, print_fn=print_fn,
         )  # fmt: skip
     check_shard_size(shard_size)
-    cfg = parse_merge_config(raw, path)
-    out_path = resolve_out(out, cfg.out, cfg.base_dir)
-    if not dry_run:
-        check_output_free(out_path, force)
-    plan = build_plan(cfg)
+    out_path, plan = open_plan(parse_merge_config(raw, path), build_plan, out, force, dry_run)
     try:
-        check_output_spares_inputs(out_path, [m.path for m in plan.models])
         if dry_run:
             describe_plan(plan, out_path, print_fn)
             return None

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from moekit.io.output_files import copy_generation_config, copy_tokenizer, write_json, write_recipe
-from moekit.io.writer import check_output_free, check_output_spares_inputs, check_shard_size, streaming_output
+from moekit.io.writer import check_shard_size, streaming_output
 from moekit.moe.build import MoEPlan, build_plan, write_plan
 from moekit.moe.config import PROMPT_GATE_MODES, parse_moe_config
 from moekit.moe.gates import EMBED_NAME, PromptSet, prompt_gates, random_gates
@@ -38,16 +38,12 @@ def build_moe(
     atomically. Returns the output path, or None for a dry run. `gate_dtype` (default: the config's `gate_dtype`,
     float32) is the dtype the base runs in for hidden-state gates; bfloat16 reproduces mergekit-moe to the bit.
     """
-    from moekit.merging.api import resolve_out
+    from moekit.merging.api import open_plan
 
     check_shard_size(shard_size)
     cfg = parse_moe_config(raw, path)
-    out_path = resolve_out(out, cfg.out, cfg.base_dir)
-    if not dry_run:
-        check_output_free(out_path, force)
-    plan = build_plan(cfg)
+    out_path, plan = open_plan(cfg, build_plan, out, force, dry_run)
     try:
-        check_output_spares_inputs(out_path, [m.path for m in plan.models])
         if dry_run:
             describe_plan(plan, out_path, print_fn)
             return None
