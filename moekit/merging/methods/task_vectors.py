@@ -145,14 +145,16 @@ def _consensus_sum(
             contribution = contribution.sign_()
         vote = accumulate(vote, contribution)
         del contribution
-    # ±1 per element. An agreeing weighted delta is relu(d·s)·s: d where sign(d) = s, else 0, with float ops only
-    # (bool masks cost a slow conversion on CPU); mergekit's sign(d) == s mask selects the same elements.
-    elected = (vote >= 0).to(base.dtype).mul_(2).sub_(1)
+    # The elected sign, one byte per element (>= 0 counts as +): a float ±1 tensor would cost 4 bytes per element
+    # at the peak of the second pass. An agreeing weighted delta keeps d where (d > 0) matches the elected sign and
+    # is 0 elsewhere; zeros stay zero either way, so this selects exactly mergekit's sign(d) == s elements.
+    positive = vote >= 0
     del vote
 
     mixed = divisor = None
     for i, recipe in enumerate(recipes):
-        agreeing = recipe.apply(deltas[i]).mul_(weights[i]).mul_(elected).relu_().mul_(elected)
+        agreeing = recipe.apply(deltas[i]).mul_(weights[i])
+        agreeing.masked_fill_((agreeing > 0) != positive, 0)
         deltas[i] = None
         if need_divisor:  # the weight where the model survived (adding w·1 is exact: same bits as mergekit's)
             if divisor is None:
