@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 M_MMAP_THRESHOLD = -3
@@ -26,3 +27,17 @@ def return_freed_memory_promptly(threshold: int = 8 << 20) -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False
+
+
+def use_huge_pages_for_tensors() -> bool:
+    """Ask torch to back large CPU tensors with transparent huge pages (its THP_MEM_ALLOC_ENABLE switch).
+
+    Every tensor above the mmap threshold is a fresh mapping whose 4 KB pages are faulted in one by one: on a
+    DARE merge of 3 x 326 MB models that was 7 s of the 17 s in the kernel. 2 MB pages cut it to under 5 s.
+    torch reads the switch once, at its first allocation, so this works only before torch is imported (the CLI
+    calls it first thing); it returns whether it could still take effect. A user's own setting wins.
+    """
+    if "torch" in sys.modules:
+        return False
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    return True

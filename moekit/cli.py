@@ -13,7 +13,10 @@ import sys
 
 import click
 
+from moekit.allocator import use_huge_pages_for_tensors
 from moekit.errors import UserError
+
+use_huge_pages_for_tensors()  # before anything imports torch
 
 
 def parse_size(text: str) -> int:

@@ -152,6 +152,26 @@ def test_dare_matches_reference_draws(consensus):
     assert close(got, ref_combine(base, deltas, weight, consensus=consensus, normalize=False, lam=1.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_draw_is_torch_bernoulli_bit_for_bit(dtype):
+    """The keep mask comes from torch.rand < p; it must be the mask torch.bernoulli (mergekit's call) draws, and
+    leave the generator where bernoulli leaves it, for scalar and per-element probabilities, mid-stream."""
+    from moekit.merging.methods.sparsify import draw
+
+    seed = int(torch.randint(0, 2**31, ()))
+    for shape, per_element in (((257, 129), False), ((3001,), True), ((64, 33, 5), True)):
+        density = float(torch.rand(()) * 0.98 + 0.01)
+        probs = torch.rand(shape) if per_element else torch.full(shape, density)
+        probs = probs.to(dtype)
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        lead = int(torch.randint(0, 1000, ()))  # start mid-way through the generator's 624-word block
+        torch.rand(lead, generator=ours), torch.rand(lead, generator=theirs)
+        got = draw(probs if per_element else float(probs.flatten()[0]), shape, ours)
+        want = torch.bernoulli(probs, generator=theirs)
+        assert torch.equal(got, want.float()), (seed, shape)
+        assert torch.equal(ours.get_state(), theirs.get_state())
+
+
 def test_dare_kept_fraction_and_l1_rescale():
     base = torch.randn(400, 500)
     model = base + torch.randn(400, 500)
@@ -383,7 +403,7 @@ def test_arcee_fusion_matches_formula():
 @pytest.mark.parametrize("layout", ["random", "tied", "sample_misses"])
 def test_kth_smallest_is_exact_on_large_tensors(layout):
     """The sampled bracket must never change the answer, including when the strided sample is unrepresentative."""
-    from moekit.merging.methods.sparsify import SAMPLE, kth_smallest, rank_above
+    from moekit.merging.methods.sparsify import SAMPLE, kth_smallest, top_k_mask
 
     n = 8 * SAMPLE + 12345
     g = torch.Generator().manual_seed(20)
@@ -395,7 +415,7 @@ def test_kth_smallest_is_exact_on_large_tensors(layout):
     ordered = torch.sort(values).values
     for r in (1, n // 3, n // 2 + 7, n - 1):
         assert kth_smallest(values, r) == ordered[r - 1]
-    keep = rank_above(values, n // 4)
+    keep = top_k_mask(values.clone(), n // 4).bool()
     assert int(keep.sum()) == n // 4
     assert values[keep].min() >= values[~keep].max()
 

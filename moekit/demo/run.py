@@ -161,7 +161,9 @@ def main(
       python -m moekit.demo --plot docs/demo_route_stats.png
     """
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per model load would bury the report
     work = work or cache_root() / "demo"
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -69,8 +69,15 @@ def _header_bytes(shard: Sequence[OutputTensor], metadata: dict[str, str]) -> by
     return len(raw).to_bytes(8, "little") + raw
 
 
+SYNC_EVERY = 256 << 20  # bytes written between background flushes to disk
+
+
 class ShardedWriter:
-    """Writes `tensors` (known up front) into `out_dir`, one tensor at a time, in the given order."""
+    """Writes `tensors` (known up front) into `out_dir`, one tensor at a time, in the given order.
+
+    Every shard is fsynced before the output directory is renamed into place, so a crash never leaves a complete-
+    looking model with missing bytes. The flushing happens on a background thread as the shard grows, so the
+    disk works while the merge computes and the final fsync has little left to wait for."""
 
     def __init__(self, out_dir: Path, tensors: Sequence[OutputTensor], shard_size: int):
         self.out_dir = Path(out_dir)
@@ -81,6 +88,8 @@ class ShardedWriter:
         self._written = 0
         self._file = None
         self._shard = -1
+        self._unsynced = 0
+        self._sync: threading.Thread | None = None
 
     def write(self, name: str, tensor: torch.Tensor, last: bool = True) -> None:
         """Append `tensor` to output `name`. A tensor may come in row chunks: pass last=False for all but the final one."""
@@ -96,6 +105,12 @@ class ShardedWriter:
         if tensor.numel():
             self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         self._written += tensor.numel() * tensor.element_size()
+        self._unsynced += tensor.numel() * tensor.element_size()
+        if self._unsynced >= SYNC_EVERY and (self._sync is None or not self._sync.is_alive()):
+            self._file.flush()
+            self._sync = threading.Thread(target=os.fdatasync, args=(self._file.fileno(),), daemon=True)
+            self._sync.start()
+            self._unsynced = 0
         if last:
             if self._written != spec.nbytes:
                 raise RuntimeError(f"writer: {name} got {self._written} bytes, planned {spec.nbytes}")
@@ -108,12 +123,19 @@ class ShardedWriter:
         self._file = open(self.out_dir / self.files[si], "wb")  # noqa: SIM115 - closed in _close_file
         self._file.write(_header_bytes(self.shards[si], {"format": "pt"}))
 
+    def _wait_for_sync(self) -> None:
+        if self._sync is not None:
+            self._sync.join()
+            self._sync = None
+
     def _close_file(self) -> None:
+        self._wait_for_sync()
         if self._file is not None:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
+            self._unsynced = 0
 
     def close(self) -> None:
         """Finish the last shard and write the index (when sharded). Fails if a planned tensor was not written."""
@@ -127,6 +149,7 @@ class ShardedWriter:
             (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
+        self._wait_for_sync()
         if self._file is not None:
             self._file.close()
             self._file = None

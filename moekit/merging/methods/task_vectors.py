@@ -10,10 +10,10 @@ della_linear. Each is base + λ·combine(wᵢ·sparsify(mᵢ − base)), with me
 4. `normalize` divides by the divisor, then λ scales, then the base is added.
 
 mergekit stacks every delta ([n, *shape] in the compute dtype) and multiplies masks into copies of that stack.
-Here the deltas are visited twice instead: the first pass sparsifies each delta, keeps only its recipe (a bool
-mask, one byte per element, and a scalar) and adds it into the vote; the second pass rebuilds each sparse delta
-from the input (same operations, same bits) and adds it where it agrees. Peak extra memory is a few tensors of
-one delta's size plus n bytes per element, whatever the number of models.
+Here each input is turned into its weighted sparse delta in place (the engine's inputs are ours to overwrite) and
+added into the vote; the second pass zeroes the disagreeing elements of each, in place, and sums them. Peak extra
+memory is the vote, one byte per element for the elected sign and a few one-delta temporaries, whatever the
+number of models.
 
 Paper variants, off by default: `sign_vote: sum` is the TIES paper's unweighted vote (the sign of the sum of
 the trimmed task vectors before weighting) and `sign_vote: count` is a majority of signs; `rescale_norm:
@@ -29,7 +29,6 @@ import torch
 
 from moekit.merging.methods.sparsify import (
     RESCALE_NORMS,
-    Sparsified,
     bernoulli,
     della_magprune,
     magnitude,
@@ -79,7 +78,7 @@ EPSILON = Param(
     "epsilon", float, default=0.15, per_model=True, check=in_range(0, 1), help="spread of keep probability"
 )
 
-Sparsifier = Callable[[torch.Tensor, int], Sparsified]  # (delta, model index) -> recipe
+Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]  # (delta, model index) -> sparse delta, in place
 
 
 def merge_task_vectors(
@@ -98,7 +97,7 @@ def merge_task_vectors(
         mixed = None
         for i, m in enumerate(tensors):
             delta = m.sub_(base)  # the engine's inputs are ours to overwrite: no extra tensor-sized copy
-            delta = sparsify(delta, i).apply(delta).mul_(weights[i])
+            delta = sparsify(delta, i).mul_(weights[i])
             mixed = accumulate(mixed, delta)
             del delta
         total = float(weights.sum())
@@ -129,40 +128,47 @@ def _consensus_sum(
     consensus: str,
     need_divisor: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(Σ agreeing wᵢδ̂ᵢ, Σ agreeing wᵢ with 0 → 1 or None when not needed), in two passes over the inputs."""
-    recipes: list[Sparsified] = []
+    """(Σ agreeing wᵢδ̂ᵢ, Σ agreeing wᵢ with 0 → 1 or None when not needed), in two passes over the deltas."""
+    deltas: list[torch.Tensor | None] = []
     vote = None
-    # Each input becomes its delta in place (the engine's inputs are ours to overwrite), so the second pass
-    # rebuilds the sparse delta from it without another tensor-sized copy.
-    deltas = [m.sub_(base) for m in tensors]
-    for i, delta in enumerate(deltas):
-        recipe = sparsify(delta, i)
-        recipes.append(recipe)
-        contribution = recipe.apply(delta.clone())
-        if consensus != "sum":  # the paper's vote is on the unweighted task vectors
-            contribution = contribution.mul_(weights[i])
-        if consensus == "count":
-            contribution = contribution.sign_()
-        vote = accumulate(vote, contribution)
-        del contribution
-    # The elected sign, one byte per element (>= 0 counts as +): a float ±1 tensor would cost 4 bytes per element
-    # at the peak of the second pass. An agreeing weighted delta keeps d where (d > 0) matches the elected sign and
-    # is 0 elsewhere; zeros stay zero either way, so this selects exactly mergekit's sign(d) == s elements.
-    positive = vote >= 0
+    for i, m in enumerate(tensors):
+        sparse = sparsify(m.sub_(base), i)
+        if consensus != "sum":  # the paper's vote is on the unweighted task vectors: weigh after voting
+            sparse = sparse.mul_(weights[i])
+        ballot = sparse.sign() if consensus == "count" else sparse
+        if (
+            vote is None
+        ):  # alias the first ballot rather than copy it, unless it is about to be weighed in place
+            half = ballot.dtype in (torch.bfloat16, torch.float16)  # summed in fp32, as torch.sum does
+            vote = ballot.float() if half else ballot.clone() if consensus == "sum" else ballot
+        elif vote is deltas[0]:  # still the first delta, which must survive: allocate the sum instead
+            vote = vote + ballot
+        else:
+            vote.add_(ballot)
+        del ballot
+        deltas.append(sparse.mul_(weights[i]) if consensus == "sum" else sparse)
+    # The elected sign as ±1.0 in the vote's own buffer: >= 0 counts as +, NaN as −, like mergekit's
+    # `(sign_weight >= 0) * 2 - 1`. An element d of a weighted delta agrees when d·s > 0, which selects exactly
+    # mergekit's sign(d) == s elements; multiplying by that 1.0/0.0 mask gives mergekit's d·mask bits. Float
+    # masks, not bool ones: a bool operand sends a multiply down a dtype-promoting path ~10× slower.
+    elected = (vote.clone() if vote is deltas[0] else vote).ge_(0).mul_(2).sub_(1)
     del vote
 
-    mixed = divisor = None
-    for i, recipe in enumerate(recipes):
-        agreeing = recipe.apply(deltas[i]).mul_(weights[i])
-        agreeing.masked_fill_((agreeing > 0) != positive, 0)
-        deltas[i] = None
+    mixed = divisor = agrees = None
+    for i in range(len(deltas)):
+        agreeing, deltas[i] = deltas[i], None
+        agrees = (
+            torch.mul(agreeing, elected, out=agrees).gt_(0)
+            if agrees is not None
+            else (agreeing * elected).gt_(0)
+        )
         if need_divisor:  # the weight where the model survived (adding w·1 is exact: same bits as mergekit's)
             if divisor is None:
                 divisor = torch.zeros_like(
                     agreeing, dtype=torch.float32 if agreeing.dtype.itemsize < 4 else None
                 )
-            divisor.add_(agreeing != 0, alpha=float(weights[i]))
-        mixed = accumulate(mixed, agreeing)
+            divisor.add_(agrees, alpha=float(weights[i]))
+        mixed = accumulate(mixed, agreeing.mul_(agrees))
         del agreeing
     if divisor is not None:
         divisor = divisor.to(base.dtype)
