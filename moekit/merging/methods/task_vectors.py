@@ -176,8 +176,8 @@ def _consensus_sum(
     return mixed, divisor
 
 
-def per_model_sparsifier(fn: Callable[..., Sparsified], density: list[float], **per_model) -> Sparsifier:
-    def sparsify(delta: torch.Tensor, i: int) -> Sparsified:
+def per_model_sparsifier(fn: Callable[..., torch.Tensor], density: list[float], **per_model) -> Sparsifier:
+    def sparsify(delta: torch.Tensor, i: int) -> torch.Tensor:
         return fn(delta, density[i], **{k: v[i] if isinstance(v, list) else v for k, v in per_model.items()})
 
     return sparsify
