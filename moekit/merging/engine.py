@@ -1,7 +1,8 @@
 """Runs a plan: for each output tensor, read its inputs, apply the method, write the result, free everything.
 
 Reads for the next piece of work are issued on a background thread while the current one computes (file reads and
-torch kernels both release the GIL), so disk and arithmetic overlap. Elementwise methods are streamed in row
+torch kernels both release the GIL), so disk and arithmetic overlap. The same thread draws the random numbers that
+a random method declares (`draws`), strictly in plan order, so the generator's serial loop overlaps arithmetic too. Elementwise methods are streamed in row
 chunks, which bounds peak memory by the chunk size rather than by the largest tensor.
 """
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from moekit.errors import UserError
+from moekit.merging.methods.sparsify import Uniforms
 from moekit.merging.plan import CHUNK_ELEMENTS, PREFETCH_ELEMENTS, Job, Plan, TensorRef, compute_dtype_for
 
 log = logging.getLogger("moekit")
@@ -107,16 +109,28 @@ class MergeRunner:
         out = self.plan.vocab.permute(tensors, [r.model for r in refs], hold)
         return out[: len(inputs)], (out[-1] if base is not None else None)
 
-    def compute(self, piece: Piece, inputs: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+    def draw_ahead(self, piece: Piece) -> Uniforms | None:
+        draws = self.plan.method.draws
+        return None if draws is None else Uniforms(self.rng, draws(piece.job.params, piece.job.out.shape))
+
+    def prepare(self, piece: Piece) -> tuple[list[torch.Tensor], torch.Tensor | None, Uniforms | None]:
+        inputs, base = self.read_piece(piece)
+        return inputs, base, self.draw_ahead(piece)
+
+    def compute(
+        self, piece: Piece, inputs: list[torch.Tensor], base: torch.Tensor | None, uniforms: Uniforms | None
+    ) -> torch.Tensor:
         job = piece.job
         method = self.plan.method
         kwargs = dict(job.params)
         if method.random:
-            kwargs["rng"] = self.rng
+            kwargs["rng"] = uniforms if uniforms is not None else self.rng
         try:
             out = method.fn(inputs, base, **kwargs)
         except ValueError as e:
             raise UserError(f"tensor '{job.out.name}': {method.name}: {e}") from None
+        if uniforms is not None:
+            uniforms.check_used()
         if out.is_floating_point() and not all_finite(out):
             inputs, base = self.read_piece(piece)  # afresh: the method may have overwritten its inputs
             bad_inputs = [
@@ -145,12 +159,18 @@ class MergeRunner:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-read") as pool:
             pending = None
             for i, piece in enumerate(work):
-                inputs, base = pending.result() if pending is not None else self.read_piece(piece)
+                if pending is not None:
+                    inputs, base, uniforms = pending.result()
+                else:  # a large piece: draw on the thread while this one reads
+                    drawing = pool.submit(self.draw_ahead, piece)
+                    inputs, base = self.read_piece(piece)
+                    uniforms = drawing.result()
+                # Every draw up to this piece is made, so the thread may draw the next piece's: plan order holds.
                 pending = None
                 if i + 1 < len(work) and work[i + 1].numel <= PREFETCH_ELEMENTS:
-                    pending = pool.submit(self.read_piece, work[i + 1])
-                out = self.compute(piece, inputs, base)
-                del inputs, base  # free the inputs before the write, so only the output is alive
+                    pending = pool.submit(self.prepare, work[i + 1])
+                out = self.compute(piece, inputs, base, uniforms)
+                del inputs, base, uniforms  # free the inputs before the write, so only the output is alive
                 write(piece.job, out, piece.last)
                 if piece.last:
                     self.on_progress(piece.job)

@@ -55,7 +55,10 @@ class MergeMethod:
     min_models: int
     max_models: int | None
     elementwise: bool  # output[i] depends only on inputs[i]: the engine may stream row chunks
-    random: bool  # takes `rng: torch.Generator`
+    random: bool  # takes `rng`: the run's torch.Generator, or its pre-drawn Uniforms when `draws` is declared
+    # The shapes of the U[0,1) draws the method makes for one output tensor, in order, from its resolved params
+    # and the output shape; when declared, the engine draws them ahead and passes them as `rng`.
+    draws: Callable[[dict[str, Any], tuple[int, ...]], list[tuple[int, ...]]] | None
     doc: str
 
     def param(self, name: str) -> Param | None:
@@ -74,6 +77,7 @@ def merge_method(
     max_models: int | None = None,
     elementwise: bool = False,
     random: bool = False,
+    draws: Callable[[dict[str, Any], tuple[int, ...]], list[tuple[int, ...]]] | None = None,
 ):
     """Register `fn` as merge method `name`."""
 
@@ -88,7 +92,8 @@ def merge_method(
             min_models,
             max_models,
             elementwise,
-            random,
+            random or draws is not None,
+            draws,
             (fn.__doc__ or "").strip(),
         )
         return fn

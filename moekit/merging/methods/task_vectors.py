@@ -176,6 +176,11 @@ def _consensus_sum(
     return mixed, divisor
 
 
+def one_draw_per_sparsified_model(params: dict, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """DARE and DELLA draw one uniform per element for each model they sparsify (density < 1), in config order."""
+    return [shape for density in params["density"] if density < 1]
+
+
 def per_model_sparsifier(fn: Callable[..., torch.Tensor], density: list[float], **per_model) -> Sparsifier:
     def sparsify(delta: torch.Tensor, i: int) -> torch.Tensor:
         return fn(delta, density[i], **{k: v[i] if isinstance(v, list) else v for k, v in per_model.items()})
@@ -207,7 +212,10 @@ def ties(
 
 
 @merge_method(
-    "dare_ties", base="required", params=[*common_params(normalize=False, rescale=True), VOTE], random=True
+    "dare_ties",
+    base="required",
+    params=[*common_params(normalize=False, rescale=True), VOTE],
+    draws=one_draw_per_sparsified_model,
 )
 def dare_ties(
     tensors, base, *, weight, density, lambda_, normalize, rescale, rescale_norm, int8_mask, sign_vote, rng
@@ -218,7 +226,10 @@ def dare_ties(
 
 
 @merge_method(
-    "dare_linear", base="required", params=common_params(normalize=False, rescale=True), random=True
+    "dare_linear",
+    base="required",
+    params=common_params(normalize=False, rescale=True),
+    draws=one_draw_per_sparsified_model,
 )
 def dare_linear(tensors, base, *, weight, density, lambda_, normalize, rescale, rescale_norm, int8_mask, rng):
     """DARE: drop each delta element with probability 1 − density, rescale, and add the weighted deltas."""
@@ -254,7 +265,7 @@ def breadcrumbs_ties(
     "della",
     base="required",
     params=[*common_params(normalize=True, rescale=True), EPSILON, VOTE],
-    random=True,
+    draws=one_draw_per_sparsified_model,
 )
 def della(
     tensors,
@@ -282,7 +293,7 @@ def della(
     "della_linear",
     base="required",
     params=[*common_params(normalize=False, rescale=True), EPSILON],
-    random=True,
+    draws=one_draw_per_sparsified_model,
 )
 def della_linear(
     tensors, base, *, weight, density, epsilon, lambda_, normalize, rescale, rescale_norm, int8_mask, rng
