@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import load_tensors
 from helpers import assert_one_line_error, run_cli, write_config
-from test_methods import close, l1_rescaled, ref_combine, ref_slerp, ref_topk_mask
+from test_methods import close, l1_rescaled, ref_combine, ref_della, ref_slerp, ref_topk_mask
 
 import moekit
 from moekit.errors import UserError
@@ -73,6 +73,28 @@ def test_dare_ties_walks_tensors_alphabetically_and_models_in_order(tiny_llama, 
         assert close(
             got[name], ref_combine(base[name], deltas, weights, consensus=True, normalize=False, lam=1.0)
         ), name
+
+
+def test_della_stream_through_merge_includes_1d_tensors(tiny_llama, tmp_path):
+    """DELLA through the engine (which draws the uniforms ahead on its reader thread): matrices and the 1-D norm
+    weights, each ranked as one row, against the per-tensor reference drawn from one generator in plan order."""
+    weights, density, eps, seed = [0.7, 0.4], [0.45, 0.6], [0.2, 0.1], int(torch.randint(0, 2**31, ()))
+    cfg = {
+        "merge_method": "della",
+        "base_model": str(tiny_llama["base"]),
+        "models": [
+            {"model": str(tiny_llama[k]), "parameters": {"weight": w, "density": d, "epsilon": e}}
+            for k, w, d, e in zip(("ft1", "ft2"), weights, density, eps)
+        ],
+    }
+    got = load_tensors(moekit.merge(cfg, tmp_path / "out", seed=seed))
+    base, *fts = (load_tensors(tiny_llama[k]) for k in ("base", "ft1", "ft2"))
+    assert any(t.dim() == 1 for t in got.values())
+    g = torch.Generator().manual_seed(seed)
+    for name in sorted(got):
+        deltas = [ref_della(f[name] - base[name], d, e, g) for f, d, e in zip(fts, density, eps)]
+        want = ref_combine(base[name], deltas, weights, consensus=True, normalize=True, lam=1.0)
+        assert close(got[name], want, 1e-5), (seed, name)
 
 
 def test_dare_output_files_are_deterministic_per_seed(tiny_llama, tmp_path):

@@ -222,5 +222,7 @@ def della_magprune(
     del ranks
     probs = (density - epsilon) + rank_norm * 2 * epsilon
     del rank_norm
-    keep = draw(probs, probs.shape, rng).reshape(delta.shape)
-    return _sparse(delta.to(dtype), keep, rescale_norm, probs.reshape(delta.shape).float()).to(delta.dtype)
+    # 1-D tensors were ranked as one row; the draws are row-major either way.
+    probs = probs.reshape(delta.shape)
+    keep = draw(probs, delta.shape, rng)
+    return _sparse(delta.to(dtype), keep, rescale_norm, probs.float()).to(delta.dtype)
