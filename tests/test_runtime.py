@@ -190,6 +190,33 @@ def test_inference_with_many_rows_per_expert_matches_eager(dtype):
     assert_close_scaled(out, expected, TOL[dtype], f"seed {seed}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens,k", [(1, 1), (1, 2), (2, 2), (1, 4)])
+def test_decode_rows_match_eager(tokens, k, dtype):
+    """A token or two (the unsorted decode path), including a dropped assignment (-1) that must add nothing."""
+    seed = int(torch.randint(0, 2**31, ()))
+    experts = mixtral_experts(seed=seed % 1000).to(dtype)
+    hidden = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    r = random_routing(tokens, 8, k, seed=seed, router=routing.softmax_topk_renorm)
+    assert r.indices.numel() <= torch_backend._DECODE_ROWS
+    with torch.no_grad():
+        out = moe_forward(
+            hidden, r.indices, r.weights, experts.gate_up_proj, experts.down_proj, backend="torch"
+        )
+        expected = experts(hidden, r.indices, r.weights)
+        assert out.dtype == dtype
+        assert_close_scaled(out, expected, TOL[dtype], f"seed {seed}")
+        dropped = r.indices.clone()
+        dropped[0, -1] = -1
+        out = moe_forward(
+            hidden, dropped, r.weights, experts.gate_up_proj, experts.down_proj, backend="torch"
+        )
+        kept = r.weights.clone()
+        kept[0, -1] = 0  # eager has no sentinel: a zero weight on any expert adds the same nothing
+        expected = experts(hidden, r.indices, kept)
+        assert_close_scaled(out, expected, TOL[dtype], f"seed {seed}, dropped")
+
+
 def test_bf16_weights_with_fp32_activations():
     """Mixed dtypes (fp32 activations, bf16 weights) compute in fp32 and return fp32."""
     experts = mixtral_experts(seed=7).to(torch.bfloat16)
