@@ -154,6 +154,15 @@ def test_gradcheck_float64(k):
     assert torch.autograd.gradcheck(experts, (x, w, gate_up, down))
 
 
+def inference_and_eager(experts, hidden, indices, weights, eager_routing=None):
+    """(moe_forward with the torch backend, transformers eager) without autograd; eager gets the same routing
+    unless `eager_routing` (indices, weights) is given."""
+    with torch.no_grad():
+        out = moe_forward(hidden, indices, weights, experts.gate_up_proj, experts.down_proj, backend="torch")
+        expected = experts(hidden, *(eager_routing or (indices, weights)))
+    return out, expected
+
+
 @pytest.mark.parametrize("tokens,grouped", [(1, True), (12, True), (150, False)])
 def test_bf16_inference_matches_eager(tokens, grouped):
     """Inference on bf16 models: few rows per expert take the bf16 grouped-GEMM path, more take the fp32 loop."""
@@ -162,11 +171,7 @@ def test_bf16_inference_matches_eager(tokens, grouped):
     r = random_routing(tokens, 8, 2, seed=tokens, router=routing.softmax_topk_renorm, allowed=[0, 1, 2, 4, 6])
     rows = torch_backend.sort_by_expert(r.indices, 8)
     assert torch_backend._small_low_precision_batch(hidden, experts.gate_up_proj, rows) == grouped
-    with torch.no_grad():
-        out = moe_forward(
-            hidden, r.indices, r.weights, experts.gate_up_proj, experts.down_proj, backend="torch"
-        )
-        expected = experts(hidden, r.indices, r.weights)
+    out, expected = inference_and_eager(experts, hidden, r.indices, r.weights)
     assert out.dtype == torch.bfloat16
     assert_close_scaled(out, expected, 2e-2)
 
@@ -181,11 +186,7 @@ def test_inference_with_many_rows_per_expert_matches_eager(dtype):
     r = random_routing(tokens, 8, 2, seed=seed, router=routing.softmax_topk_renorm, allowed=[0, 2, 3, 5])
     rows = torch_backend.sort_by_expert(r.indices, 8)
     assert torch_backend._rows_per_hit_expert(rows) >= torch_backend._ROW_MAJOR_ROWS
-    with torch.no_grad():
-        out = moe_forward(
-            hidden, r.indices, r.weights, experts.gate_up_proj, experts.down_proj, backend="torch"
-        )
-        expected = experts(hidden, r.indices, r.weights)
+    out, expected = inference_and_eager(experts, hidden, r.indices, r.weights)
     assert out.dtype == dtype
     assert_close_scaled(out, expected, TOL[dtype], f"seed {seed}")
 
@@ -199,22 +200,15 @@ def test_decode_rows_match_eager(tokens, k, dtype):
     hidden = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(seed)).to(dtype)
     r = random_routing(tokens, 8, k, seed=seed, router=routing.softmax_topk_renorm)
     assert r.indices.numel() <= torch_backend._DECODE_ROWS
-    with torch.no_grad():
-        out = moe_forward(
-            hidden, r.indices, r.weights, experts.gate_up_proj, experts.down_proj, backend="torch"
-        )
-        expected = experts(hidden, r.indices, r.weights)
-        assert out.dtype == dtype
-        assert_close_scaled(out, expected, TOL[dtype], f"seed {seed}")
-        dropped = r.indices.clone()
-        dropped[0, -1] = -1
-        out = moe_forward(
-            hidden, dropped, r.weights, experts.gate_up_proj, experts.down_proj, backend="torch"
-        )
-        kept = r.weights.clone()
-        kept[0, -1] = 0  # eager has no sentinel: a zero weight on any expert adds the same nothing
-        expected = experts(hidden, r.indices, kept)
-        assert_close_scaled(out, expected, TOL[dtype], f"seed {seed}, dropped")
+    out, expected = inference_and_eager(experts, hidden, r.indices, r.weights)
+    assert out.dtype == dtype
+    assert_close_scaled(out, expected, TOL[dtype], f"seed {seed}")
+    dropped = r.indices.clone()
+    dropped[0, -1] = -1
+    kept = r.weights.clone()
+    kept[0, -1] = 0  # eager has no sentinel: a zero weight on any expert adds the same nothing
+    out, expected = inference_and_eager(experts, hidden, dropped, r.weights, eager_routing=(r.indices, kept))
+    assert_close_scaled(out, expected, TOL[dtype], f"seed {seed}, dropped")
 
 
 def test_bf16_weights_with_fp32_activations():
