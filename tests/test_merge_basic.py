@@ -185,3 +185,37 @@ def test_existing_output_needs_force(tiny_llama, tmp_path):
     (precious / "notes.txt").write_text("keep")
     assert_one_line_error(run_cli("merge", str(cfg), "-o", str(precious), "--force"), "refusing to replace")
     assert (precious / "notes.txt").read_text() == "keep"
+
+
+def test_writer_flushes_in_background_and_reports_a_failed_flush(tmp_path, monkeypatch):
+    """Shards are flushed to disk on a thread as they grow; a write-back error there (reported once by Linux)
+    must surface at close, not be swallowed by the thread."""
+    import errno
+    import os
+
+    from moekit.io import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "SYNC_EVERY", 1000)
+    tensors = {f"t{i}": torch.randn(int(torch.randint(300, 900, ()))) for i in range(6)}
+    specs = [writer_module.OutputTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+
+    synced = []
+    monkeypatch.setattr(os, "fdatasync", lambda fd: synced.append(fd))
+    good = writer_module.ShardedWriter(tmp_path / "good", specs, shard_size=1 << 30)
+    (tmp_path / "good").mkdir()
+    for name, t in tensors.items():
+        good.write(name, t)
+    good.close()
+    assert synced  # the background flush ran
+    assert all(torch.equal(load_tensors(tmp_path / "good")[n], t) for n, t in tensors.items())
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    bad = writer_module.ShardedWriter(tmp_path / "bad", specs, shard_size=1 << 30)
+    (tmp_path / "bad").mkdir()
+    for name, t in tensors.items():
+        bad.write(name, t)
+    with pytest.raises(OSError, match="Input/output error"):
+        bad.close()

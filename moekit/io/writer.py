@@ -90,6 +90,7 @@ class ShardedWriter:
         self._shard = -1
         self._unsynced = 0
         self._sync: threading.Thread | None = None
+        self._sync_error: OSError | None = None
 
     def write(self, name: str, tensor: torch.Tensor, last: bool = True) -> None:
         """Append `tensor` to output `name`. A tensor may come in row chunks: pass last=False for all but the final one."""
@@ -108,7 +109,9 @@ class ShardedWriter:
         self._unsynced += tensor.numel() * tensor.element_size()
         if self._unsynced >= SYNC_EVERY and (self._sync is None or not self._sync.is_alive()):
             self._file.flush()
-            self._sync = threading.Thread(target=os.fdatasync, args=(self._file.fileno(),), daemon=True)
+            self._sync = threading.Thread(
+                target=self._flush_to_disk, args=(self._file.fileno(),), daemon=True
+            )
             self._sync.start()
             self._unsynced = 0
         if last:
@@ -123,10 +126,19 @@ class ShardedWriter:
         self._file = open(self.out_dir / self.files[si], "wb")  # noqa: SIM115 - closed in _close_file
         self._file.write(_header_bytes(self.shards[si], {"format": "pt"}))
 
+    def _flush_to_disk(self, fd: int) -> None:
+        try:
+            os.fdatasync(fd)
+        except OSError as e:  # Linux reports a write-back error once per file: keep it for the final fsync
+            self._sync_error = e
+
     def _wait_for_sync(self) -> None:
         if self._sync is not None:
             self._sync.join()
             self._sync = None
+        if self._sync_error is not None:
+            error, self._sync_error = self._sync_error, None
+            raise error
 
     def _close_file(self) -> None:
         self._wait_for_sync()
@@ -149,7 +161,9 @@ class ShardedWriter:
             (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
-        self._wait_for_sync()
+        if self._sync is not None:
+            self._sync.join()
+            self._sync = None
         if self._file is not None:
             self._file.close()
             self._file = None

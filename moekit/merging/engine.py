@@ -1,9 +1,10 @@
 """Runs a plan: for each output tensor, read its inputs, apply the method, write the result, free everything.
 
 Reads for the next piece of work are issued on a background thread while the current one computes (file reads and
-torch kernels both release the GIL), so disk and arithmetic overlap. The same thread draws the random numbers that
-a random method declares (`draws`), strictly in plan order, so the generator's serial loop overlaps arithmetic too. Elementwise methods are streamed in row
-chunks, which bounds peak memory by the chunk size rather than by the largest tensor.
+torch kernels both release the GIL), so disk and arithmetic overlap. The same thread draws the random numbers that a
+random method declares (`draws`), strictly in plan order, so the generator's serial loop overlaps arithmetic too.
+Elementwise methods are streamed in row chunks, which bounds peak memory by the chunk size rather than by the
+largest tensor.
 """
 
 from __future__ import annotations
