@@ -162,10 +162,12 @@ class MergeRunner:
             for i, piece in enumerate(work):
                 if pending is not None:
                     inputs, base, uniforms = pending.result()
-                else:  # a large piece: draw on the thread while this one reads
+                elif self.plan.method.draws is not None:  # a large piece: draw on the thread while it reads
                     drawing = pool.submit(self.draw_ahead, piece)
                     inputs, base = self.read_piece(piece)
                     uniforms = drawing.result()
+                else:
+                    (inputs, base), uniforms = self.read_piece(piece), None
                 # Every draw up to this piece is made, so the thread may draw the next piece's: plan order holds.
                 pending = None
                 if i + 1 < len(work) and work[i + 1].numel <= PREFETCH_ELEMENTS:
