@@ -1,7 +1,7 @@
 """Sparsifiers for task vectors: which elements of a delta survive, and by how much the survivors are rescaled.
 
-Each sparsifier turns the delta it is given into its sparse version in place (the caller owns the delta) and
-returns it, so a merge holds one tensor per model and no mask-sized float copies.
+Each sparsifier spends the delta it is given (the caller owns it) and returns the sparse version, written over the
+delta or over the keep mask it made, so a merge holds one tensor per model and no mask-sized float copies.
 
 The numbers are mergekit 0.1.5's (`mergekit/sparsify.py`):
 - magnitude (TIES): keep exactly k = max(1, int(density·numel)) largest |δ| over the whole tensor.
@@ -30,30 +30,30 @@ RESCALE_NORMS = ("l1", "l2", "linf", "inverse_density")
 
 
 def _sparse(delta: torch.Tensor, keep: torch.Tensor, norm: str | None, keep_prob=None, eps: float = 1e-7):
-    """delta·keep, times the norm ratio dense/sparse (none when either norm is below eps), in place, as mergekit.
+    """delta·keep, times the norm ratio dense/sparse (none when either norm is below eps), as mergekit.
 
-    `keep` is a bool or 1.0/0.0 mask: multiplying by either gives the same bits, and a float mask in delta's
-    dtype multiplies ~10× faster than a bool one, which takes a slow dtype-promoting path. mergekit measures
-    |δ·keep|; |δ|·keep holds the same values, so the sums, and the factor, are bit-identical while the dense
-    delta is read for its norm and masked in the same buffer."""
+    Both arguments are ours to overwrite: the result is written over one of them and the other is spent, so a
+    sparsify allocates nothing tensor-sized. `keep` is a bool or 1.0/0.0 mask; a float mask in delta's dtype
+    multiplies ~10× faster than a bool one, which takes a slow dtype-promoting path, and gives the same bits."""
     keep = keep.to(delta.dtype)
     if norm == "inverse_density":
         factor = 1.0 / keep_prob if isinstance(keep_prob, float) else keep_prob.reciprocal()
         return delta.mul_(keep).mul_(factor)
     if norm is None:
         return delta.mul_(keep)
+    # The masked delta goes into the mask's buffer, leaving delta's free to hold the magnitudes that mergekit
+    # sums (|δ|, then |δ·keep|): the same tensors summed the same way, so the factor has mergekit's bits.
+    sparse = torch.mul(delta, keep, out=keep)
     if norm == "l1":
-        magnitudes = delta.abs()
-        before, after = magnitudes.sum(), magnitudes.mul_(keep).sum()
-        del magnitudes
-        delta.mul_(keep)
+        before = delta.abs_().sum()
+        after = torch.abs(sparse, out=delta).sum()
     else:
         measure = (lambda x: x.norm()) if norm == "l2" else (lambda x: x.abs().max())
-        before = measure(delta)
-        after = measure(delta.mul_(keep))
+        before, after = measure(delta), measure(sparse)
+    del delta
     if before < eps or after < eps:
-        return delta
-    return delta.mul_(before / after)
+        return sparse
+    return sparse.mul_(before / after)
 
 
 SAMPLE = 1 << 16  # elements sampled (by stride) to bracket an order statistic before the exact selection

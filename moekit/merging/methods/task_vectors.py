@@ -130,50 +130,61 @@ def _consensus_sum(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(Σ agreeing wᵢδ̂ᵢ, Σ agreeing wᵢ with 0 → 1 or None when not needed), in two passes over the deltas."""
     deltas: list[torch.Tensor | None] = []
-    vote = None
+    ballots: list[torch.Tensor] = []  # held only until the vote has a buffer of its own
+    spare = vote = None
     for i, m in enumerate(tensors):
         sparse = sparsify(m.sub_(base), i)
+        if sparse.data_ptr() != m.data_ptr():
+            spare = m  # the sparsifier wrote over its mask and spent m: its buffer can hold the vote
         if consensus != "sum":  # the paper's vote is on the unweighted task vectors: weigh after voting
             sparse = sparse.mul_(weights[i])
-        ballot = sparse.sign() if consensus == "count" else sparse
-        if (
-            vote is None
-        ):  # alias the first ballot rather than copy it, unless it is about to be weighed in place
-            half = ballot.dtype in (torch.bfloat16, torch.float16)  # summed in fp32, as torch.sum does
-            vote = ballot.float() if half else ballot.clone() if consensus == "sum" else ballot
-        elif vote is deltas[0]:  # still the first delta, which must survive: allocate the sum instead
-            vote = vote + ballot
-        else:
-            vote.add_(ballot)
-        del ballot
-        deltas.append(sparse.mul_(weights[i]) if consensus == "sum" else sparse)
-    # The elected sign as ±1.0 in the vote's own buffer: >= 0 counts as +, NaN as −, like mergekit's
-    # `(sign_weight >= 0) * 2 - 1`. An element d of a weighted delta agrees when d·s > 0, which selects exactly
-    # mergekit's sign(d) == s elements; multiplying by that 1.0/0.0 mask gives mergekit's d·mask bits. Float
-    # masks, not bool ones: a bool operand sends a multiply down a dtype-promoting path ~10× slower.
-    elected = (vote.clone() if vote is deltas[0] else vote).ge_(0).mul_(2).sub_(1)
-    del vote
-
+        ballots.append(sparse.sign() if consensus == "count" else sparse)
+        vote = _tally(vote, ballots, spare, last=i == len(tensors) - 1)
+        deltas.append(sparse)
+    del ballots, spare
+    # The elected sign, ±1.0 in the vote's buffer. copysign(1, v) is mergekit's `(v >= 0) * 2 - 1` except at
+    # v = -0.0, which only a sum of zeros gives (an exact cancellation rounds to +0.0), where every delta is 0
+    # and the sign picks nothing; NaN poisons the element either way.
+    sign = torch.copysign(torch.ones((), dtype=vote.dtype), vote, out=vote)
+    # d·s is |d| where d agrees with the sign and -|d| where it does not, exactly, so mergekit's Σ d·[sign(d) = s]
+    # is s·Σ max(d·s, 0), value for value: two in-place passes per delta and no mask. (A float mask, if one
+    # is needed, not a bool one: a bool operand sends a multiply down a dtype-promoting path ~10× slower.)
     mixed = divisor = agrees = None
     for i in range(len(deltas)):
-        agreeing, deltas[i] = deltas[i], None
-        agrees = (
-            torch.mul(agreeing, elected, out=agrees).gt_(0)
-            if agrees is not None
-            else (agreeing * elected).gt_(0)
-        )
+        d, deltas[i] = deltas[i], None
+        if consensus == "sum":
+            d.mul_(weights[i])
+        d.mul_(sign)
         if need_divisor:  # the weight where the model survived (adding w·1 is exact: same bits as mergekit's)
             if divisor is None:
-                divisor = torch.zeros_like(
-                    agreeing, dtype=torch.float32 if agreeing.dtype.itemsize < 4 else None
-                )
-            divisor.add_(agrees, alpha=float(weights[i]))
-        mixed = accumulate(mixed, agreeing.mul_(agrees))
-        del agreeing
+                divisor = torch.zeros_like(sign)
+                agrees = torch.empty_like(sign)
+            divisor.add_(torch.gt(d, 0, out=agrees), alpha=float(weights[i]))
+        mixed = accumulate(mixed, d.clamp_(min=0))
+        del d
+    mixed.mul_(sign)
     if divisor is not None:
         divisor = divisor.to(base.dtype)
         divisor[divisor == 0] = 1
     return mixed, divisor
+
+
+def _tally(vote: torch.Tensor | None, ballots: Tensors, spare: torch.Tensor | None, last: bool):
+    """The running vote, Σ ballots so far, in a buffer that no delta needs (ballots are deltas). It waits for a
+    second ballot, so the first sum can go straight into a spent input's buffer; half precision is summed in
+    fp32, as torch.sum over the stacked deltas does in mergekit."""
+    if vote is not None:
+        return vote.add_(ballots.pop())
+    if len(ballots) < 2 and not last:
+        return None
+    first = ballots.pop(0)
+    if first.dtype in (torch.bfloat16, torch.float16):
+        vote = first.float()
+    elif spare is not None and spare.dtype == first.dtype and spare.shape == first.shape:
+        vote = spare.copy_(first) if not ballots else torch.add(first, ballots.pop(), out=spare)
+    else:
+        vote = first.clone() if not ballots else first + ballots.pop()
+    return vote.add_(ballots.pop()) if ballots else vote
 
 
 def one_draw_per_sparsified_model(params: dict, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
