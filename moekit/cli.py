@@ -6,6 +6,7 @@ atomic writer has removed its temporary directory; anything else is a bug and ke
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import signal
@@ -108,8 +109,12 @@ def merge_command(
     Example:
       moekit merge merge_configs/ties.yaml -o out/ties --seed 1
     """
-    from moekit.merging.api import merge
-
+    gc.disable()  # importing torch makes ~170k objects; collecting while they appear only walks them again
+    try:
+        from moekit.merging.api import merge
+    finally:
+        gc.freeze()  # and none of them is garbage: later collections skip them
+        gc.enable()
     _setup_logging(quiet, verbose)
     result = merge(
         config, out, force=force, dry_run=dry_run, shard_size=parse_size(shard_size), seed=seed,

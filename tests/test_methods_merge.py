@@ -13,6 +13,7 @@ from test_methods import close, l1_rescaled, ref_combine, ref_della, ref_slerp, 
 
 import moekit
 from moekit.errors import UserError
+from moekit.merging import engine
 
 N_LAYERS = 4  # the tiny_llama fixture
 
@@ -75,9 +76,12 @@ def test_dare_ties_walks_tensors_alphabetically_and_models_in_order(tiny_llama, 
         ), name
 
 
-def test_della_stream_through_merge_includes_1d_tensors(tiny_llama, tmp_path):
-    """DELLA through the engine (which draws the uniforms ahead on its reader thread): matrices and the 1-D norm
-    weights, each ranked as one row, against the per-tensor reference drawn from one generator in plan order."""
+@pytest.mark.parametrize("draw_ahead", [0, 10**9], ids=["one-piece-ahead", "all-ahead"])
+def test_della_stream_through_merge_includes_1d_tensors(tiny_llama, tmp_path, monkeypatch, draw_ahead):
+    """DELLA through the engine (which draws the uniforms ahead on its draw thread, as far as its budget lets
+    it): matrices and the 1-D norm weights, each ranked as one row, against the per-tensor reference drawn from
+    one generator in plan order."""
+    monkeypatch.setattr(engine, "DRAW_AHEAD_ELEMENTS", draw_ahead)
     weights, density, eps, seed = [0.7, 0.4], [0.45, 0.6], [0.2, 0.1], int(torch.randint(0, 2**31, ()))
     cfg = {
         "merge_method": "della",

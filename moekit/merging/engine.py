@@ -1,19 +1,22 @@
 """Runs a plan: for each output tensor, read its inputs, apply the method, write the result, free everything.
 
 Reads for the next piece of work are issued on a background thread while the current one computes (file reads and
-torch kernels both release the GIL), so disk and arithmetic overlap. The same thread draws the random numbers that a
-random method declares (`draws`), strictly in plan order, so the generator's serial loop overlaps arithmetic too.
+torch kernels both release the GIL), so disk and arithmetic overlap. A second thread draws the random numbers that a
+random method declares (`draws`), strictly in plan order and ahead of use, so the generator's serial loop overlaps
+both.
 Elementwise methods are streamed in row chunks, which bounds peak memory by the chunk size rather than by the
 largest tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +26,8 @@ from moekit.merging.methods.sparsify import Uniforms
 from moekit.merging.plan import CHUNK_ELEMENTS, PREFETCH_ELEMENTS, Job, Plan, TensorRef, compute_dtype_for
 
 log = logging.getLogger("moekit")
+
+DRAW_AHEAD_ELEMENTS = 16 * CHUNK_ELEMENTS  # random numbers drawn ahead of the compute: 64 MB of fp32
 
 
 @dataclass
@@ -114,10 +119,6 @@ class MergeRunner:
         draws = self.plan.method.draws
         return None if draws is None else Uniforms(self.rng, draws(piece.job.params, piece.job.out.shape))
 
-    def prepare(self, piece: Piece) -> tuple[list[torch.Tensor], torch.Tensor | None, Uniforms | None]:
-        inputs, base = self.read_piece(piece)
-        return inputs, base, self.draw_ahead(piece)
-
     def compute(
         self, piece: Piece, inputs: list[torch.Tensor], base: torch.Tensor | None, uniforms: Uniforms | None
     ) -> torch.Tensor:
@@ -157,23 +158,68 @@ class MergeRunner:
     def run(self, write: Callable[[Job, torch.Tensor, bool], None]) -> None:
         """Compute every piece in plan order and hand it to `write(job, tensor, is_last_piece)`."""
         work = list(pieces(self.plan))
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-read") as pool:
+        drawing = self.plan.method.draws is not None
+        with (
+            background_thread("moekit-read") as reader,
+            background_thread("moekit-draw") as drawer,
+        ):
+            draws = DrawAhead(self, work, drawer) if drawing else None
             pending = None
             for i, piece in enumerate(work):
-                if pending is not None:
-                    inputs, base, uniforms = pending.result()
-                elif self.plan.method.draws is not None:  # a large piece: draw on the thread while it reads
-                    drawing = pool.submit(self.draw_ahead, piece)
-                    inputs, base = self.read_piece(piece)
-                    uniforms = drawing.result()
-                else:
-                    (inputs, base), uniforms = self.read_piece(piece), None
-                # Every draw up to this piece is made, so the thread may draw the next piece's: plan order holds.
+                uniforms = draws.take(i) if draws is not None else None
+                inputs, base = pending.result() if pending is not None else self.read_piece(piece)
                 pending = None
                 if i + 1 < len(work) and work[i + 1].numel <= PREFETCH_ELEMENTS:
-                    pending = pool.submit(self.prepare, work[i + 1])
-                out = self.compute(piece, inputs, base, uniforms)
+                    pending = reader.submit(self.read_piece, work[i + 1])
+                out = self.compute(piece, inputs, base, uniforms.result() if uniforms is not None else None)
                 del inputs, base, uniforms  # free the inputs before the write, so only the output is alive
                 write(piece.job, out, piece.last)
                 if piece.last:
                     self.on_progress(piece.job)
+
+
+@contextlib.contextmanager
+def background_thread(name: str) -> Iterator[ThreadPoolExecutor]:
+    """One worker thread; work still queued when the run fails is dropped, not done."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class DrawAhead:
+    """A random method's declared draws, made on their own thread in plan order, ahead of the compute.
+
+    torch's generator is a serial loop (~6 ns a number here) and a DARE merge draws one number per element per
+    model: it is the merge's longest single chain of work, so it should never wait for reads or arithmetic. It
+    runs up to DRAW_AHEAD_ELEMENTS numbers ahead of the piece being computed (always at least the next piece),
+    which bounds the memory that drawn-but-unused numbers hold.
+    """
+
+    def __init__(self, runner: MergeRunner, work: list[Piece], pool: ThreadPoolExecutor):
+        self.runner, self.work, self.pool = runner, work, pool
+        self.queue: deque[tuple[Future, int]] = (
+            deque()
+        )  # (draws, their element count) of pieces not yet taken
+        self.submitted = self.ahead = 0
+
+    def take(self, i: int) -> Future:
+        """The future Uniforms of piece i; pieces are taken in order."""
+        self._fill()
+        future, size = self.queue.popleft()
+        self.ahead -= size
+        self._fill()
+        return future
+
+    def _fill(self) -> None:
+        while self.submitted < len(self.work):
+            piece = self.work[self.submitted]
+            size = sum(
+                math.prod(s) for s in self.runner.plan.method.draws(piece.job.params, piece.job.out.shape)
+            )
+            if self.queue and self.ahead + size > DRAW_AHEAD_ELEMENTS:
+                return
+            self.queue.append((self.pool.submit(self.runner.draw_ahead, piece), size))
+            self.ahead += size
+            self.submitted += 1

@@ -58,7 +58,8 @@ class Plan(PlannedOutputs):
 
     def peak_memory_estimate(self) -> int:
         """Bytes of tensor data in flight at once: the worst job's inputs in compute dtype, twice (prefetch), plus
-        output and two temporaries. Row-chunked (elementwise) jobs are bounded by the chunk size."""
+        output and two temporaries, plus a random method's fp32 draws for the job and for the next one (drawn
+        ahead). Row-chunked (elementwise) jobs are bounded by the chunk size."""
         itemsize = self.config.compute_dtype.itemsize
         worst = 0
         for job in self.jobs:
@@ -67,7 +68,12 @@ class Plan(PlannedOutputs):
                 numel = min(numel, CHUNK_ELEMENTS)
             n_in = len(job.inputs) + (job.base is not None)
             copies = 2 * n_in if numel <= PREFETCH_ELEMENTS else n_in
-            worst = max(worst, numel * itemsize * (copies + 3))
+            drawn = (
+                0
+                if self.method.draws is None
+                else sum(map(math.prod, self.method.draws(job.params, job.out.shape)))
+            )
+            worst = max(worst, numel * itemsize * (copies + 3) + 2 * 4 * drawn)
         return worst
 
     def close(self) -> None:
