@@ -178,14 +178,17 @@ def test_bf16_inference_matches_eager(tokens, grouped):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_inference_with_many_rows_per_expert_matches_eager(dtype):
-    """Hundreds of rows per expert take the row-major path (X·Wᵀ per expert); some experts get no tokens."""
+    """Hundreds of rows per expert take the per-expert-block path, whose row counts are padded to a multiple of
+    8; some experts get no tokens."""
     seed = int(torch.randint(0, 2**31, ()))
     experts = mixtral_experts(seed=seed % 1000).to(dtype)
     tokens = 700
     hidden = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(seed)).to(dtype)
     r = random_routing(tokens, 8, 2, seed=seed, router=routing.softmax_topk_renorm, allowed=[0, 2, 3, 5])
     rows = torch_backend.sort_by_expert(r.indices, 8)
-    assert torch_backend._rows_per_hit_expert(rows) >= torch_backend._ROW_MAJOR_ROWS
+    assert torch_backend._rows_per_hit_expert(rows) >= torch_backend._PER_EXPERT_ROWS
+    counts = [b - a for a, b in zip(rows.bounds, rows.bounds[1:])]
+    assert any(n % torch_backend._COLUMN_MULTIPLE for n in counts), counts  # padding is exercised
     out, expected = inference_and_eager(experts, hidden, r.indices, r.weights)
     assert out.dtype == dtype
     assert_close_scaled(out, expected, TOL[dtype], f"seed {seed}")

@@ -7,9 +7,9 @@ token order and sum the k slots.
 
 Choices measured on a 2-core AVX2 EPYC without bf16 units (see bench/moe_layer.py):
 - Products are written weight-first, `W @ Xᵀ` ([out, in] @ [in, n]): MKL runs that shape up to 2× faster than
-  `X @ Wᵀ` for the few-row products that MoE experts see. All activations therefore stay transposed ([dim, n]).
-  From a few hundred rows per expert that stops paying and the shared [dim, S] buffers' long rows slow MKL
-  down, so inference there multiplies row-major, one contiguous block per expert (`_forward_row_major`).
+  `X @ Wᵀ` for the few-row products that MoE experts see, and still 5–15% faster at hundreds of rows. All
+  activations therefore stay transposed ([dim, n]). From a few hundred rows per expert the shared [dim, S]
+  buffers' long rows slow MKL down, so inference there gives each expert its own blocks (`_forward_per_expert`).
 - bf16/fp16 weights are multiplied in fp32, since a bf16 GEMM runs 5–10× slower here. Each expert that got
   tokens is upcast right before use into one reused buffer (one expert's weight at a time), so the cost is one
   read of the weights that are hit. No fp32 copy outlives a call, so nothing goes stale when the weights are
@@ -32,9 +32,12 @@ import torch.nn.functional as F
 _SMALL_BATCH_ROWS = 16
 # Up to this many (token, slot) rows, inference runs row by row without sorting (see _forward_decode).
 _DECODE_ROWS = 4
-# From this many rows per expert (on average over the experts hit) inference multiplies row-major, X·Wᵀ per
-# expert (see _forward_row_major); below it the weight-first layout is faster.
-_ROW_MAJOR_ROWS = 256
+# From this many rows per expert (on average over the experts hit) inference gives each expert its own buffers
+# (see _forward_per_expert); below it one shared buffer per projection, with SwiGLU run once, is faster.
+_PER_EXPERT_ROWS = 256
+# MKL's W·Xᵀ is fast when the activations' column count is a multiple of this (measured: 97-113 µs a row at
+# n = 240, 248, 256, 264; 145-155 at n = 250, 252, 260).
+_COLUMN_MULTIPLE = 8
 
 
 def compute_dtype(hidden_dtype: torch.dtype, weight_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -223,8 +226,8 @@ def torch_experts(
     row_weights = top_k_weights.reshape(-1).to(dtype)[rows.order]
     if _small_low_precision_batch(hidden, gate_up_proj, rows):
         out = _forward_grouped(hidden, rows, row_weights, gate_up_proj, down_proj)
-    elif _rows_per_hit_expert(rows) >= _ROW_MAJOR_ROWS:
-        out = _forward_row_major(hidden.to(dtype), rows, row_weights, gate_up_proj, down_proj, dtype)
+    elif _rows_per_hit_expert(rows) >= _PER_EXPERT_ROWS:
+        out = _forward_per_expert(hidden.to(dtype), rows, row_weights, gate_up_proj, down_proj, dtype)
     else:
         out, _ = _forward(
             hidden.to(dtype), rows, row_weights, gate_up_proj, down_proj, dtype, keep_preact=False
@@ -260,13 +263,16 @@ def _rows_per_hit_expert(rows: ExpertRows) -> float:
     return rows.bounds[-1] / max(1, hit)
 
 
-def _forward_row_major(hidden, rows: ExpertRows, row_weights, gate_up_proj, down_proj, dtype) -> torch.Tensor:
-    """Inference with many rows per expert -> [T, H] in `dtype`: per expert, X·Wᵀ into its own [n, 2I] block,
-    SwiGLU, and the down product straight into the expert's rows of the output, scaled there.
+def _forward_per_expert(
+    hidden, rows: ExpertRows, row_weights, gate_up_proj, down_proj, dtype
+) -> torch.Tensor:
+    """Inference with many rows per expert -> [T, H] in `dtype`: per expert, W·Xᵀ into its own [2I, n] block,
+    SwiGLU there, the down product W·actᵀ into an [H, n] block, and that block, scaled, into the expert's rows.
 
-    Every operand is contiguous and no activation is transposed. At a few hundred rows per expert the
-    weight-first layout's shared [2I, S] buffer, with a leading dimension of S, slows MKL down: 4096 tokens of
-    the Mixtral-like bench layer ran 2.2 s that way and 1.6 s this way."""
+    Weight-first, like `_forward`, but every block is the expert's own and contiguous: the shared [2I, S] buffer
+    has a leading dimension of S, which slows MKL down at a few hundred rows per expert. MKL runs W·Xᵀ ~20%
+    faster than X·Wᵀ here when n is a multiple of 8 and ~20% slower when it is not, so each expert's rows are
+    padded to a multiple of 8 (repeating its last row; the extra columns are dropped)."""
     num_rows = rows.bounds[-1]
     upcast = Upcaster(gate_up_proj[0].numel(), dtype, hidden.device)
     sorted_out = torch.empty(rows.order.numel(), hidden.shape[1], dtype=dtype, device=hidden.device)
@@ -274,10 +280,14 @@ def _forward_row_major(hidden, rows: ExpertRows, row_weights, gate_up_proj, down
     for expert, (start, stop) in enumerate(zip(rows.bounds, rows.bounds[1:])):
         if start == stop:
             continue
-        x = hidden.index_select(0, rows.tokens[start:stop])
-        act = _swiglu(torch.mm(x, upcast(gate_up_proj[expert]).t()), in_place=True, dim=1)
-        out = torch.mm(act, upcast(down_proj[expert]).t(), out=sorted_out[start:stop])
-        out.mul_(row_weights[start:stop, None])
+        tokens = rows.tokens[start:stop]
+        pad = -(stop - start) % _COLUMN_MULTIPLE
+        if pad:
+            tokens = torch.cat([tokens, tokens[-1:].expand(pad)])
+        x_t = hidden.index_select(0, tokens).t()  # [H, n + pad]
+        act_t = _swiglu(torch.mm(upcast(gate_up_proj[expert]), x_t), in_place=True)  # [I, n + pad]
+        out_t = torch.mm(upcast(down_proj[expert]), act_t)  # [H, n + pad]
+        torch.mul(out_t[:, : stop - start].t(), row_weights[start:stop, None], out=sorted_out[start:stop])
     return _combine(sorted_out, rows)
 
 
