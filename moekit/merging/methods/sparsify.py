@@ -148,9 +148,9 @@ def work_dtype(delta: torch.Tensor) -> torch.dtype:
 class Uniforms:
     """U[0, 1) fp32 draws taken from the run's generator ahead of time, handed out in the order they were drawn.
 
-    torch's generator is a serial per-element loop (~9 ns an element here, a quarter of a DARE merge), so the
-    engine draws the next tensor's uniforms on its reader thread while this one computes. The stream is the
-    same as drawing at the point of use: draws happen in tensor order, models in config order."""
+    torch's generator is a serial per-element loop (~6 ns an element here, a DARE merge's longest chain of work),
+    so the engine draws on a thread of its own, ahead of the compute. The stream is the same as drawing at the
+    point of use: draws happen in tensor order, models in config order."""
 
     def __init__(self, rng: torch.Generator, shapes: Sequence[tuple[int, ...]]):
         self._drawn = deque(torch.rand(shape, generator=rng) for shape in shapes)

@@ -11,9 +11,9 @@ della_linear. Each is base + λ·combine(wᵢ·sparsify(mᵢ − base)), with me
 
 mergekit stacks every delta ([n, *shape] in the compute dtype) and multiplies masks into copies of that stack.
 Here each input is turned into its weighted sparse delta in place (the engine's inputs are ours to overwrite) and
-added into the vote; the second pass zeroes the disagreeing elements of each, in place, and sums them. Peak extra
-memory is the vote, one byte per element for the elected sign and a few one-delta temporaries, whatever the
-number of models.
+added into the vote; the second pass zeroes the disagreeing elements of each, in place, and sums them. The vote
+(and then the elected sign) lives in an input buffer a sparsifier left free when it can, so peak extra memory is
+at most the vote and a few one-delta temporaries, whatever the number of models.
 
 Paper variants, off by default: `sign_vote: sum` is the TIES paper's unweighted vote (the sign of the sum of
 the trimmed task vectors before weighting) and `sign_vote: count` is a majority of signs; `rescale_norm:
