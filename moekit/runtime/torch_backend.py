@@ -35,8 +35,8 @@ _DECODE_ROWS = 4
 # From this many rows per expert (on average over the experts hit) inference gives each expert its own buffers
 # (see _forward_per_expert); below it one shared buffer per projection, with SwiGLU run once, is faster.
 _PER_EXPERT_ROWS = 256
-# MKL's W·Xᵀ is fast when the activations' column count is a multiple of this (measured: 97-113 µs a row at
-# n = 240, 248, 256, 264; 145-155 at n = 250, 252, 260).
+# MKL's W·Xᵀ is fast when the activations' column count is a multiple of this (bench/expert_gemm_layout.py:
+# 93-100 µs a row at n = 240, 248, 256, 264; 118-149 at n = 250, 252, 260; X·Wᵀ 122-135 at any n).
 _COLUMN_MULTIPLE = 8
 
 
@@ -270,8 +270,8 @@ def _forward_per_expert(
     SwiGLU there, the down product W·actᵀ into an [H, n] block, and that block, scaled, into the expert's rows.
 
     Weight-first, like `_forward`, but every block is the expert's own and contiguous: the shared [2I, S] buffer
-    has a leading dimension of S, which slows MKL down at a few hundred rows per expert. MKL runs W·Xᵀ ~20%
-    faster than X·Wᵀ here when n is a multiple of 8 and ~20% slower when it is not, so each expert's rows are
+    has a leading dimension of S, which slows MKL down at a few hundred rows per expert. MKL runs W·Xᵀ 1.3-1.4×
+    faster than X·Wᵀ here when n is a multiple of 8 and 0.9-1.1× when it is not, so each expert's rows are
     padded to a multiple of 8 (repeating its last row; the extra columns are dropped)."""
     num_rows = rows.bounds[-1]
     upcast = Upcaster(gate_up_proj[0].numel(), dtype, hidden.device)
