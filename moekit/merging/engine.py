@@ -115,10 +115,6 @@ class MergeRunner:
         out = self.plan.vocab.permute(tensors, [r.model for r in refs], hold)
         return out[: len(inputs)], (out[-1] if base is not None else None)
 
-    def draw_ahead(self, piece: Piece) -> Uniforms | None:
-        draws = self.plan.method.draws
-        return None if draws is None else Uniforms(self.rng, draws(piece.job.params, piece.job.out.shape))
-
     def compute(
         self, piece: Piece, inputs: list[torch.Tensor], base: torch.Tensor | None, uniforms: Uniforms | None
     ) -> torch.Tensor:
@@ -158,21 +154,21 @@ class MergeRunner:
     def run(self, write: Callable[[Job, torch.Tensor, bool], None]) -> None:
         """Compute every piece in plan order and hand it to `write(job, tensor, is_last_piece)`."""
         work = list(pieces(self.plan))
-        drawing = self.plan.method.draws is not None
         with (
             background_thread("moekit-read") as reader,
             background_thread("moekit-draw") as drawer,
         ):
-            draws = DrawAhead(self, work, drawer) if drawing else None
+            draws = DrawAhead(self, work, drawer) if self.plan.method.draws is not None else None
             pending = None
             for i, piece in enumerate(work):
-                uniforms = draws.take(i) if draws is not None else None
+                drawn = draws.take() if draws is not None else None
                 inputs, base = pending.result() if pending is not None else self.read_piece(piece)
                 pending = None
                 if i + 1 < len(work) and work[i + 1].numel <= PREFETCH_ELEMENTS:
                     pending = reader.submit(self.read_piece, work[i + 1])
-                out = self.compute(piece, inputs, base, uniforms.result() if uniforms is not None else None)
-                del inputs, base, uniforms  # free the inputs before the write, so only the output is alive
+                uniforms = drawn.result() if drawn is not None else None
+                out = self.compute(piece, inputs, base, uniforms)
+                del inputs, base, drawn, uniforms  # only the output stays alive through the write
                 write(piece.job, out, piece.last)
                 if piece.last:
                     self.on_progress(piece.job)
@@ -199,13 +195,12 @@ class DrawAhead:
 
     def __init__(self, runner: MergeRunner, work: list[Piece], pool: ThreadPoolExecutor):
         self.runner, self.work, self.pool = runner, work, pool
-        self.queue: deque[tuple[Future, int]] = (
-            deque()
-        )  # (draws, their element count) of pieces not yet taken
+        # (future Uniforms, their element count) of the pieces drawn for but not yet taken, in plan order
+        self.queue: deque[tuple[Future, int]] = deque()
         self.submitted = self.ahead = 0
 
-    def take(self, i: int) -> Future:
-        """The future Uniforms of piece i; pieces are taken in order."""
+    def take(self) -> Future:
+        """The future Uniforms of the next piece (pieces are taken in plan order)."""
         self._fill()
         future, size = self.queue.popleft()
         self.ahead -= size
@@ -214,12 +209,11 @@ class DrawAhead:
 
     def _fill(self) -> None:
         while self.submitted < len(self.work):
-            piece = self.work[self.submitted]
-            size = sum(
-                math.prod(s) for s in self.runner.plan.method.draws(piece.job.params, piece.job.out.shape)
-            )
+            job = self.work[self.submitted].job
+            shapes = self.runner.plan.method.draws(job.params, job.out.shape)
+            size = sum(map(math.prod, shapes))
             if self.queue and self.ahead + size > DRAW_AHEAD_ELEMENTS:
                 return
-            self.queue.append((self.pool.submit(self.runner.draw_ahead, piece), size))
+            self.queue.append((self.pool.submit(Uniforms, self.runner.rng, shapes), size))
             self.ahead += size
             self.submitted += 1
