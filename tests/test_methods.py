@@ -106,6 +106,32 @@ def test_ties_keeps_exactly_k_even_with_tied_magnitudes():
     assert got.abs().min() == 0 and (got[got != 0].abs() >= 2).all()  # the largest magnitudes won
 
 
+@pytest.mark.parametrize("vote", ["weighted_sum", "count"])
+def test_sign_vote_that_cancels_exactly_elects_plus(vote):
+    """Where the ballots cancel exactly the vote is +0.0 and the elected sign is +, as mergekit's `vote >= 0`:
+    the positive deltas survive there. Elsewhere fresh random deltas vote as usual."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+
+    def dyadic(scale):  # random multiples of 1/1024: sums and differences here are exact in fp32
+        return torch.randint(-scale, scale + 1, (64, 8), generator=g).float() / 1024
+
+    base, x, y = dyadic(4096), dyadic(1024), dyadic(1024)
+    y[::2] = -x[::2]  # every other row cancels exactly
+    got = call("ties", [base + x, base + y], base, weight=1.0, density=1.0, sign_vote=vote)
+    dx, dy = (base + x) - base, (base + y) - base  # the deltas as the method sees them (rounded)
+    if vote == "count":  # the reference: a majority of signs, 0 counting as +
+        elected = torch.where(dx.sign() + dy.sign() >= 0, 1.0, -1.0)
+        agree = torch.stack([(d.sign() == elected).float() for d in (dx, dy)])
+        mixed, divisor = (torch.stack([dx, dy]) * agree).sum(0), agree.sum(0)
+        want = base + mixed / torch.where(divisor == 0, 1.0, divisor)
+    else:
+        want = ref_combine(base, [dx, dy], [1.0, 1.0], consensus=True, normalize=True, lam=1.0)
+    cancelled = (dx + dy == 0) & (dx != 0)
+    assert cancelled.any() and (cancelled | (dx == 0))[::2].all()
+    assert torch.equal(got[cancelled], (base + dx.clamp(min=0) + dy.clamp(min=0))[cancelled])
+    assert close(got, want)
+
+
 def test_ties_rescale_and_paper_vote():
     base, models = random_models(3, seed=2)
     weight, density = [2.0, 0.3, 0.5], [0.5, 0.5, 0.5]
