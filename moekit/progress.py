@@ -1,4 +1,5 @@
-"""A progress bar over tensors and bytes written, with ETA (rich), or nothing when quiet."""
+"""A progress bar over tensors and bytes written, with ETA (rich), or nothing when quiet; and transformers' own
+bars following the same switch."""
 
 from __future__ import annotations
 
@@ -43,3 +44,18 @@ def tensor_progress(
             progress.update(task, advance=nbytes, done=done)
 
         yield advance
+
+
+@contextmanager
+def transformers_bars(enabled: bool) -> Iterator[None]:
+    """transformers' own bars (its "Loading weights" one) shown only when ours are: a quiet run stays quiet."""
+    from transformers.utils import logging as hf_logging
+
+    turn_off = hf_logging.is_progress_bar_enabled() and not enabled
+    if turn_off:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if turn_off:
+            hf_logging.enable_progress_bar()

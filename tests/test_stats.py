@@ -358,6 +358,7 @@ def test_cli_end_to_end(mixtral_dir, labelled_prompts, tmp_path, capsys):
     )  # fmt: skip
     assert code == 0, err
     assert "specialisation" in stdout
+    assert "Loading weights" not in err  # with stderr not a terminal, no bars: ours or transformers'
     api = route_stats(mixtral_dir, labelled_prompts, batch_size=4)
     data = json.loads((tmp_path / "out.json").read_text())
     assert data["layers"][1]["counts"] == api.counts[1].tolist()

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from moekit.errors import UserError
+from moekit.progress import transformers_bars
 
 EMBED_NAME = "model.embed_tokens.weight"
 
@@ -154,22 +155,16 @@ def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[t
 
 def load_model(model_dir: Path, device: str, dtype: torch.dtype, progress: bool = False):
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    if not progress:  # transformers' own "Loading weights" bar would break `moekit merge -q`
-        hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=False)
+        with transformers_bars(progress):
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(
             f"{model_dir}: cannot load the base model for hidden-state gates ({str(e).splitlines()[0]})"
         ) from None
-    finally:
-        if bar_was_on and not progress:
-            hf_logging.enable_progress_bar()
     return model.to(device).eval()
 
 

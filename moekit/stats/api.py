@@ -9,6 +9,7 @@ import torch
 
 import moekit
 from moekit.errors import UserError
+from moekit.progress import transformers_bars
 from moekit.stats.collect import collect, find_routers, load_model, moe_shape
 from moekit.stats.prompts import prompt_sources, token_windows
 from moekit.stats.result import RouteStats
@@ -38,7 +39,8 @@ def route_stats(
         raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
     sources = prompt_sources(prompts)
     if isinstance(model_or_path, (str, Path)):
-        model, loaded_tokenizer = load_model(model_or_path, device)
+        with transformers_bars(progress):
+            model, loaded_tokenizer = load_model(model_or_path, device)
         tokenizer = tokenizer or loaded_tokenizer
         model_name = str(model_or_path)
     else:
