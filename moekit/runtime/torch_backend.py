@@ -8,7 +8,7 @@ token order and sum the k slots.
 Choices measured on a 2-core AVX2 EPYC without bf16 units (see bench/moe_layer.py):
 - Products are written weight-first, `W @ Xᵀ` ([out, in] @ [in, n]): MKL runs that shape up to 2× faster than
   `X @ Wᵀ` for the few-row products that MoE experts see, and 1.3–1.4× faster at hundreds of rows when the row
-  count is a multiple of 8 (bench/expert_gemm_layout.py; other counts are padded up to one). All
+  count is a multiple of 8 (bench/expert_gemm_layout.py; the per-expert path pads to one). All
   activations therefore stay transposed ([dim, n]). From a few hundred rows per expert the shared [dim, S]
   buffers' long rows slow MKL down, so inference there gives each expert its own blocks (`_forward_per_expert`).
 - bf16/fp16 weights are multiplied in fp32, since a bf16 GEMM runs 5–10× slower here. Each expert that got
