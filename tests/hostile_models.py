@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from moekit.demo.tiny_models import llama_config
 
-LITTER_PATTERNS = (".*.moekit-tmp-*", ".*.moekit-old-*")
+LITTER_PATTERNS = (".*.moekit-tmp-*", ".*.moekit-old-*", ".*.moekit-lock")
 INTERRUPTED = "moekit: interrupted; no output was written"  # what Ctrl-C and SIGTERM print (moekit/cli.py)
 
 

@@ -61,8 +61,8 @@ TA = dict(base="base")
 
 
 def _output_holding_input(models, d) -> dict:
-    """A directory that is an earlier model output (so --force may replace it) and also holds an input model."""
-    (d / "config.json").write_text("{}")
+    """A directory that is an earlier moekit output (so --force may replace it) and also holds an input model."""
+    (d / "moekit_config.yaml").write_text("{}\n")
     return linear_config(shutil.copytree(models["ft1"], d / "mine"), models["ft2"])
 
 

@@ -28,6 +28,7 @@ from hostile_models import (
 )
 
 import moekit
+import moekit.io.output_dir
 import moekit.io.writer
 
 __all__ = ["micro_models"]
@@ -183,12 +184,15 @@ def test_existing_output_is_never_touched_without_force(micro_models, tmp_path):
     result = run_cli_in_process("merge", str(config), "-o", str(out), "--force")
     assert result.code == 2 and "refusing to replace it even with --force" in result.lines[0]
     assert snapshot(out) == {"precious.txt": b"not a model, but mine"} and not litter(tmp_path)
-    # An earlier model output is replaced with --force.
+    # A config.json does not make it a model directory while other files are there.
     (out / "config.json").write_text("{}")
+    result = run_cli_in_process("merge", str(config), "-o", str(out), "--force")
+    assert result.code == 2 and "holds 'precious.txt'" in result.lines[0]
+    assert (out / "precious.txt").is_file() and not litter(tmp_path)
+    # A model directory with nothing else in it is replaced with --force.
+    (out / "precious.txt").unlink()
     assert run_cli_in_process("merge", str(config), "-o", str(out), "--force").code == 0
-    assert (
-        not (out / "precious.txt").exists() and (out / "model.safetensors").is_file() and not litter(tmp_path)
-    )
+    assert (out / "model.safetensors").is_file() and not litter(tmp_path)
 
 
 def test_commit_defers_a_signal_until_the_output_is_whole(tmp_path, monkeypatch):
@@ -207,7 +211,7 @@ def test_commit_defers_a_signal_until_the_output_is_whole(tmp_path, monkeypatch)
             signal.raise_signal(signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
-        with moekit.io.writer.atomic_output_dir(out, force=True) as tmp:
+        with moekit.io.output_dir.atomic_output_dir(out, force=True) as tmp:
             (tmp / "new.txt").write_text("new")
             monkeypatch.setattr(os, "rename", rename_then_interrupt)
     monkeypatch.undo()

@@ -14,6 +14,7 @@ from pathlib import Path
 from hostile_models import INTERRUPTED, linear_config, micro_models, run_case, run_cli_in_process, write_yaml
 from test_hostile_checkpoints import CHECKPOINT_CASES, LIED, poison
 from test_hostile_configs import CONFIG_CASES
+from test_hostile_outputs import OUTPUT_CASES, run_on_locked_output, run_while_output_appears
 
 import moekit
 import moekit.io.writer
@@ -76,6 +77,24 @@ def _other_rows(models, root: Path, names: dict[str, str], monkeypatch, caplog) 
     return rows
 
 
+def _output_rows(models, root: Path, names: dict[str, str], monkeypatch) -> list[str]:
+    rows = _case_rows(OUTPUT_CASES, models, root / "cases", names)
+    for case, what, run in (
+        ("output-locked", "another merge is writing the same output", run_on_locked_output),
+        (
+            "output-appeared",
+            "the output is created by another program while the merge runs",
+            lambda m, d: run_while_output_appears(m, d, monkeypatch),
+        ),
+    ):
+        case_dir = root / case
+        case_dir.mkdir(parents=True)
+        result = run(models, case_dir)
+        assert result.code == 2 and len(result.lines) == 1, (case, result.stderr)
+        rows.append(_row(case, what, _clean(result.lines[0], names | {str(case_dir): "."})))
+    return rows
+
+
 def _table(models, root: Path, monkeypatch, caplog) -> str:
     names = {str(p): f"models/{p.name}" for p in models.values()}
     header = ["| case | bad input | what the user sees (stderr; exit 2 unless noted) |", "|---|---|---|"]
@@ -86,6 +105,7 @@ def _table(models, root: Path, monkeypatch, caplog) -> str:
             "Interruptions, full disks, existing outputs, allowed NaN",
             _other_rows(models, root, names, monkeypatch, caplog),
         ),
+        ("Existing outputs and concurrent runs", _output_rows(models, root / "outputs", names, monkeypatch)),
     ]
     return "\n\n".join(f"#### {title}\n\n" + "\n".join(header + rows) for title, rows in sections)
 

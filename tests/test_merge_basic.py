@@ -173,7 +173,7 @@ def test_existing_output_needs_force(tiny_llama, tmp_path):
     )
     out = tmp_path / "out"
     out.mkdir()
-    (out / "config.json").write_text("{}")  # an earlier model output: --force may replace it
+    (out / "moekit_config.yaml").write_text("{}\n")  # an earlier moekit output: --force may replace it
     (out / "keep.txt").write_text("mine")
     assert_one_line_error(run_cli("merge", str(cfg), "-o", str(out)), "--force")
     assert (out / "keep.txt").read_text() == "mine"

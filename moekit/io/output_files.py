@@ -23,6 +23,10 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 
+MARKER_NAME = (
+    "moekit_config.yaml"  # the recipe: it also marks a directory as moekit's, which --force may replace
+)
+
 DTYPE_CONFIG_NAMES = {
     torch.float32: "float32",
     torch.float16: "float16",
@@ -68,7 +72,7 @@ def copy_generation_config(sources: list[Path], dst: Path) -> None:
 def write_recipe(dst: Path, raw_config: dict, title: str, summary_lines: list[str]) -> None:
     """moekit_config.yaml (the config, as given) and a README.md model card that quotes it."""
     text = yaml.safe_dump(raw_config, sort_keys=False)
-    (dst / "moekit_config.yaml").write_text(text)
+    (dst / MARKER_NAME).write_text(text)
     body = "\n".join(f"- {line}" for line in summary_lines)
     card = (
         "---\nlibrary_name: transformers\ntags:\n- moekit\n- merge\n---\n"

@@ -171,12 +171,18 @@ class CheckpointReader:
         self.close()
 
 
+# Shard files a reader keeps open between reads. Consecutive reads mostly hit the same shard (the row chunks of one
+# tensor); reopening costs microseconds against the megabytes read, and a checkpoint of hundreds of shards must
+# not need hundreds of file descriptors (a merge under `ulimit -n 16` has to work, and to clean up after itself).
+MAX_OPEN_SHARDS = 2
+
+
 class TensorReader(CheckpointReader):
     """Reads tensors (or row ranges of them) from a set of safetensors files, one at a time, without mmap."""
 
     def __init__(self, infos: dict[str, TensorInfo]):
         self.infos = infos
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, object] = {}  # most recently used last
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor `name` in its stored dtype; with `rows=(a, b)`, only rows a..b of dimension 0."""
@@ -201,13 +207,15 @@ class TensorReader(CheckpointReader):
         return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
 
     def _handle(self, path: Path):
-        f = self._handles.get(path)
+        f = self._handles.pop(path, None)
         if f is None:
+            while len(self._handles) >= MAX_OPEN_SHARDS:
+                self._handles.pop(next(iter(self._handles))).close()
             try:
-                f = open(path, "rb")  # noqa: SIM115 - kept open across reads, closed in close()
+                f = open(path, "rb")  # noqa: SIM115 - kept open across reads, closed here or in close()
             except OSError as e:
                 raise UserError(f"{path}: cannot open: {e.strerror or e}") from None
-            self._handles[path] = f
+        self._handles[path] = f
         return f
 
     def close(self) -> None:

@@ -12,8 +12,6 @@ import errno
 import json
 import math
 import os
-import shutil
-import signal
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,6 +21,7 @@ from pathlib import Path
 import torch
 
 from moekit.errors import UserError
+from moekit.io.output_dir import atomic_output_dir
 from moekit.io.safetensors_reader import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
 
 
@@ -167,95 +166,6 @@ class ShardedWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def check_output_free(out: Path, force: bool) -> None:
-    """Refuse an existing output before any work is done, unless `force`."""
-    if out.exists() and not force:
-        raise UserError(
-            f"output '{out}' already exists; pass --force to replace it (the old one is kept until the new one is complete)"
-        )
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output '{out}' exists and is not a directory; choose another --out")
-    if out.is_dir() and not looks_like_model_output(out):
-        raise UserError(
-            f"output '{out}' is a non-empty directory that holds no model (no config.json or *.safetensors); "
-            "refusing to replace it even with --force: choose another --out"
-        )
-
-
-def looks_like_model_output(path: Path) -> bool:
-    """--force may replace an empty directory or a model directory, never an arbitrary one (e.g. `-o ~`)."""
-    entries = list(path.iterdir())
-    return not entries or any(
-        e.name in ("config.json", "moekit_config.yaml") or e.suffix == ".safetensors" for e in entries
-    )
-
-
-def check_output_spares_inputs(out: Path, inputs: list[Path]) -> None:
-    """Refuse an output that is, or contains, an input model: with --force, replacing it would delete the input."""
-    target = Path(out).resolve()
-    for model in inputs:
-        source = Path(model).resolve()
-        if source == target or target in source.parents:
-            raise UserError(
-                f"output '{out}' is or contains the input model '{model}'; writing there would replace the input: "
-                "choose another --out"
-            )
-
-
-@contextmanager
-def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `out`; on success it replaces `out` by rename, on any failure it is removed.
-
-    With `force`, an existing `out` survives until the new directory is complete.
-    """
-    out = Path(out).absolute()
-    check_output_free(out, force)
-    tmp = out.parent / f".{out.name}.moekit-tmp-{os.getpid()}"
-    try:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        except OSError as e:
-            raise UserError(f"cannot create the output next to '{out}': {e.strerror or e}") from None
-        yield tmp
-        with _signals_deferred():  # an interrupt between the two renames would lose the old output
-            old = None
-            if out.exists():
-                old = out.parent / f".{out.name}.moekit-old-{os.getpid()}"
-                os.rename(out, old)
-            os.rename(tmp, out)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        with _signals_deferred():  # a second Ctrl-C must not stop the clean-up half way
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block is done; they are raised again (with their own handlers) after it.
-
-    Python runs signal handlers in the main thread only, so recording them there is enough (masking the signal
-    would not be: the kernel may hand it to a torch worker thread, whose C handler still wakes the main thread).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        for sig in dict.fromkeys(caught):
-            signal.raise_signal(sig)
 
 
 def check_shard_size(shard_size: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import Counter
 from pathlib import Path
@@ -10,6 +11,7 @@ from moekit.allocator import return_freed_memory_promptly
 from moekit.config import is_moe_config, parse_merge_config, read_yaml
 from moekit.errors import UserError
 from moekit.io.checkpoint import pickle_allowed
+from moekit.io.output_dir import check_output_free, check_output_spares_inputs, output_lock
 from moekit.io.output_files import (
     copy_generation_config,
     copy_tokenizer,
@@ -17,7 +19,7 @@ from moekit.io.output_files import (
     write_json,
     write_recipe,
 )
-from moekit.io.writer import check_output_free, check_output_spares_inputs, check_shard_size, streaming_output
+from moekit.io.writer import check_shard_size, streaming_output
 from moekit.merging.engine import MergeRunner
 from moekit.merging.plan import Plan, build_plan
 from moekit.progress import tensor_progress
@@ -35,19 +37,21 @@ def resolve_out(out: str | Path | None, config_out: str | None, base_dir: Path |
     raise UserError("no output directory: pass -o/--out DIR or set 'out:' in the config")
 
 
+@contextlib.contextmanager
 def open_plan(cfg, build, out, force: bool, dry_run: bool):
-    """(output path, plan) for a parsed config: the output is checked free before the (slow) planning, and
-    checked not to hold an input after it, so nothing is read for a run that would be refused anyway."""
+    """(output path, plan) for a parsed config, closed after the block. The output is checked free before the
+    (slow) planning, and checked not to hold an input after it, so nothing is read for a run that would be refused
+    anyway; a real run holds the output's lock from before the check to the end of the block."""
     out_path = resolve_out(out, cfg.out, cfg.base_dir)
-    if not dry_run:
-        check_output_free(out_path, force)
-    plan = build(cfg)
-    try:
-        check_output_spares_inputs(out_path, [m.path for m in plan.models])
-    except BaseException:
-        plan.close()
-        raise
-    return out_path, plan
+    with contextlib.nullcontext() if dry_run else output_lock(out_path):
+        if not dry_run:
+            check_output_free(out_path, force)
+        plan = build(cfg)
+        try:
+            check_output_spares_inputs(out_path, [m.path for m in plan.models])
+            yield out_path, plan
+        finally:
+            plan.close()
 
 
 def merge(
@@ -87,14 +91,11 @@ def _merge(config, out, force, dry_run, shard_size, seed, allow_nonfinite, progr
             allow_nonfinite=allow_nonfinite, progress=progress, device=device, print_fn=print_fn,
         )  # fmt: skip
     check_shard_size(shard_size)
-    out_path, plan = open_plan(parse_merge_config(raw, path), build_plan, out, force, dry_run)
-    try:
+    with open_plan(parse_merge_config(raw, path), build_plan, out, force, dry_run) as (out_path, plan):
         if dry_run:
             describe_plan(plan, out_path, print_fn)
             return None
         _write_all(plan, out_path, force, shard_size, seed, allow_nonfinite, progress)
-    finally:
-        plan.close()
     return out_path
 
 

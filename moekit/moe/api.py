@@ -42,8 +42,7 @@ def build_moe(
 
     check_shard_size(shard_size)
     cfg = parse_moe_config(raw, path)
-    out_path, plan = open_plan(cfg, build_plan, out, force, dry_run)
-    try:
+    with open_plan(cfg, build_plan, out, force, dry_run) as (out_path, plan):
         if dry_run:
             describe_plan(plan, out_path, print_fn)
             return None
@@ -52,8 +51,6 @@ def build_moe(
             plan, seed=seed, device=device, dtype=dtype, batch_size=batch_size, progress=progress
         )
         _write_output(plan, gates, out_path, force, shard_size, seed, allow_nonfinite, progress)
-    finally:
-        plan.close()
     return out_path
 
 
