@@ -11,6 +11,7 @@ import logging
 import re
 import signal
 import sys
+from pathlib import Path
 
 import click
 
@@ -169,7 +170,10 @@ def main(argv: list[str] | None = None) -> None:
 )
 @click.option("--max-tokens", type=int, default=None, help="Take at most N tokens from each prompts file.")
 @click.option(
-    "--window", type=int, default=256, show_default=True, help="Longest token window fed to the model."
+    "--window",
+    type=int,
+    default=None,
+    help="Longest token window fed to the model [default: 256, or the model's positions if fewer].",
 )
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward pass.")
 @click.option(
@@ -177,13 +181,23 @@ def main(argv: list[str] | None = None) -> None:
 )
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), help="Write one row per (layer, expert).")
 @click.option(
-    "--plot", "plot_out", type=click.Path(dir_okay=False), help="Write a PNG heatmap (layers x experts)."
+    "--plot",
+    "plot_out",
+    type=click.Path(dir_okay=False),
+    help="Write a heatmap (layers x experts): .png, .pdf or .svg.",
 )
+@click.option("--force", is_flag=True, help="Replace existing --json/--csv/--plot files.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Load a model that only has pickled .bin weights (with torch.load(weights_only=True)).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No table and no progress bar.")
 def route_stats_command(
-    model_dir, prompts, max_tokens, window, batch_size, json_out, csv_out, plot_out, device, quiet
-):
+    model_dir, prompts, max_tokens, window, batch_size, json_out, csv_out, plot_out, force, device,
+    allow_pickle, quiet,
+):  # fmt: skip
     """Show where an MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE) routes the tokens of your prompts.
 
     Per layer and overall: tokens per expert, load imbalance (max/mean, CV, Switch aux loss), router entropy
@@ -198,13 +212,21 @@ def route_stats_command(
     first); padding is never counted.
 
     \b
+    Outputs are never written inside MODEL_DIR, an existing one is replaced only
+    with --force, and each is written whole or not at all.
+
+    \b
     Example:
       moekit route-stats out/moe --prompts code=code.txt --prompts legal=licence.txt \\
           --max-tokens 4000 --json stats.json --csv stats.csv --plot load.png
     """
+    from moekit.stats.outputs import check_target, resolved_outputs, write_files
+
+    outputs = {"--json": json_out, "--csv": csv_out, "--plot": plot_out}
+    targets = resolved_outputs(outputs, model_dir, force)  # before the run, which can take hours
     from moekit.stats import route_stats
     from moekit.stats.prompts import parse_prompts_option
-    from moekit.stats.report import plot, print_report
+    from moekit.stats.report import print_report, render_plot
 
     parsed = [parse_prompts_option(value) for value in prompts]
     if all(label is None for label, _ in parsed):
@@ -213,19 +235,23 @@ def route_stats_command(
         sources = _labelled_sources(parsed)
     stats = route_stats(
         model_dir, sources, max_tokens=max_tokens, window=window, batch_size=batch_size, device=device,
-        progress=not quiet and sys.stderr.isatty(),
+        progress=not quiet and sys.stderr.isatty(), allow_pickle=allow_pickle,
     )  # fmt: skip
     if not quiet:
         print_report(stats)
-    for path, write in (
-        (json_out, stats.to_json),
-        (csv_out, stats.to_csv),
-        (plot_out, lambda p: plot(stats, p)),
-    ):
-        if path:
-            write(path)
-            if not quiet:
-                click.echo(f"wrote {path}")
+    render = {
+        "--json": lambda: (stats.to_json() + "\n").encode("utf-8"),
+        "--csv": lambda: stats.to_csv().encode("utf-8"),
+        "--plot": lambda: render_plot(stats, targets["--plot"].suffix.lstrip(".").lower()),
+    }
+    contents = {}
+    for option, target in targets.items():
+        check_target(option, Path(outputs[option]), target, force)  # again: the run may have taken hours
+        contents[target] = render[option]()
+    write_files(contents)
+    if not quiet:
+        for option in targets:
+            click.echo(f"wrote {outputs[option]}")
 
 
 def _unlabelled_sources(parsed):

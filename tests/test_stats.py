@@ -11,12 +11,17 @@ padding also changes the fp32 logits in the last bits).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     LlamaConfig,
@@ -30,6 +35,7 @@ from transformers import (
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from moekit.cli import main
+from moekit.errors import UserError
 from moekit.stats import RouteStats, route_stats, specialisation_report
 from moekit.stats.report import plot, print_report
 
@@ -461,3 +467,237 @@ def test_qwen3_moe_matches_reference(tmp_path, labelled_prompts):
     stats = route_stats(tmp_path, prompts, batch_size=3)
     assert stats.layers == [0, 1] and stats.top_k == 3
     _check_against_reference(stats, _reference_logits(tmp_path, prompts), k=3)
+
+
+# ---- hostile inputs: outputs, model files, options (the table in tests/README.md) ------------------------------
+# Each case: (id, the bad input, setup, text the one-line error must hold). setup(case_dir, model_dir, monkeypatch)
+# prepares the case and returns the route-stats arguments; `{prompts}` in them is a valid prompts file.
+README = Path(__file__).parent / "README.md"
+TABLE_START, TABLE_END = "<!-- route-stats-table:start -->", "<!-- route-stats-table:end -->"
+
+
+def _copy_model(model_dir: Path, case_dir: Path) -> Path:
+    return Path(shutil.copytree(model_dir, case_dir / "model"))
+
+
+def _edit_config(**changes):
+    def setup(case_dir, model_dir, monkeypatch):
+        model = _copy_model(model_dir, case_dir)
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps(config | changes))
+        return [str(model)]
+
+    return setup
+
+
+def _edit_tensors(edit):
+    def setup(case_dir, model_dir, monkeypatch):
+        model = _copy_model(model_dir, case_dir)
+        tensors = load_file(model / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+        return [str(model)]
+
+    return setup
+
+
+def _truncated(case_dir, model_dir, monkeypatch):
+    model = _copy_model(model_dir, case_dir)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return [str(model)]
+
+
+class _Payload:
+    """Unpickling this creates a file: a stand-in for the code a hostile pickle would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _hostile_pickle(*options):
+    def setup(case_dir, model_dir, monkeypatch):
+        model = _copy_model(model_dir, case_dir)
+        tensors = load_file(model / "model.safetensors")
+        torch.save(tensors | {"lm_head.weight": _Payload(case_dir / "PWNED")}, model / "pytorch_model.bin")
+        (model / "model.safetensors").unlink()
+        return [str(model), *options]
+
+    return setup
+
+
+def _existing_output(case_dir, model_dir, monkeypatch):
+    (case_dir / "stats.json").write_text("keep me\n")
+    return [str(model_dir), "--json", str(case_dir / "stats.json")]
+
+
+def _symlink_into_model(case_dir, model_dir, monkeypatch):
+    (case_dir / "stats.json").symlink_to(model_dir / "config.json")
+    return [str(model_dir), "--json", str(case_dir / "stats.json"), "--force"]
+
+
+def _failing_open(error: int, after_bytes: int | None = None):
+    """moekit.stats.outputs' `open`, replaced: fails with `error` at once or after writing `after_bytes` bytes."""
+    real_open = open
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if after_bytes is None:
+            raise OSError(error, os.strerror(error))
+        f = real_open(path, mode, *args, **kwargs)
+        real_write = f.write
+
+        def write(data):
+            real_write(data[:after_bytes])
+            raise OSError(error, os.strerror(error))
+
+        f.write = write
+        return f
+
+    return fake_open
+
+
+def _write_fails(error: int, after_bytes: int | None = None):
+    def setup(case_dir, model_dir, monkeypatch):
+        import moekit.stats.outputs
+
+        (case_dir / "stats.json").write_text("keep me\n")
+        monkeypatch.setattr(moekit.stats.outputs, "open", _failing_open(error, after_bytes), raising=False)
+        outputs = ["--csv", str(case_dir / "stats.csv"), "--json", str(case_dir / "stats.json"), "--force"]
+        return [str(model_dir), *outputs]
+
+    return setup
+
+
+def _args(*extra):
+    return lambda case_dir, model_dir, monkeypatch: [str(model_dir), *(a.format(dir=case_dir) for a in extra)]
+
+
+def _nan_router(tensors):
+    tensors["model.layers.2.block_sparse_moe.gate.weight"][1, 3] = float("nan")
+
+
+ROUTE_STATS_CASES = [
+    ("output-exists", "--json names an existing file, without --force", _existing_output, "--force"),
+    ("output-in-model", "--csv MODEL/model.safetensors (with --force)",
+     lambda d, m, mp: [str(m), "--csv", str(m / "model.safetensors"), "--force"], "inside the model directory"),
+    ("output-new-in-model", "--json MODEL/stats.json, a new file in the model directory",
+     lambda d, m, mp: [str(m), "--json", str(m / "stats.json")], "inside the model directory"),
+    ("output-symlink-into-model", "--json LINK --force, LINK pointing at MODEL/config.json", _symlink_into_model,
+     "inside the model directory"),
+    ("output-device", "--json /dev/full (with --force)", _args("--json", "/dev/full", "--force"), "not a regular"),
+    ("output-missing-dir", "--json in a directory that does not exist", _args("--json", "{dir}/no/stats.json"),
+     "does not exist"),
+    ("output-twice", "--json and --csv naming the same file", _args("--json", "{dir}/s", "--csv", "{dir}/s"),
+     "both write"),
+    ("plot-suffix", "--plot with an unknown image suffix", _args("--plot", "{dir}/load.xyz"), "image format"),
+    ("output-read-only", "the output directory is read-only", _write_fails(errno.EROFS), "Read-only"),
+    ("output-disk-full", "the disk fills up while the outputs are written (old --json kept, no --csv)",
+     _write_fails(errno.ENOSPC, after_bytes=100), "the disk is full"),
+    ("pickle-refused", "only pytorch_model.bin (hostile), without --allow-pickle", _hostile_pickle(), "only pickled weights"),
+    ("pickle-hostile", "with --allow-pickle: a pickle that would run code", _hostile_pickle("--allow-pickle"), "weights_only"),
+    ("weights-truncated", "model.safetensors cut in half", _truncated, "truncated"),
+    ("experts-mismatch", "config.json says 8 experts, the weights hold 4", _edit_config(num_local_experts=8),
+     "does not match its config"),
+    ("router-missing", "a router tensor missing from the weights",
+     _edit_tensors(lambda t: t.pop("model.layers.1.block_sparse_moe.gate.weight")), "random values"),
+    ("top-k-too-large", "num_experts_per_tok larger than the expert count", _edit_config(num_experts_per_tok=6),
+     "only 4 experts"),
+    ("window-past-positions", "--window past max_position_embeddings", _args("--window", "4096"),
+     "past the model's 128 positions"),
+    ("nan-router", "a router weight that is NaN", _edit_tensors(_nan_router), "NaN"),
+]  # fmt: skip
+
+
+def _table_row(case_id: str, what: str, message: str) -> str:
+    return f"| `{case_id}` | {what} | `` {message.replace('|', chr(92) + '|')} `` |"
+
+
+def test_hostile_route_stats_inputs_one_line_exit_2(mixtral_dir, tmp_path, capsys, monkeypatch):
+    """Every case: exit 2, one line naming the problem, and no file written or changed; the README's table is
+    these lines (regenerate: MOEKIT_UPDATE_README=1 pytest tests/test_stats.py -k hostile)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def return self\nthe licence grant\n")
+    weights = (mixtral_dir / "model.safetensors").read_bytes()
+    rows = []
+    for case_id, what, setup, expected in ROUTE_STATS_CASES:
+        case_dir = tmp_path / case_id
+        case_dir.mkdir()
+        with monkeypatch.context() as patch:
+            argv = setup(case_dir, mixtral_dir, patch)
+            code, _, err = _run_cli(["route-stats", *argv, "--prompts", str(prompts)], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and expected in err, (case_id, code, err)
+        shown = lines[0].replace(str(case_dir), ".").replace(str(mixtral_dir), "models/mixtral")
+        rows.append(_table_row(case_id, what, shown))
+        assert not (case_dir / "PWNED").exists(), case_id  # the hostile pickle's payload never ran
+        kept = case_dir / "stats.json"
+        if kept.exists() and not kept.is_symlink():
+            assert kept.read_text() == "keep me\n", case_id
+        left = sorted(p.name for p in case_dir.iterdir())
+        assert not any("moekit-tmp" in name or name in ("stats.csv", "s", "load.xyz") for name in left), left
+    assert (mixtral_dir / "model.safetensors").read_bytes() == weights
+    assert not (mixtral_dir / "stats.json").exists()
+    table = "\n".join(["| case | bad input | what the user sees (stderr; exit 2) |", "|---|---|---|", *rows])
+    text = README.read_text()
+    before, rest = text.split(TABLE_START)
+    _, after = rest.split(TABLE_END)
+    fresh = f"{before}{TABLE_START}\n{table}\n{TABLE_END}{after}"
+    if os.environ.get("MOEKIT_UPDATE_README") == "1":
+        README.write_text(fresh)
+        text = fresh
+    assert text == fresh, (
+        "tests/README.md is out of date: MOEKIT_UPDATE_README=1 pytest tests/test_stats.py -k hostile"
+    )
+
+
+def test_force_replaces_outputs_and_api_writes_whole(
+    mixtral_dir, labelled_prompts, tmp_path, capsys, monkeypatch
+):
+    import moekit.stats.outputs
+
+    prompts = tmp_path / "code.txt"
+    prompts.write_text("\n".join(labelled_prompts["code"]) + "\n")
+    json_out, csv_out = tmp_path / "s.json", tmp_path / "s.csv"
+    json_out.write_text("old\n")
+    (tmp_path / "link.csv").symlink_to(csv_out)  # --force through a link replaces its target, not the link
+    csv_out.write_text("old\n")
+    argv = ["route-stats", str(mixtral_dir), "--prompts", str(prompts), "--json", str(json_out)]
+    code, _, err = _run_cli([*argv, "--csv", str(tmp_path / "link.csv"), "--force", "-q"], capsys)
+    assert code == 0, err
+    api = route_stats(mixtral_dir, labelled_prompts["code"])
+    assert json.loads(json_out.read_text())["layers"][2]["counts"] == api.counts[2].tolist()
+    assert (tmp_path / "link.csv").is_symlink() and csv_out.read_text() == api.to_csv()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["code.txt", "link.csv", "s.csv", "s.json"]
+
+    # the Python API replaces files too, but by rename: a write that fails half way leaves the old file
+    monkeypatch.setattr(
+        moekit.stats.outputs, "open", _failing_open(errno.ENOSPC, after_bytes=10), raising=False
+    )
+    with pytest.raises(UserError, match="disk is full"):
+        api.to_json(json_out)
+    with pytest.raises(UserError, match="disk is full"):
+        plot(api, tmp_path / "new.png")
+    assert json.loads(json_out.read_text())["layers"][2]["counts"] == api.counts[2].tolist()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["code.txt", "link.csv", "s.csv", "s.json"]
+
+
+def test_allow_pickle_loads_the_same_model(mixtral_dir, labelled_prompts, tmp_path, monkeypatch):
+    pickled = Path(shutil.copytree(mixtral_dir, tmp_path / "pickled"))
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(
+        torch, "load", lambda *a, **k: loads.append(k.get("weights_only")) or real_load(*a, **k)
+    )
+    with pytest.raises(UserError, match="--allow-pickle"):
+        route_stats(pickled, labelled_prompts["code"])
+    assert loads == []  # refused before anything was unpickled
+    from_pickle = route_stats(pickled, labelled_prompts["code"], allow_pickle=True)
+    assert loads and all(weights_only is True for weights_only in loads)
+    reference = route_stats(mixtral_dir, labelled_prompts["code"])
+    np.testing.assert_array_equal(from_pickle.counts, reference.counts)
+    np.testing.assert_allclose(from_pickle.prob_sums, reference.prob_sums, rtol=1e-12)

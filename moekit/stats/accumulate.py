@@ -10,12 +10,23 @@ import torch
 _LN2 = float(np.log(2.0))
 
 
+class NonFiniteRouting(ValueError):
+    """The router of MoE layer slot `layer` gave NaN probabilities (its logits held NaN or +Inf) for `bad_tokens`
+    of the `tokens` tokens of a batch: no statistic of such a run means anything."""
+
+    def __init__(self, layer: int, bad_tokens: int, tokens: int):
+        super().__init__(
+            f"MoE layer slot {layer}: NaN router probabilities for {bad_tokens} of {tokens} tokens"
+        )
+        self.layer, self.bad_tokens, self.tokens = layer, bad_tokens, tokens
+
+
 class RoutingAccumulator:
     """Sums over tokens of everything the metrics need, for L MoE layers with E experts and top-k routing.
 
     `add` takes the router logits of the non-padding tokens of one batch, one [T, E] tensor per MoE layer,
     and selects the top-k exactly as the Mixtral/Qwen-MoE routers do: top-k of softmax(logits in fp32).
-    All sums are int64 (counts) or float64 (probabilities), on the CPU.
+    NaN probabilities raise `NonFiniteRouting` (before they reach any sum of that layer). All sums are int64 (counts) or float64 (probabilities), on the CPU.
     """
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int):
@@ -43,6 +54,9 @@ class RoutingAccumulator:
         previous_onehot = previous_top1 = None
         for layer, logits in enumerate(layer_logits):
             probs = torch.softmax(logits.float(), dim=-1)
+            bad = torch.isnan(probs).any(dim=-1)
+            if bad.any():
+                raise NonFiniteRouting(layer, int(bad.sum()), tokens)
             top_idx = torch.topk(probs, self.top_k, dim=-1).indices  # sorted: column 0 is the top-1
             onehot = torch.zeros_like(probs, dtype=torch.float64).scatter_(1, top_idx, 1.0)
             top1 = top_idx[:, 0]

@@ -10,9 +10,11 @@ import torch
 import moekit
 from moekit.errors import UserError
 from moekit.progress import transformers_bars
-from moekit.stats.collect import collect, find_routers, load_model, moe_shape
+from moekit.stats.collect import collect, find_routers, load_config, load_model, moe_shape
 from moekit.stats.prompts import prompt_sources, token_windows
 from moekit.stats.result import RouteStats
+
+DEFAULT_WINDOW = 256
 
 
 def route_stats(
@@ -21,11 +23,12 @@ def route_stats(
     *,
     tokenizer=None,
     max_tokens: int | None = None,
-    window: int = 256,
+    window: int | None = None,
     batch_size: int = 8,
     device: str = "cpu",
     method: str = "auto",
     progress: bool = False,
+    allow_pickle: bool = False,
 ) -> RouteStats:
     """Routing statistics of an MoE model over `prompts`.
 
@@ -33,14 +36,19 @@ def route_stats(
     the model's `name_or_path` must be a directory holding one). `prompts`: a prompts file, a list of strings,
     or a mapping label -> file or list (labels turn on the specialisation report); see `moekit.stats.prompts`
     for how files are split and windows cut. `max_tokens` caps the tokens taken from each prompt source.
-    `method`: 'auto', 'output_router_logits' or 'hooks'. `progress` draws a rich progress bar on stderr.
+    `window` is the longest window in tokens: DEFAULT_WINDOW, or the model's positions if fewer; a larger
+    value than the positions is refused. `method`: 'auto', 'output_router_logits' or 'hooks'. `progress` draws
+    a rich progress bar on stderr. `allow_pickle` lets a model with only pickled weights load (transformers
+    then uses torch.load(weights_only=True)).
     """
     if max_tokens is not None and max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
     sources = prompt_sources(prompts)
     if isinstance(model_or_path, (str, Path)):
+        config = load_config(model_or_path)
+        window = _window(window, config)
         with transformers_bars(progress):
-            model, loaded_tokenizer = load_model(model_or_path, device)
+            model, loaded_tokenizer = load_model(model_or_path, config, device, allow_pickle)
         tokenizer = tokenizer or loaded_tokenizer
         model_name = str(model_or_path)
     else:
@@ -48,6 +56,7 @@ def route_stats(
         model_name = str(getattr(model, "name_or_path", "") or type(model).__name__)
         if tokenizer is None:
             tokenizer = _tokenizer_beside(model_name)
+        window = _window(window, model.config)
     num_experts, top_k = moe_shape(model.config)
 
     labelled_windows = []
@@ -94,6 +103,22 @@ def route_stats(
         },
         moekit_version=moekit.__version__,
     )
+
+
+def _window(window: int | None, config) -> int:
+    """The window to cut prompts into: at most the model's positions, since RoPE past them is not what the model
+    was trained on and the routing seen there would not be the model's."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if window is None:
+        return (
+            min(DEFAULT_WINDOW, positions) if isinstance(positions, int) and positions > 0 else DEFAULT_WINDOW
+        )
+    if isinstance(positions, int) and positions > 0 and window > positions:
+        raise UserError(
+            f"--window {window} is past the model's {positions} positions (max_position_embeddings in "
+            f"config.json); use --window {positions} or less"
+        )
+    return window
 
 
 def _tokenizer_beside(name: str):

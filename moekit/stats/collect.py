@@ -8,6 +8,8 @@ Only one batch's logits live at a time; padding positions are dropped using the 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 
 from moekit.errors import UserError
-from moekit.stats.accumulate import RoutingAccumulator
+from moekit.stats.accumulate import NonFiniteRouting, RoutingAccumulator
 
 # The router of MoE layer N: Mixtral's `block_sparse_moe.gate` (on disk and in transformers 4.x) or
 # `mlp.gate` (transformers 5 Mixtral, Qwen2-MoE, Qwen3-MoE). The `$` leaves out Qwen2-MoE's `shared_expert_gate`.
@@ -44,6 +46,10 @@ def moe_shape(config) -> tuple[int, int]:
             f"{name} is a {config.model_type} MoE ({archs}), whose router route-stats does not model: "
             f"supported model types are {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    if top_k > experts:
+        raise UserError(
+            f"{name}: num_experts_per_tok is {top_k} but the model has only {experts} experts; fix config.json"
+        )
     return int(experts), int(top_k)
 
 
@@ -57,37 +63,101 @@ def find_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     return sorted(found, key=lambda pair: pair[0])
 
 
-def load_model(path: str | Path, device: str) -> tuple[torch.nn.Module, object]:
-    """(model in eval mode on `device`, tokenizer) from a local transformers directory.
-
-    fp32 on the CPU (exact routing, and bf16 GEMMs are slow on CPUs without bf16 units); bf16 on CUDA.
-    Never runs remote code and never reaches the hub.
-    """
+def load_config(path: str | Path):
+    """The transformers config of a local model directory, checked to be an MoE route-stats can model."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"model directory not found: {path} (route-stats takes a local model directory)")
     if not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json: pass a transformers model directory")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except ValueError as err:  # unknown model_type, or a model that would need remote code
+    except (OSError, ValueError) as err:  # unreadable JSON, unknown model_type, or remote code needed
         raise UserError(
             f"{path}/config.json: transformers cannot load it ({str(err).splitlines()[0]})"
         ) from err
     moe_shape(config)
+    return config
+
+
+def load_model(
+    path: str | Path, config, device: str, allow_pickle: bool = False
+) -> tuple[torch.nn.Module, object]:
+    """(model in eval mode on `device`, tokenizer) from a local transformers directory whose `config` is loaded.
+
+    fp32 on the CPU (exact routing, and bf16 GEMMs are slow on CPUs without bf16 units); bf16 on CUDA.
+    Never runs remote code and never reaches the hub. The weights pass merge's checks first (safetensors headers,
+    index names inside the directory, config against tensors), and pickled weights are refused unless
+    `allow_pickle`, since transformers would otherwise fall back to torch.load. A checkpoint that does not fill
+    the model its config describes is refused: transformers would fill the gaps with random values.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moekit.io.checkpoint import Checkpoint, pickle_allowed
+
+    path = Path(path)
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+    with pickle_allowed(allow_pickle):
+        Checkpoint.open(str(path), where=str(path)).tensors.close()
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: no usable tokenizer files ({str(err).splitlines()[0]})") from err
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, local_files_only=True, trust_remote_code=False
-    )
+    try:
+        with (
+            _transformers_quiet()
+        ):  # its multi-line load report; what matters in it is raised below in one line
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, config=config, dtype=dtype, local_files_only=True, trust_remote_code=False,
+                use_safetensors=None if allow_pickle else True, weights_only=True,
+                ignore_mismatched_sizes=True, output_loading_info=True,
+            )  # fmt: skip
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"{path}: transformers cannot load the model ({str(err).splitlines()[0]})") from err
+    _check_loading_info(path, type(model).__name__, info)
     return model.to(device).eval(), tokenizer
+
+
+def _check_loading_info(path: Path, model_class: str, info: dict) -> None:
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda m: m[0])
+    if mismatched:
+        key, stored, expected = mismatched[0]
+        raise UserError(
+            f"{path}: tensor '{key}' is {list(stored)} in the weights but config.json implies {list(expected)} "
+            f"({len(mismatched)} such tensors); the checkpoint does not match its config (e.g. its expert count): "
+            "fix config.json or re-download the model"
+        )
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise UserError(
+            f"{path}: the weights lack {len(missing)} tensor(s) that {model_class} needs (first: '{missing[0]}'); "
+            "transformers would fill them with random values: the checkpoint is incomplete"
+        )
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        logging.getLogger("moekit").warning(
+            "%s: %d tensor(s) in the weights are not used by %s (first: '%s')",
+            path, len(unexpected), model_class, unexpected[0],
+        )  # fmt: skip
+    if info.get("error_msgs"):
+        raise UserError(
+            f"{path}: transformers cannot load the weights ({info['error_msgs'][0].splitlines()[0]})"
+        )
+
+
+@contextlib.contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    hf_logger = logging.getLogger("transformers")
+    level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hf_logger.setLevel(level)
 
 
 def batches(windows: Sequence[Sequence[int]], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -187,7 +257,28 @@ def collect(
             for ids, mask in batches(windows, batch_size):
                 keep = mask.reshape(-1).bool().to(device)
                 logits = read_logits(ids.to(device), mask.to(device))
-                accumulator.add([layer.reshape(-1, num_experts)[keep] for layer in logits], label)
+                try:
+                    accumulator.add([layer.reshape(-1, num_experts)[keep] for layer in logits], label)
+                except NonFiniteRouting as err:
+                    raise UserError(_non_finite_message(model, routers[err.layer], err)) from None
                 if progress is not None:
                     progress(int(keep.sum()))
     return accumulator
+
+
+def _non_finite_message(
+    model: torch.nn.Module, router: tuple[int, torch.nn.Module], err: NonFiniteRouting
+) -> str:
+    """Say which router went NaN, and whether its own weights or the hidden states reaching it are to blame."""
+    layer, module = router
+    prefix = next(name for name, m in model.named_modules() if m is module)
+    bad_weights = [f"{prefix}.{name}" for name, p in module.named_parameters() if not torch.isfinite(p).all()]
+    cause = (
+        f"tensor '{bad_weights[0]}' holds NaN or Inf values"
+        if bad_weights
+        else "the hidden states reaching it are not finite (NaN/Inf weights in an earlier layer, or an overflow)"
+    )
+    return (
+        f"the router of MoE layer {layer} gives NaN probabilities for {err.bad_tokens} of {err.tokens} tokens: "
+        f"{cause}; routing statistics of such a model mean nothing, so none are written: fix the model"
+    )

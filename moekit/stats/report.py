@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from moekit.errors import UserError
+from moekit.stats.outputs import write_file
 from moekit.stats.result import RouteStats
 
 
@@ -118,7 +121,12 @@ def _tick_positions(n: int, max_ticks: int) -> np.ndarray:
 
 
 def plot(stats: RouteStats, path: str | Path) -> Path:
-    """Write a PNG: a layers x experts heatmap of load relative to a uniform share (dead experts marked), and,
+    """Write `render_plot` to `path` (its suffix names the format: .png, .pdf, .svg), whole or not at all."""
+    return write_file(path, render_plot(stats, Path(path).suffix.lstrip(".").lower() or "png"))
+
+
+def render_plot(stats: RouteStats, image_format: str = "png") -> bytes:
+    """The image: a layers x experts heatmap of load relative to a uniform share (dead experts marked), and,
     with labels, the per-label expert distribution pooled over layers and the mutual information per layer."""
     import matplotlib
 
@@ -182,7 +190,11 @@ def plot(stats: RouteStats, path: str | Path) -> Path:
         mi_ax.set_title(f"specialisation: mean {spec.mean_mi_bits:.3f} bits", fontsize=10)
         mi_ax.grid(alpha=0.3)
 
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    image = io.BytesIO()
+    try:
+        fig.savefig(image, format=image_format, dpi=110)
+    except ValueError as err:  # a format matplotlib does not know
+        raise UserError(f"cannot draw the plot as '{image_format}': {str(err).splitlines()[0]}") from None
+    finally:
+        plt.close(fig)
+    return image.getvalue()

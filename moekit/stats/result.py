@@ -13,6 +13,7 @@ import numpy as np
 
 from moekit.stats import metrics
 from moekit.stats.accumulate import RoutingAccumulator
+from moekit.stats.outputs import write_file
 
 
 @dataclass
@@ -222,10 +223,11 @@ class RouteStats:
         }
 
     def to_json(self, path: str | Path | None = None) -> str:
-        """The `to_dict` JSON text; also written to `path` when given."""
-        text = json.dumps(self.to_dict(), indent=1)
+        """The `to_dict` JSON text (strict JSON: no NaN or Infinity); also written to `path` when given, whole or
+        not at all (temporary file and rename)."""
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
         if path is not None:
-            Path(path).write_text(text + "\n", encoding="utf-8")
+            write_file(path, (text + "\n").encode("utf-8"))
         return text
 
     def to_csv(self, path: str | Path | None = None) -> str:
@@ -257,7 +259,7 @@ class RouteStats:
                 writer.writerow(row)
         text = buffer.getvalue()
         if path is not None:
-            Path(path).write_text(text, encoding="utf-8")
+            write_file(path, text.encode("utf-8"))
         return text
 
 
