@@ -3,7 +3,9 @@
 H=1024, I=3584, E=8, k=2; tokens 1, 16, 128, 1024, 4096; fp32 and bf16 weights (bf16 activations with bf16
 weights, as in a bf16 model). Every contender runs the same transformers `MixtralExperts` module with the same
 routing, selected the way a model selects it (`config._experts_implementation`), so the comparison is apples to
-apples. The floor is a dense fp32 GEMM pair with the same FLOPs (T·k rows through [H→2I] then [I→H]).
+apples. The floors are dense GEMM pairs with the same FLOPs (T·k rows through [H→2I] then [I→H]), one in fp32
+and one in bf16: the bf16 floor shows what this CPU's bf16 GEMMs give (fast with AMX/AVX512-BF16, emulated and
+slow without). The first line names the CPU, its bf16/fp16 units, and the path moekit takes for bf16 weights.
 
 Contenders are interleaved within each repetition and medians are reported, since the machine may be shared.
 `batched_mm` copies one [2I, H] + [H, I] weight pair per (token, expert) assignment; it is skipped where
@@ -25,10 +27,11 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 import moekit  # noqa: F401  (registers experts_implementation="moekit")
+from moekit.runtime.cpu_dtype import cpu_capability, native_low_precision
 from moekit.runtime.routing import softmax_topk_renorm
 
 HIDDEN, INTER, EXPERTS, TOP_K = 1024, 3584, 8, 2
-CONTENDERS = ("moekit", "eager", "batched_mm", "grouped_mm", "floor")
+CONTENDERS = ("moekit", "eager", "batched_mm", "grouped_mm", "floor", "floor_bf16")
 
 
 def make_experts(dtype: torch.dtype) -> MixtralExperts:
@@ -47,10 +50,10 @@ def run_experts(experts: MixtralExperts, name: str, hidden, index, weights) -> t
     return experts(hidden, index, weights)
 
 
-def make_floor(tokens: int):
-    """Dense fp32 GEMMs with the FLOPs of the experts: T·k rows through [2I, H] and then [H, I]."""
-    rows = torch.randn(tokens * TOP_K, HIDDEN)
-    w1, w2 = torch.randn(2 * INTER, HIDDEN), torch.randn(HIDDEN, INTER)
+def make_floor(tokens: int, dtype: torch.dtype = torch.float32):
+    """Dense GEMMs with the FLOPs of the experts: T·k rows through [2I, H] and then [H, I]."""
+    rows = torch.randn(tokens * TOP_K, HIDDEN).to(dtype)
+    w1, w2 = torch.randn(2 * INTER, HIDDEN).to(dtype), torch.randn(HIDDEN, INTER).to(dtype)
 
     def floor():
         return F.linear(F.linear(rows, w1)[:, :INTER], w2)
@@ -72,9 +75,10 @@ def bench_case(experts, tokens: int, dtype: torch.dtype, args) -> dict[str, floa
     calls = {
         name: (lambda name=name: run_experts(experts, name, hidden, index, weights))
         for name in CONTENDERS
-        if name != "floor"
+        if not name.startswith("floor")
     }
     calls["floor"] = make_floor(tokens)
+    calls["floor_bf16"] = make_floor(tokens, torch.bfloat16)
     batched_gb = tokens * TOP_K * 3 * INTER * HIDDEN * experts.gate_up_proj.element_size() / 1e9
     if batched_gb > args.batched_mm_limit_gb:
         del calls["batched_mm"]
@@ -118,16 +122,27 @@ def main() -> None:
     args.budget_s = args.budget_s or (4.0 if args.quick else 10.0)
     args.min_reps, args.max_reps = (3, 9) if args.quick else (3, 21)
 
+    path = "native bf16 GEMMs" if native_low_precision(torch.bfloat16) else "fp32 upcast"
+    print(f"CPU: {cpu_capability().summary()}; moekit's bf16 path: {path}")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; H={HIDDEN} I={INTER} E={EXPERTS} k={TOP_K}"
     )
-    print("medians in ms; ratios > 1 mean moekit is faster (for /floor: moekit's cost over the dense floor)")
+    print(
+        "medians in ms; ratios > 1 mean moekit is faster (for /floor: moekit's cost over the dense fp32 and bf16"
+        " floors)"
+    )
     header = (
         f"{'dtype':5} {'tokens':>6} {'reps':>4} | {'moekit':>8} {'eager':>8} {'batched':>8} {'grouped':>8} "
-        f"{'floor':>8} | {'grouped/':>8} {'eager/':>8} {'batched/':>8} {'moekit/':>8} | {'rel err':>8}"
+        f"{'floor32':>8} {'floor16':>8} | {'grouped/':>8} {'eager/':>8} {'batched/':>8} {'moekit/':>8} "
+        f"{'moekit/':>8} | {'rel err':>8}"
     )
     print(header)
-    print(" " * 19 + "|" + " " * 46 + f"| {'moekit':>8} {'moekit':>8} {'moekit':>8} {'floor':>8} |")
+    print(
+        " " * 19
+        + "|"
+        + " " * 55
+        + f"| {'moekit':>8} {'moekit':>8} {'moekit':>8} {'floor32':>8} {'floor16':>8} |"
+    )
     print("-" * len(header))
     for dtype_name in args.dtypes:
         dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
@@ -136,9 +151,11 @@ def main() -> None:
             r = bench_case(experts, tokens, dtype, args)
             print(
                 f"{dtype_name:5} {tokens:>6} {r['reps']:>4} | {fmt_ms(r['moekit']):>8} {fmt_ms(r['eager']):>8} "
-                f"{fmt_ms(r['batched_mm']):>8} {fmt_ms(r['grouped_mm']):>8} {fmt_ms(r['floor']):>8} | "
+                f"{fmt_ms(r['batched_mm']):>8} {fmt_ms(r['grouped_mm']):>8} {fmt_ms(r['floor']):>8} "
+                f"{fmt_ms(r['floor_bf16']):>8} | "
                 f"{fmt_ratio(r['grouped_mm'], r['moekit']):>8} {fmt_ratio(r['eager'], r['moekit']):>8} "
-                f"{fmt_ratio(r['batched_mm'], r['moekit']):>8} {fmt_ratio(r['moekit'], r['floor']):>8} | "
+                f"{fmt_ratio(r['batched_mm'], r['moekit']):>8} {fmt_ratio(r['moekit'], r['floor']):>8} "
+                f"{fmt_ratio(r['moekit'], r['floor_bf16']):>8} | "
                 f"{r['rel_err']:8.1e}",
                 flush=True,
             )

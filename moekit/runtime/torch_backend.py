@@ -11,8 +11,9 @@ Choices measured on a 2-core AVX2 EPYC without bf16 units (see bench/moe_layer.p
   count is a multiple of 8 (bench/expert_gemm_layout.py; the per-expert path pads to one). All
   activations therefore stay transposed ([dim, n]). From a few hundred rows per expert the shared [dim, S]
   buffers' long rows slow MKL down, so inference there gives each expert its own blocks (`_forward_per_expert`).
-- bf16/fp16 weights are multiplied in fp32, since a bf16 GEMM runs 5–10× slower here. Each expert that got
-  tokens is upcast right before use into one reused buffer (one expert's weight at a time), so the cost is one
+- bf16/fp16 weights are multiplied in fp32 on CPUs without bf16/fp16 units, since a bf16 GEMM runs 5–10× slower
+  here; where the CPU has them (AMX, AVX512-BF16; `cpu_dtype.native_low_precision`) they stay native, unmeasured
+  here (no such CPU). Each expert that got tokens is upcast right before use into one reused buffer (one expert's weight at a time), so the cost is one
   read of the weights that are hit. No fp32 copy outlives a call, so nothing goes stale when the weights are
   trained, loaded or edited in place.
 - Inference on a bf16 model (bf16 activations and weights) with at most `_SMALL_BATCH_ROWS` rows on every
@@ -28,6 +29,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from moekit.runtime.cpu_dtype import native_low_precision
+
 # Inference with low-precision activations and weights and at most this many rows on every expert runs
 # bf16 grouped GEMMs instead of upcasting every hit expert's weights.
 _SMALL_BATCH_ROWS = 16
@@ -42,9 +45,11 @@ _COLUMN_MULTIPLE = 8
 
 
 def compute_dtype(hidden_dtype: torch.dtype, weight_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype products accumulate in: the wider of the two, and fp32 instead of bf16/fp16 on a CPU."""
+    """The dtype products run in: the wider of the two; on a CPU, bf16/fp16 stay native only where it has units
+    for them (AMX / AVX512-BF16 / AVX512-FP16, see `cpu_dtype`), and become fp32 elsewhere. Forward and backward
+    use the same choice."""
     dtype = torch.promote_types(hidden_dtype, weight_dtype)
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not native_low_precision(dtype):
         return torch.float32
     return dtype
 
