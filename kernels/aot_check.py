@@ -29,7 +29,6 @@ class Variant:
     kernel: str
     flags: dict
     unit_strides: tuple[str, ...]
-    fp32_pointers: tuple[str, ...] = ()
 
 
 _GEMM = "_grouped_gemm_kernel"
@@ -38,11 +37,11 @@ VARIANTS = [
     Variant("gate_up_swiglu", _GEMM, dict(GATHER_A=True, EPILOGUE=1, HAS_SCALE=False, STORE_PREACT=True),
             ("stride_ak", "stride_wk", "stride_on", "stride_pn")),
     Variant("down_combine", _GEMM, dict(GATHER_A=False, EPILOGUE=0, HAS_SCALE=True, STORE_PREACT=False),
-            ("stride_ak", "stride_wk", "stride_on"), ("out_ptr",)),
+            ("stride_ak", "stride_wk", "stride_on")),
     Variant("down_backward", _GEMM, dict(GATHER_A=True, EPILOGUE=2, HAS_SCALE=True, STORE_PREACT=False),
             ("stride_ak", "stride_wn", "stride_on", "stride_pn")),
     Variant("gate_up_backward_input", _GEMM, dict(GATHER_A=False, EPILOGUE=0, HAS_SCALE=False, STORE_PREACT=False),
-            ("stride_ak", "stride_wn", "stride_on"), ("out_ptr",)),
+            ("stride_ak", "stride_wn", "stride_on")),
     Variant("down_weight_grad", _WGRAD, dict(GATHER_A=True, GATHER_B=False, HAS_SCALE=True),
             ("stride_ak", "stride_bn", "stride_on")),
     Variant("gate_up_weight_grad", _WGRAD, dict(GATHER_A=False, GATHER_B=True, HAS_SCALE=False),
@@ -65,32 +64,43 @@ class Report:
 def _compile(
     fn, pointer_types: dict, ints_16: set, constexprs: dict, arch: int, num_warps: int, num_stages: int
 ):
+    import inspect
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = fn.arg_names
-    signature = {n: "constexpr" if n in constexprs else pointer_types.get(n, "i32") for n in names}
-    attrs = {
-        (names.index(n),): [["tt.divisibility", 16]]
-        for n in names
-        if n not in constexprs and (n in pointer_types or n in ints_16)
-    }
-    source = ASTSource(
-        fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs
-    )
+    aligned = [n for n in names if n not in constexprs and (n in pointer_types or n in ints_16)]
+    if "constexprs" in inspect.signature(ASTSource.__init__).parameters:  # Triton >= 3.3
+        signature = {n: "constexpr" if n in constexprs else pointer_types.get(n, "i32") for n in names}
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+        constants = {(names.index(k),): v for k, v in constexprs.items()}
+        source = ASTSource(fn, signature, constexprs=constants, attrs=attrs)
+    else:  # Triton 3.1-3.2: runtime arguments only in the signature, an AttrsDescriptor for alignment
+        from triton.compiler.compiler import AttrsDescriptor
+
+        signature = {i: pointer_types.get(n, "i32") for i, n in enumerate(names) if n not in constexprs}
+        attrs = AttrsDescriptor(divisible_by_16={names.index(n) for n in aligned}, equal_to_1=set())
+        source = ASTSource(
+            fn, signature, constants={names.index(k): v for k, v in constexprs.items()}, attrs=attrs
+        )
     options = {"num_warps": num_warps, "num_stages": num_stages}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def check(arch: int = 90, dtype: str = "bf16", all_configs: bool = False) -> list[Report]:
-    """Compile every GEMM variant (and the histogram and sort kernels) for sm_<arch>; one Report each."""
+    """Compile every GEMM variant (and the histogram, sort and combine kernels) for sm_<arch>; one Report each.
+
+    Works with Triton 3.1 (the floor in pyproject) and newer: the ahead-of-time API changed in 3.3."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("aot_check compiles for a GPU: run it with TRITON_INTERPRET unset")
+    import torch
     from moekit.kernels import ops
 
-    tile_sets = [(c.kwargs, c.num_warps, c.num_stages) for c in ops._gpu_autotune_configs()]
-    main = [({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3)]
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    tile_sets = [(c.kwargs, c.num_warps, c.num_stages) for c in ops._gpu_autotune_configs(torch_dtype)]
+    main = [tile_sets[2]]  # the prefill config: 128x128x64 (bf16/fp16), 64x128x32 (fp32)
     t = ops.DOWN_BACKWARD_GPU_TILES
     down_backward = [
         ({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k}, t.num_warps, t.num_stages)
@@ -101,8 +111,7 @@ def check(arch: int = 90, dtype: str = "bf16", all_configs: bool = False) -> lis
         fn = getattr(ops, v.kernel)
         pointers = {n: f"*{dtype}" for n in fn.arg_names if n.endswith("_ptr")}
         pointers.update(order_ptr="*i32", offsets_ptr="*i32", scale_ptr="*fp32", partial_ptr="*fp32")
-        pointers.update({n: "*fp32" for n in v.fp32_pointers})
-        flags = {**v.flags, "UPCAST": False, "INPUT_PRECISION": precision}
+        flags = {**v.flags, "UPCAST": False, "INPUT_PRECISION": precision, "GROUP_M": ops.GROUP_M}
         if v.kernel == _GEMM:
             flags["E_PAD"] = 8
         for tiles, warps, stages in (
@@ -123,12 +132,15 @@ def check(arch: int = 90, dtype: str = "bf16", all_configs: bool = False) -> lis
                     time.perf_counter() - start,
                 )
             )
-    for name, kernel, constexprs in [
-        ("expert_offsets", ops._expert_offsets_kernel, {"BLOCK": 1024, "E_PAD": 8}),
-        ("sort_by_expert", ops._sort_by_expert_kernel, {"BLOCK": 1024}),
-    ]:
+    block, bins = ops._routing_tiles(8)
+    for name, kernel, constexprs, pointers in [
+        ("expert_offsets", ops._block_histogram_kernel, {"BLOCK": block, "BINS": bins}, {}),
+        ("sort_by_expert", ops._scatter_by_expert_kernel, {"BLOCK": block, "BINS": bins}, {}),
+        ("combine_slots", ops._combine_slots_kernel, {"TOP_K": 2, "BLOCK_H": 1024},
+         {"slots_ptr": f"*{dtype}", "valid_ptr": "*u8", "out_ptr": f"*{dtype}"}),
+    ]:  # fmt: skip
         start = time.perf_counter()
-        pointers = {n: "*i32" for n in kernel.arg_names if n.endswith("_ptr")}
+        pointers = {**{n: "*i32" for n in kernel.arg_names if n.endswith("_ptr")}, **pointers}
         compiled = _compile(kernel, pointers, set(), constexprs, arch, 4, 1)
         reports.append(Report(name, "-", False, False, compiled.metadata.shared, time.perf_counter() - start))
     return reports
@@ -139,7 +151,7 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument(
-        "--all-configs", action="store_true", help="every autotune config, not just 128x128x64"
+        "--all-configs", action="store_true", help="every autotune config, not just the prefill one"
     )
     args = parser.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")

@@ -52,14 +52,12 @@ class _TritonMoEExperts(torch.autograd.Function):
                 out=torch.empty_like(gate_up_proj), tiles=ctx.tiles,
             )  # fmt: skip
         if need_hidden:
-            slots = torch.zeros(
-                num_tokens * top_k, hidden.shape[1], dtype=torch.float32, device=hidden.device
-            )
+            slots = torch.empty(num_tokens * top_k, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
             ops.grouped_gemm(
                 d_preact, gate_up_proj, order, offsets, top_k, gather_a=False, out=slots,
                 transpose_weight=True, tiles=ctx.tiles,
             )  # fmt: skip
-            grad_hidden = slots.view(num_tokens, top_k, hidden.shape[1]).sum(1).to(hidden.dtype)
+            grad_hidden = ops.combine_slots(slots, order, offsets, num_tokens, top_k)
         return grad_hidden, None, grad_weights, grad_gate_up, grad_down, None, None
 
 

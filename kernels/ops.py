@@ -11,12 +11,15 @@ twin in `moekit.kernels.reference`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from moekit.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -34,19 +37,21 @@ class TileConfig:
 INTERPRETER_TILES = TileConfig(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1)
 # The down-projection backward writes per-column-block partial sums, so its tiles are fixed (not autotuned).
 DOWN_BACKWARD_GPU_TILES = TileConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+# Row tiles that sweep the column blocks together (L2-friendly program order, as vLLM's fused_moe does).
+GROUP_M = 8
 
 
-def _gpu_autotune_configs() -> list[triton.Config]:
-    """Candidates for H100-class GPUs (see kernels/README.md for the SMEM/register reasoning)."""
-    shapes = [
-        (16, 128, 128, 4, 4),  # decode: few rows per expert, weight-bandwidth bound
-        (32, 64, 128, 4, 4),
-        (64, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (128, 128, 64, 8, 3),
-        (128, 64, 64, 4, 4),
-        (64, 256, 64, 8, 3),
-    ]
+def _gpu_autotune_configs(dtype: torch.dtype = torch.bfloat16) -> list[triton.Config]:
+    """Candidates for H100-class GPUs (see kernels/README.md for the SMEM/register reasoning).
+
+    Four per dtype, so that a first call tunes in seconds: decode (few rows per expert, weight-bandwidth
+    bound), mid-size, and the two prefill shapes. fp32 operands take twice the SMEM and registers per
+    element: 128x128x64 fp32 tiles spill and the fused gate/up kernel's 3 stages would need 288 KiB, so fp32
+    gets tiles with half the bytes."""
+    if dtype == torch.float32:
+        shapes = [(16, 64, 64, 4, 3), (64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 8, 3)]
+    else:
+        shapes = [(16, 128, 128, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for m, n, k, w, s in shapes
@@ -67,52 +72,94 @@ def _next_pow2(n: int) -> int:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _device_guard(tensors) -> contextlib.AbstractContextManager:
+    """Run a launch on its inputs' GPU: Triton launches on the *current* CUDA device, which with a model spread
+    over several GPUs is not the device of a layer on cuda:1. All inputs must share one device."""
+    devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
+    if len(devices) > 1:
+        names = ", ".join(sorted(map(str, devices)))
+        raise UserError(f"moekit.kernels: inputs are on different devices ({names}); move them to one device")
+    device = next(iter(devices), None)
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _run(kernel, grid: tuple[int, ...], args: tuple, **constexprs) -> None:
+    """Launch `kernel` with fixed constexprs on its inputs' device."""
+    with _device_guard(args):
+        kernel[grid](*args, **constexprs)
+
+
+def _routing_tiles(num_experts: int) -> tuple[int, int]:
+    # Bins: the experts, then one bin for dropped ids (outside [0, E)) and the padding past n, so no masked
+    # histogram is needed (tl.histogram has no mask before Triton 3.3). The scatter ranks a block of ids with
+    # a [BLOCK, BINS] one-hot prefix sum, kept to 8192 elements (64 registers a thread at 4 warps).
+    bins = _next_pow2(num_experts + 1)
+    return max(16, min(1024, 8192 // bins)), bins
+
+
 @triton.jit
-def _expert_offsets_kernel(
-    ids_ptr, counts_ptr, offsets_ptr, n, num_experts, BLOCK: tl.constexpr, E_PAD: tl.constexpr
-):
-    # One program: the histogram is tiny (E bins) and a single pass keeps it deterministic without atomics.
-    bins = tl.zeros([E_PAD], dtype=tl.int32)
-    for start in range(0, n, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        ids = tl.load(ids_ptr + idx, mask=idx < n, other=-1)
-        valid = (idx < n) & (ids >= 0) & (ids < num_experts)
-        bins += tl.histogram(tl.where(valid, ids, 0), E_PAD, mask=valid)
-    experts = tl.arange(0, E_PAD)
-    tl.store(counts_ptr + experts, bins, mask=experts < num_experts)
-    tl.store(offsets_ptr + 1 + experts, tl.cumsum(bins, 0), mask=experts < num_experts)
+def _block_histogram_kernel(ids_ptr, counts_ptr, n, num_experts, BLOCK: tl.constexpr, BINS: tl.constexpr):
+    # One program per block of ids (parallel over the ids); the per-block counts are summed, and prefix-summed
+    # over blocks, by the caller. Deterministic: no atomics across programs.
+    block = tl.program_id(0)
+    idx = block * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + idx, mask=idx < n, other=-1)
+    bins = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+    tl.store(counts_ptr + block * BINS + tl.arange(0, BINS), tl.histogram(bins, BINS))
+
+
+def _block_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Per block of ids, how many fall in each bin (experts, then the dropped bin): int32 [blocks, BINS]."""
+    block, bins = _routing_tiles(num_experts)
+    blocks = max(1, triton.cdiv(ids.numel(), block))
+    counts = torch.empty(blocks, bins, dtype=torch.int32, device=ids.device)
+    _run(_block_histogram_kernel, (blocks,), (ids, counts, ids.numel(), num_experts), BLOCK=block, BINS=bins)
+    return counts
 
 
 def expert_offsets(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-expert counts [E] and offsets [E + 1] (int32) of the flat expert ids; ids outside [0, E) are dropped."""
     ids = ids.reshape(-1).contiguous()
-    counts = torch.empty(num_experts, dtype=torch.int32, device=ids.device)
+    counts = _block_counts(ids, num_experts).sum(0, dtype=torch.int32)[:num_experts]
     offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
-    _expert_offsets_kernel[(1,)](
-        ids, counts, offsets, ids.numel(), num_experts, BLOCK=1024, E_PAD=_next_pow2(num_experts)
-    )
+    torch.cumsum(counts, 0, dtype=torch.int32, out=offsets[1:])
     return counts, offsets
 
 
 @triton.jit
-def _sort_by_expert_kernel(ids_ptr, offsets_ptr, order_ptr, n, BLOCK: tl.constexpr):
-    # A counting sort, one program per expert: each scans the ids and writes the positions of its own
-    # assignments in increasing order, so the result is stable and needs no atomics.
-    expert = tl.program_id(0)
-    position = tl.load(offsets_ptr + expert)
-    for start in range(0, n, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        hit = tl.load(ids_ptr + idx, mask=idx < n, other=-1) == expert
-        ranks = tl.cumsum(hit.to(tl.int32), 0) - 1
-        tl.store(order_ptr + position + ranks, idx, mask=hit)
-        position += tl.sum(hit.to(tl.int32), 0)
+def _scatter_by_expert_kernel(
+    ids_ptr, bases_ptr, order_ptr, n, num_experts, BLOCK: tl.constexpr, BINS: tl.constexpr
+):
+    # A counting sort, parallel over blocks of ids: bases[block, bin] is where this block's first id of that
+    # bin goes (all earlier blocks' ids of the bin come before it), and an id's rank among its block's ids of
+    # the same bin comes from a prefix sum of the one-hot matrix, so the order is stable without atomics.
+    block = tl.program_id(0)
+    idx = block * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + idx, mask=idx < n, other=-1)
+    bins = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+    one_hot = (bins[:, None] == tl.arange(0, BINS)[None, :]).to(tl.int32)
+    rank = tl.sum(tl.cumsum(one_hot, 0) * one_hot, 1) - 1
+    base = tl.load(bases_ptr + block * BINS + bins)
+    tl.store(order_ptr + base + rank, idx, mask=idx < n)
 
 
 def sort_by_expert(ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Assignment indices (int32 [n]) sorted stably by expert; dropped assignments leave zeros at the end."""
+    """Assignment indices (int32 [n]) sorted stably by expert; the dropped assignments follow, in order, from
+    offsets[-1] on, so `order` is a permutation of the assignments."""
     ids = ids.reshape(-1).contiguous()
-    order = torch.zeros(ids.numel(), dtype=torch.int32, device=ids.device)
-    _sort_by_expert_kernel[(offsets.numel() - 1,)](ids, offsets, order, ids.numel(), BLOCK=1024)
+    num_experts = offsets.numel() - 1
+    counts = _block_counts(ids, num_experts)
+    totals = counts.sum(0, dtype=torch.int32)
+    bin_start = torch.cumsum(totals, 0, dtype=torch.int32) - totals
+    bases = bin_start + torch.cumsum(counts, 0, dtype=torch.int32) - counts
+    order = torch.empty(ids.numel(), dtype=torch.int32, device=ids.device)
+    block, bins = _routing_tiles(num_experts)
+    _run(
+        _scatter_by_expert_kernel, (counts.shape[0],), (ids, bases, order, ids.numel(), num_experts),
+        BLOCK=block, BINS=bins,
+    )  # fmt: skip
     return order
 
 
@@ -121,6 +168,17 @@ def sort_by_expert(ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------
 
 _PLAIN, _SWIGLU, _SWIGLU_BACKWARD = 0, 1, 2
+
+
+@triton.jit
+def _grouped_program_order(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # The grid is one-dimensional (CUDA caps grid y and z at 65535; x allows 2^31 - 1) and walks the
+    # (row tile, column block) pairs in groups of GROUP_M row tiles that sweep the column blocks together, so a
+    # group's activation rows and the weight column blocks stay in L2 while they are reused.
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % in_group) % group_m, (pid % in_group) // group_m
 
 
 @triton.jit
@@ -145,14 +203,18 @@ def _grouped_gemm_kernel(
     num_experts, n_out, k_dim, top_k, rows_hint,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, stride_pm, stride_pn,
     GATHER_A: tl.constexpr, EPILOGUE: tl.constexpr, HAS_SCALE: tl.constexpr, STORE_PREACT: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, E_PAD: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, E_PAD: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # out[r] = a[row(r)] @ W[e]^T for the sorted rows r of expert e, with W[e] read through (stride_wn, stride_wk)
     # so that transposed weights need no copy. GATHER_A: a is in token order, row(r) = order[r] // k, and
     # out is sorted. Otherwise a is sorted and out[order[r]] is written (the scatter to assignment order).
     # rows_hint only keys the autotuner.
-    expert, row_start, row_end = _tile_of_program(offsets_ptr, tl.program_id(0), num_experts, BLOCK_M, E_PAD)
+    num_pid_n = tl.cdiv(n_out, BLOCK_N)
+    pid_m, pid_n = _grouped_program_order(
+        tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M
+    )
+    expert, row_start, row_end = _tile_of_program(offsets_ptr, pid_m, num_experts, BLOCK_M, E_PAD)
     if expert >= num_experts:
         return
     rows = row_start + tl.arange(0, BLOCK_M)
@@ -164,7 +226,7 @@ def _grouped_gemm_kernel(
     else:
         a_rows = rows.to(tl.int64)
         out_rows = slot
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_out
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
@@ -209,7 +271,7 @@ def _grouped_gemm_kernel(
         sig = tl.sigmoid(gate)
         silu = gate * sig
         tl.store(
-            partial_ptr + rows * tl.num_programs(1) + tl.program_id(1),
+            partial_ptr + rows * num_pid_n + pid_n,
             tl.sum(silu * up * acc, 1),
             mask=row_ok,
         )
@@ -225,15 +287,18 @@ def _grouped_weight_grad_kernel(
     m_dim, n_dim, top_k, rows_hint,
     stride_am, stride_ak, stride_bm, stride_bn, stride_oe, stride_om, stride_on,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # out[e] = A_e^T @ B_e: the reduction runs over expert e's sorted rows; A and B rows are either sorted or
-    # gathered from token order (row order[r] // k). Experts without rows get zeros.
-    expert = tl.program_id(0)
+    # gathered from token order (row order[r] // k). Experts without rows get zeros. One-dimensional grid:
+    # expert after expert, each expert's output tiles in L2-grouped order.
+    tiles_m = tl.cdiv(m_dim, BLOCK_M)
     tiles_n = tl.cdiv(n_dim, BLOCK_N)
-    ms = (tl.program_id(1) // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ns = (tl.program_id(1) % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    expert = tl.program_id(0) // (tiles_m * tiles_n)
+    pid_m, pid_n = _grouped_program_order(tl.program_id(0) % (tiles_m * tiles_n), tiles_m, tiles_n, GROUP_M)
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_lo = tl.load(offsets_ptr + expert)
     row_hi = tl.load(offsets_ptr + expert + 1)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -271,27 +336,46 @@ def _grouped_weight_grad_kernel(
 _AUTOTUNED: dict = {}
 
 
-def _launch(kernel, grid, args: tuple, tiles: TileConfig | None, **constexprs) -> None:
-    """Run `kernel` with explicit tiles, or autotuned on a GPU, or with the interpreter's single config."""
-    if tiles is None and not interpreting():
-        # One tuner per kernel variant: the tuner's cache key holds the problem sizes, not the constexpr flags.
-        variant = (kernel, tuple(sorted(constexprs.items())))
-        if variant not in _AUTOTUNED:
-            sizes = ["n_out", "k_dim"] if kernel is _grouped_gemm_kernel else ["m_dim", "n_dim"]
-            key = [*sizes, "rows_hint"]
-            _AUTOTUNED[variant] = triton.autotune(configs=_gpu_autotune_configs(), key=key)(kernel)
-        _AUTOTUNED[variant][lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
-        return
-    t = tiles or INTERPRETER_TILES
-    kernel[grid(t.block_m, t.block_n)](
-        *args, **constexprs, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        num_warps=t.num_warps, num_stages=t.num_stages,
-    )  # fmt: skip
+def _launch(kernel, grid, args: tuple, tiles: TileConfig | None, dtype: torch.dtype, **constexprs) -> None:
+    """Run `kernel` with explicit tiles, or autotuned on a GPU, or with the interpreter's single config, on the
+    inputs' device."""
+    with _device_guard(args):
+        if tiles is None and not interpreting():
+            # One tuner per kernel variant and operand width: the tuner's cache key holds the problem sizes,
+            # not the constexpr flags, and fp32 has its own candidates.
+            wide = dtype == torch.float32
+            variant = (kernel, wide, tuple(sorted(constexprs.items())))
+            if variant not in _AUTOTUNED:
+                sizes = ["n_out", "k_dim"] if kernel is _grouped_gemm_kernel else ["m_dim", "n_dim"]
+                configs = _gpu_autotune_configs(torch.float32 if wide else torch.bfloat16)
+                _AUTOTUNED[variant] = triton.autotune(configs=configs, key=[*sizes, "rows_hint"])(kernel)
+            _AUTOTUNED[variant][lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](
+                *args, **constexprs, GROUP_M=GROUP_M
+            )
+            return
+        t = tiles or INTERPRETER_TILES
+        kernel[grid(t.block_m, t.block_n)](
+            *args, **constexprs, GROUP_M=GROUP_M, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )  # fmt: skip
 
 
-def _rows_hint(order: torch.Tensor) -> int:
-    # Part of the autotune key only: decode-sized and prefill-sized batches want different tiles.
-    return min(_next_pow2(order.numel()), 16384)
+def _rows_hint(order: torch.Tensor, num_experts: int) -> int:
+    # Part of the autotune key only, so three buckets of rows per expert: decode (<= 16), mid (<= 256) and
+    # prefill; each bucket is tuned once per problem size, not once per power of two of the batch.
+    per_expert = order.numel() / max(1, num_experts)
+    return 0 if per_expert <= 16 else 1 if per_expert <= 256 else 2
+
+
+def gemm_grid(num_rows: int, n_out: int, num_experts: int):
+    """The grouped GEMM's grid for given tiles: row tiles (a static bound: every expert may end in a partial
+    tile) times column blocks, all in grid x (see _grouped_program_order)."""
+    return lambda bm, bn: ((triton.cdiv(num_rows, bm) + num_experts) * triton.cdiv(n_out, bn),)
+
+
+def weight_grad_grid(num_experts: int, m_dim: int, n_dim: int):
+    """The weight-gradient grid for given tiles: experts times output tiles, all in grid x."""
+    return lambda bm, bn: (num_experts * triton.cdiv(m_dim, bm) * triton.cdiv(n_dim, bn),)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -323,12 +407,12 @@ def grouped_gemm(
     w_n, w_k = (2, 1) if transpose_weight else (1, 2)
     n_out, k_dim = weight.shape[w_n], weight.shape[w_k]
     num_experts = weight.shape[0]
-    grid = lambda bm, bn: (triton.cdiv(order.numel(), bm) + num_experts, triton.cdiv(n_out, bn))  # noqa: E731
+    grid = gemm_grid(order.numel(), n_out, num_experts)
     args = (a, weight, out, order, offsets, scale if scale is not None else a, a, a)
-    args += (num_experts, n_out, k_dim, top_k, _rows_hint(order), a.stride(0), a.stride(1))
+    args += (num_experts, n_out, k_dim, top_k, _rows_hint(order, num_experts), a.stride(0), a.stride(1))
     args += (weight.stride(0), weight.stride(w_n), weight.stride(w_k), out.stride(0), out.stride(1), 0, 0)
     _launch(
-        _grouped_gemm_kernel, grid, args, tiles,
+        _grouped_gemm_kernel, grid, args, tiles, a.dtype,
         GATHER_A=gather_a, EPILOGUE=_PLAIN, HAS_SCALE=scale is not None, STORE_PREACT=False,
         UPCAST=interpreting(), INPUT_PRECISION=_input_precision(a.dtype), E_PAD=_next_pow2(num_experts),
     )  # fmt: skip
@@ -353,7 +437,7 @@ def gate_up_swiglu(
     n, num_experts, inter = order.numel(), gate_up.shape[0], gate_up.shape[1] // 2
     h = torch.empty(n, inter, dtype=x.dtype, device=x.device)
     preact = torch.empty(n, 2 * inter, dtype=x.dtype, device=x.device) if store_preact else h
-    grid = lambda bm, bn: (triton.cdiv(n, bm) + num_experts, triton.cdiv(inter, bn))  # noqa: E731
+    grid = gemm_grid(n, inter, num_experts)
     args = (
         x,
         gate_up,
@@ -367,12 +451,12 @@ def gate_up_swiglu(
         inter,
         gate_up.shape[2],
         top_k,
-        _rows_hint(order),
+        _rows_hint(order, num_experts),
     )
     args += (x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2))
     args += (h.stride(0), h.stride(1), preact.stride(0), preact.stride(1))
     _launch(
-        _grouped_gemm_kernel, grid, args, tiles,
+        _grouped_gemm_kernel, grid, args, tiles, x.dtype,
         GATHER_A=True, EPILOGUE=_SWIGLU, HAS_SCALE=False, STORE_PREACT=store_preact,
         UPCAST=interpreting(), INPUT_PRECISION=_input_precision(x.dtype), E_PAD=_next_pow2(num_experts),
     )  # fmt: skip
@@ -390,17 +474,59 @@ def down_combine(
     *,
     tiles: TileConfig | None = None,
 ) -> torch.Tensor:
-    """out[t] = sum_j weights[t, j] * (h[r(t, j)] @ down[e]^T), in fp32 [T, H].
+    """out[t] = sum_j weights[t, j] * (h[r(t, j)] @ down[e]^T) -> [T, H] in h's dtype.
 
-    The kernel scales each row by its routing weight and scatters it to its assignment slot of a
-    [T * k, H] buffer; the k slots of a token are then summed in a fixed order, so the combine is
-    deterministic (no atomics). Dropped assignments (expert id outside [0, E)) contribute zero.
+    The kernel scales each row by its routing weight and scatters it to its assignment slot of a [T * k, H]
+    buffer in h's dtype (not fp32: at k=8 an fp32 buffer is 16x the bf16 input), which is not zero-filled;
+    `combine_slots` then sums the k slots of a token in a fixed order, in fp32, so the combine is deterministic
+    (no atomics). Dropped assignments (expert id outside [0, E)) contribute zero.
     """
-    slots = torch.zeros(num_tokens * top_k, down.shape[1], dtype=torch.float32, device=h.device)
+    slots = torch.empty(num_tokens * top_k, down.shape[1], dtype=h.dtype, device=h.device)
     grouped_gemm(
         h, down, order, offsets, top_k, gather_a=False, out=slots, scale=weights.reshape(-1), tiles=tiles
     )
-    return slots.view(num_tokens, top_k, down.shape[1]).sum(1)
+    return combine_slots(slots, order, offsets, num_tokens, top_k)
+
+
+@triton.jit
+def _combine_slots_kernel(
+    slots_ptr, valid_ptr, out_ptr, hidden, stride_s, stride_o, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr
+):
+    # Program (token, column block): the token's k slots summed in slot order, in fp32; slots of dropped
+    # assignments were never written (the buffer is not zero-filled), so they are masked out, not read.
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < hidden
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        slot = token * TOP_K + j
+        keep = col_ok & (
+            tl.load(valid_ptr + slot + 0 * cols) != 0
+        )  # a vector mask (the interpreter needs one)
+        acc += tl.load(slots_ptr + slot * stride_s + cols, mask=keep, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def combine_slots(
+    slots: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, num_tokens: int, top_k: int
+) -> torch.Tensor:
+    """out[t] = sum_j slots[t * k + j] over the assignments that were not dropped -> [T, H] in slots' dtype.
+
+    Which slots hold data follows from `order` (a permutation: the sorted rows before offsets[-1] are the
+    kept assignments), computed on the device, so no host sync is needed."""
+    n, hidden = slots.shape
+    out = torch.empty(num_tokens, hidden, dtype=slots.dtype, device=slots.device)
+    if num_tokens == 0:
+        return out
+    rows = torch.arange(n, device=slots.device)
+    valid = torch.empty(n, dtype=torch.uint8, device=slots.device)
+    valid.index_put_((order.long(),), (rows < offsets[-1]).to(torch.uint8))
+    block_h = min(1024, _next_pow2(hidden))
+    _run(
+        _combine_slots_kernel, (num_tokens, triton.cdiv(hidden, block_h)),
+        (slots, valid, out, hidden, slots.stride(0), out.stride(0)), TOP_K=top_k, BLOCK_H=block_h,
+    )  # fmt: skip
+    return out
 
 
 def down_backward(
@@ -424,26 +550,26 @@ def down_backward(
     # The partial sums have one column per column block, so this launch uses fixed tiles, never autotuning.
     tiles = tiles or (INTERPRETER_TILES if interpreting() else DOWN_BACKWARD_GPU_TILES)
     partial = torch.zeros(n, triton.cdiv(inter, tiles.block_n), dtype=torch.float32, device=grad_out.device)
-    grid = lambda bm, bn: (triton.cdiv(n, bm) + num_experts, triton.cdiv(inter, bn))  # noqa: E731
+    grid = gemm_grid(n, inter, num_experts)
     args = (grad_out, down, d_preact, order, offsets, weights.reshape(-1), preact, partial)
     args += (
         num_experts,
         inter,
         down.shape[1],
         top_k,
-        _rows_hint(order),
+        _rows_hint(order, num_experts),
         grad_out.stride(0),
         grad_out.stride(1),
     )
     args += (down.stride(0), down.stride(2), down.stride(1), d_preact.stride(0), d_preact.stride(1))
     args += (preact.stride(0), preact.stride(1))
     _launch(
-        _grouped_gemm_kernel, grid, args, tiles,
+        _grouped_gemm_kernel, grid, args, tiles, grad_out.dtype,
         GATHER_A=True, EPILOGUE=_SWIGLU_BACKWARD, HAS_SCALE=True, STORE_PREACT=False,
         UPCAST=interpreting(), INPUT_PRECISION=_input_precision(grad_out.dtype), E_PAD=_next_pow2(num_experts),
     )  # fmt: skip
-    # Rows past offsets[-1] (dropped assignments) have order 0 and partial 0: adding exact zeros keeps this
-    # deterministic, and no host sync is needed to find the valid rows.
+    # `order` is a permutation, so every slot gets exactly one row; rows past offsets[-1] (dropped
+    # assignments) have partial 0. Deterministic, and no host sync is needed to find the valid rows.
     grad_weights = torch.zeros(weights.numel(), dtype=torch.float32, device=grad_out.device)
     return d_preact, grad_weights.index_add_(0, order.long(), partial.sum(1))
 
@@ -466,7 +592,7 @@ def grouped_weight_grad(
     A gathered operand is in token order (row order[r] // k); otherwise it is sorted. `scale` is per assignment.
     """
     num_experts, m_dim, n_dim = out.shape
-    grid = lambda bm, bn: (num_experts, triton.cdiv(m_dim, bm) * triton.cdiv(n_dim, bn))  # noqa: E731
+    grid = weight_grad_grid(num_experts, m_dim, n_dim)
     args = (
         a,
         b,
@@ -477,11 +603,11 @@ def grouped_weight_grad(
         m_dim,
         n_dim,
         top_k,
-        _rows_hint(order),
+        _rows_hint(order, num_experts),
     )
     args += (a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2))
     _launch(
-        _grouped_weight_grad_kernel, grid, args, tiles,
+        _grouped_weight_grad_kernel, grid, args, tiles, a.dtype,
         GATHER_A=gather_a, GATHER_B=gather_b, HAS_SCALE=scale is not None,
         UPCAST=interpreting(), INPUT_PRECISION=_input_precision(a.dtype),
     )  # fmt: skip
