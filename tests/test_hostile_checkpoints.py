@@ -368,9 +368,21 @@ CHECKPOINT_CASES: list[Case] = [
     ),
     Case(
         "config-model-type",
-        "an unsupported model_type",
-        broken(edit_config(model_type="gpt2")),
-        ("model_type 'gpt2' is not supported",),
+        "a model_type transformers does not ship",
+        broken(edit_config(model_type="my_custom_lm")),
+        ("model_type 'my_custom_lm' is not one transformers",),
+    ),
+    Case(
+        "config-untied-no-head",
+        "an untied config.json whose weights lack lm_head",
+        broken(edit_tensors(lambda t: t.pop("lm_head.weight"))),
+        (BAD, "no 'lm_head.weight'", "tie_word_embeddings"),
+    ),
+    Case(
+        "config-intermediate-size",
+        "config.json intermediate_size disagrees with the MLP tensors",
+        broken(edit_config(intermediate_size=48)),
+        (BAD, "intermediate_size", "implies [48,"),
     ),
     Case(
         "tensor-missing",

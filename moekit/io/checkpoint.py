@@ -10,7 +10,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moekit.architectures import Family, family_for_config
+from moekit.architectures import Family, check_implied_shapes, family_for_config
 from moekit.errors import UserError
 from moekit.io.pickle_reader import PickleReader, holds_pickled_weights_only, pickled_files, pickled_index
 from moekit.io.safetensors_reader import TensorReader, checkpoint_infos
@@ -56,13 +56,14 @@ def check_config_matches_tensors(config_path: Path, config: dict, family: Family
             raise UserError(
                 f"{config_path}: the weights have no tensors for layer(s) {gaps[:5]} of {held}; the checkpoint is incomplete"
             )
-    embed = infos.get(family.embeddings[0])
-    hidden = config.get("hidden_size")
+    embed = infos.get(family.input_embedding)
+    hidden = config.get(family.hidden_key)
     if embed is not None and len(embed.shape) == 2 and isinstance(hidden, int) and embed.shape[1] != hidden:
         raise UserError(
             f"{config_path}: hidden_size is {hidden} but tensor '{embed.name}' is {list(embed.shape)}; fix config.json "
             "or re-download the model"
         )
+    check_implied_shapes(str(config_path), config, family, {name: info.shape for name, info in infos.items()})
 
 
 def resolve_model_dir(ref: str, base_dir: Path | None = None, where: str = "config") -> Path:

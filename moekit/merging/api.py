@@ -131,8 +131,8 @@ def output_config(plan: Plan) -> dict:
     dtypes = Counter(j.out.dtype for j in plan.jobs)
     set_config_dtype(cfg, dtypes.most_common(1)[0][0])
     for job in plan.jobs:
-        if job.is_embedding and job.out.name.endswith("embed_tokens.weight"):
-            cfg["vocab_size"] = job.out.shape[0]
+        if job.is_embedding and job.out.name == ref.family.input_embedding:
+            cfg[ref.family.vocab_key] = job.out.shape[0]
     return cfg
 
 

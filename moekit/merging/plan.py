@@ -21,10 +21,6 @@ from moekit.io.writer import OutputTensor, PlannedOutputs
 from moekit.merging.registry import MergeMethod
 from moekit.merging.tokenizer import Vocabulary, build_vocabulary
 
-# Non-layer tensors named like these come before the layers (embeddings, from the first slice); the others after
-# them (final norm, lm_head, from the last slice). mergekit 0.1.5 evaluates gradients at t = 0 for both.
-PRE_WEIGHT_MARKERS = ("embed",)
-
 
 @dataclass(frozen=True)
 class TensorRef:
@@ -168,7 +164,9 @@ def _build(config: MergeConfig, models: list[Checkpoint], index: dict[str, int])
     layer_rests = ref_layer_tensors[min(ref_layer_tensors)]
 
     planner = _Planner(config, method, models, index, name)
-    pre = [t for t in non_layer if any(m in t for m in PRE_WEIGHT_MARKERS)]
+    # Non-layer tensors before the layers (embeddings) come from the first slice; the others after them (final norm,
+    # lm_head) from the last slice. mergekit 0.1.5 evaluates gradients at t = 0 for both.
+    pre = [t for t in non_layer if fam.is_pre_layer(t)]
     post = [t for t in non_layer if t not in pre]
     jobs: list[Job] = []
     for t in sorted(pre):
