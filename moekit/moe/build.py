@@ -21,7 +21,16 @@ from moekit.io.checkpoint import Checkpoint
 from moekit.io.writer import OutputTensor, PlannedOutputs
 from moekit.merging.engine import all_finite
 from moekit.moe.config import ExpertSpec, MoEConfig
-from moekit.moe.layouts import LAYOUTS, ROLES, MoELayout, choose_layout, moe_config, supported_sources
+from moekit.moe.layouts import (
+    LAYOUTS,
+    NOT_BUILT,
+    ROLES,
+    MoELayout,
+    choose_layout,
+    moe_config,
+    not_built_sibling,
+    supported_sources,
+)  # fmt: skip
 
 ZERO_QKV_BIAS = ("q_proj", "k_proj", "v_proj")
 CHUNK_ELEMENTS = (
@@ -125,6 +134,12 @@ def _plan(cfg: MoEConfig, models: list[Checkpoint], index: dict[str, int]) -> Mo
             f"{name}: base_model '{cfg.base_model}' is already an MoE ({family.name}); give a dense base model"
         )
     if not any(family.name in layout.sources for layout in LAYOUTS):
+        sibling = not_built_sibling(family.name)
+        if sibling is not None:
+            raise UserError(
+                f"{name}: base_model '{cfg.base_model}' is a {family.name} model, and {family.name} -> {sibling} is not "
+                f"built: {NOT_BUILT[sibling][1]}"
+            )
         raise UserError(
             f"{name}: base_model '{cfg.base_model}' is a {family.name} model, which moekit cannot turn into an MoE; "
             f"supported source families: {supported_sources()}"
@@ -224,7 +239,7 @@ def _int_key(m: Checkpoint, key: str) -> int:
 
 
 def _vocab(m: Checkpoint) -> int:
-    info = m.tensors.infos.get("model.embed_tokens.weight")
+    info = m.tensors.infos.get(m.family.input_embedding)
     return info.shape[0] if info is not None else _int_key(m, "vocab_size")
 
 
@@ -294,6 +309,10 @@ def _jobs(
         if layout.zero_qkv_bias:
             layer_jobs += _zero_biases(base, layer, layer_jobs, dtype)
         jobs += layer_jobs
+        jobs += [
+            Job(OutputTensor(layout.zero_tensor(layer, rest), dtype, (1, n_routed)), "zeros")
+            for rest in layout.zero_tensors
+        ]
         jobs.append(
             Job(
                 OutputTensor(layout.router(layer), dtype, (n_routed, hidden)),

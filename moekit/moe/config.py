@@ -13,6 +13,7 @@ import torch
 
 from moekit.config import check_keys, parse_dtype
 from moekit.errors import UserError, did_you_mean
+from moekit.moe.layouts import LAYOUTS, NOT_BUILT, architecture_names
 
 MOE_KEYS = {
     "merge_method": "moe (optional: a config with `experts` is an MoE config)",
@@ -21,7 +22,9 @@ MOE_KEYS = {
     "gate_mode": "hidden, hidden_avg, cheap_embed, random or uniform_random",
     "experts_per_token": "experts each token is routed to (default 2)",
     "shared_experts": "one shared expert, for Qwen2-MoE",
-    "architecture": "mixtral, qwen2_moe (mergekit: qwen) or qwen3_moe (mergekit: qwen3)",
+    "architecture": "the MoE output: "
+    + ", ".join(layout.name for layout in LAYOUTS)
+    + " (mergekit: qwen, qwen3)",
     "dtype": "dtype of the output tensors (default: the base model's)",
     "gate_dtype": "dtype the base runs in for hidden gates (moekit; default float32, mergekit: bfloat16)",
     "tokenizer_source": "base: use the base's tokenizer even when an expert's vocabulary differs",
@@ -38,16 +41,8 @@ GATE_MODES = (*PROMPT_GATE_MODES, "random", "uniform_random")
 GATE_MODE_ALIASES = {"hidden_last": "hidden"}  # mergekit accepts both spellings for the last-token mode
 
 # mergekit picks an output architecture whose display name starts with `architecture:` ("Mixtral", "Qwen MoE",
-# "Qwen3 MoE"); "qwen" therefore means "a Qwen MoE that fits the sources". We accept those and our layout names.
-ARCHITECTURE_NAMES = {
-    "mixtral": ("mixtral",),
-    "qwen2_moe": ("qwen2_moe",),
-    "qwen3_moe": ("qwen3_moe",),
-    "qwen": ("qwen2_moe", "qwen3_moe"),
-    "qwen moe": ("qwen2_moe",),
-    "qwen3": ("qwen3_moe",),
-    "qwen3 moe": ("qwen3_moe",),
-}
+# "Qwen3 MoE"); "qwen" therefore means "a Qwen MoE that fits the sources". The spellings live with the layouts.
+ARCHITECTURE_NAMES = architecture_names()
 
 
 @dataclass(frozen=True)
@@ -165,10 +160,12 @@ def parse_moe_config(raw: dict, path: Path | None = None) -> MoEConfig:
     candidates = None
     if architecture is not None:
         key = str(architecture).strip().lower()
+        if key in NOT_BUILT:
+            raise UserError(f"{name}: architecture {architecture!r} is not built: {NOT_BUILT[key][1]}")
         if key not in ARCHITECTURE_NAMES:
             raise UserError(
                 f"{name}: architecture {architecture!r} is not supported{did_you_mean(key, ARCHITECTURE_NAMES)}; "
-                "use mixtral, qwen2_moe or qwen3_moe (deepseek needs remote code and is not built)"
+                f"use one of {', '.join(layout.name for layout in LAYOUTS)}"
             )
         candidates = ARCHITECTURE_NAMES[key]
 

@@ -15,7 +15,7 @@ binary floating point).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,14 +26,25 @@ ROLES = ("gate", "up", "down")  # the dense MLP's projections, by role (Family.m
 
 @dataclass(frozen=True)
 class MoELayout:
+    """Every fact about one MoE output family: what feeds it, its tensor names and its config.json keys."""
+
     name: str
     display: str
     model_type: str
     hf_class: str
-    sources: tuple[str, ...]  # dense families this layout is built from
+    sources: tuple[
+        str, ...
+    ]  # dense families this layout is built from, each tested exact (tests/test_moe_pairs.py)
     block: str  # the MoE block inside a layer
     expert: dict[str, str]  # role -> name inside `{block}.experts.{e}.`
     num_experts_key: str
+    top_k_key: str = "num_experts_per_tok"
+    expert_size_keys: tuple[str, ...] = ("moe_intermediate_size", "intermediate_size")  # = the expert's size
+    settings: dict = field(default_factory=dict)  # config keys set to these values, in this order
+    defaults: dict = field(default_factory=dict)  # config keys set when the base has none
+    last_layer_key: str | None = None  # a key that must name the last layer for every layer to be MoE
+    zero_tensors: tuple[str, ...] = ()  # [1, experts] tensors in the block that are zero (routing biases)
+    aliases: tuple[str, ...] = ()  # other spellings of `architecture:` (mergekit's display-name prefixes)
     shared: bool = False  # Qwen2-MoE: one shared expert with a sigmoid gate
     zero_qkv_bias: bool = False  # q/k/v biases the architecture always has; zeros when the source has none
     attention_biases: bool = False  # whether the architecture can take the source's attention biases
@@ -50,25 +61,78 @@ class MoELayout:
     def shared_gate(self, layer: int) -> str:
         return f"model.layers.{layer}.{self.block}.shared_expert_gate.weight"
 
+    def zero_tensor(self, layer: int, rest: str) -> str:
+        return f"model.layers.{layer}.{self.block}.{rest}"
+
 
 _QWEN_EXPERT = {"gate": "gate_proj.weight", "up": "up_proj.weight", "down": "down_proj.weight"}
+# Qwen-MoE's routed weights of the k chosen experts are renormalised to sum to 1, as mergekit sets it: this is what
+# makes copies of one MLP compute that MLP exactly. No dense layers (mlp_only_layers is empty).
+_QWEN_SETTINGS = {
+    "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True, "use_sliding_window": False,
+    "sliding_window": None,
+}  # fmt: skip
 
 LAYOUTS: tuple[MoELayout, ...] = (
     MoELayout(
         "mixtral", "Mixtral", "mixtral", "MixtralForCausalLM", ("llama", "mistral"), "block_sparse_moe",
         {"gate": "w1.weight", "down": "w2.weight", "up": "w3.weight"}, "num_local_experts",
+        expert_size_keys=("intermediate_size",), settings={"sliding_window": None},
+        defaults={"router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0},
     ),
     MoELayout(
         "qwen2_moe", "Qwen2-MoE", "qwen2_moe", "Qwen2MoeForCausalLM", ("llama", "mistral", "qwen2"), "mlp",
-        _QWEN_EXPERT, "num_experts", shared=True, zero_qkv_bias=True,
+        _QWEN_EXPERT, "num_experts", settings=_QWEN_SETTINGS, defaults={"router_aux_loss_coef": 0.001},
+        aliases=("qwen", "qwen moe"), shared=True, zero_qkv_bias=True,
     ),
     MoELayout(
         "qwen3_moe", "Qwen3-MoE", "qwen3_moe", "Qwen3MoeForCausalLM", ("qwen3",), "mlp",
-        _QWEN_EXPERT, "num_experts", attention_biases=True,
+        _QWEN_EXPERT, "num_experts", settings=_QWEN_SETTINGS, defaults={"router_aux_loss_coef": 0.001},
+        aliases=("qwen", "qwen3", "qwen3 moe"), attention_biases=True,
+    ),
+    # ERNIE-4.5-MoE: softmax router, top-k picked after a zero correction bias, weights renormalised (exact).
+    MoELayout(
+        "ernie4_5_moe", "ERNIE-4.5-MoE", "ernie4_5_moe", "Ernie4_5_MoeForCausalLM", ("ernie4_5",), "mlp",
+        _QWEN_EXPERT, "moe_num_experts", top_k_key="moe_k", expert_size_keys=("moe_intermediate_size",),
+        settings={"moe_num_shared_experts": 0, "moe_layer_start_index": 0, "moe_layer_interval": 1},
+        defaults={"router_aux_loss_coef": 0.001}, last_layer_key="moe_layer_end_index",
+        zero_tensors=("moe_statics.e_score_correction_bias",), aliases=("ernie",),
     ),
 )  # fmt: skip
 
+# Dense -> MoE pairs transformers ships that moekit does not build: output -> (dense sources, why). Each was tried
+# by the exactness test (identical experts must give the dense logits) or fails it by construction.
+NOT_BUILT: dict[str, tuple[tuple[str, ...], str]] = {
+    "olmoe": (("olmo",), "OLMoE normalises q and k (q_norm/k_norm) and its layer norms have weights where OLMo's "
+              "have none, so no OLMoE computes what an OLMo model computes"),
+    "glm4_moe": (("glm4",), "GLM-4 layers have post-attention and post-MLP norms that GLM-4-MoE layers lack, and "
+                 "GLM-4-MoE routes by sigmoid with expert groups; no GLM-4-MoE built from GLM-4 reproduces it"),
+    "granitemoe": (("granite",), "GraniteMoE stores its experts stacked (block_sparse_moe.input_linear [E, 2I, H]), "
+                   "a layout moekit does not write; only per-expert layouts are built"),
+    "hunyuan_v1_moe": (("hunyuan_v1_dense",), "HunYuan-MoE always runs a shared MLP next to the routed experts and "
+                       "names its router gate.wg; it is not tested exact against HunYuan dense, so it is not built"),
+    "lfm2_moe": (("lfm2",), "LFM2-MoE keeps its first layers dense and routes by sigmoid scores plus a bias; it is "
+                 "not tested exact against LFM2, so it is not built"),
+    "phimoe": (("phi", "phi3"), "Phi-3.5-MoE's experts are SwiGLU while Phi-2's MLP is fc1/gelu/fc2 (Phixtral's "
+               "phi-2 experts need remote code), and Phi-3's fused gate_up_proj is not split into PhiMoE experts"),
+}  # fmt: skip
+
+
+def not_built_sibling(family: str) -> str | None:
+    """The MoE output that `family` would become but that NOT_BUILT refuses, if any."""
+    return next((out for out, (sources, _) in NOT_BUILT.items() if family in sources), None)
+
+
 BY_NAME = {layout.name: layout for layout in LAYOUTS}
+
+
+def architecture_names() -> dict[str, tuple[str, ...]]:
+    """`architecture:` value (lower case) -> candidate layout names, mergekit's spellings included."""
+    names: dict[str, list[str]] = {}
+    for layout in LAYOUTS:
+        for alias in (layout.name, *layout.aliases):
+            names.setdefault(alias, []).append(layout.name)
+    return {k: tuple(v) for k, v in names.items()}
 
 
 def supported_sources() -> str:
@@ -110,7 +174,7 @@ def moe_config(
     cfg["architectures"] = [layout.hf_class]
     cfg["model_type"] = layout.model_type
     cfg[layout.num_experts_key] = num_experts
-    cfg["num_experts_per_tok"] = experts_per_token
+    cfg[layout.top_k_key] = experts_per_token
     cfg["output_router_logits"] = False
     rope = cfg.get("rope_parameters")
     if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in cfg:
@@ -119,25 +183,16 @@ def moe_config(
         cfg["rope_theta"] = rope["rope_theta"]
         if rope.get("rope_type", "default") != "default" and "rope_scaling" not in cfg:
             cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    if layout.name == "mixtral":
-        cfg["intermediate_size"] = expert_intermediate
-        cfg["sliding_window"] = None
-        cfg.setdefault("router_aux_loss_coef", 0.02)
-        cfg.setdefault("router_jitter_noise", 0.0)
-    else:
-        cfg["moe_intermediate_size"] = expert_intermediate
-        cfg["intermediate_size"] = expert_intermediate  # no dense layers (mlp_only_layers is empty)
-        cfg["decoder_sparse_step"] = 1
-        cfg["mlp_only_layers"] = []
-        # The routed weights of the k chosen experts are renormalised to sum to 1, as mergekit sets it; this is what
-        # makes copies of one MLP compute that MLP exactly.
-        cfg["norm_topk_prob"] = True
-        cfg["use_sliding_window"] = False
-        cfg["sliding_window"] = None
-        cfg.setdefault("router_aux_loss_coef", 0.001)
-        if layout.shared:
-            cfg["shared_expert_intermediate_size"] = shared_intermediate
-            cfg["qkv_bias"] = True
+    for key in layout.expert_size_keys:
+        cfg[key] = expert_intermediate
+    cfg.update(copy.deepcopy(layout.settings))
+    if layout.last_layer_key:
+        cfg[layout.last_layer_key] = cfg.get("num_hidden_layers", 1) - 1
+    for key, value in layout.defaults.items():
+        cfg.setdefault(key, value)
+    if layout.shared:
+        cfg["shared_expert_intermediate_size"] = shared_intermediate
+        cfg["qkv_bias"] = True
     for key in ("torch_dtype", "dtype"):
         cfg.setdefault(key, None)
     return set_config_dtype(cfg, dtype)
