@@ -19,15 +19,24 @@ import torch
 from moekit.errors import UserError
 from moekit.stats.accumulate import NonFiniteRouting, RoutingAccumulator
 
-# The router of MoE layer N: Mixtral's `block_sparse_moe.gate` (on disk and in transformers 4.x) or
-# `mlp.gate` (transformers 5 Mixtral, Qwen2-MoE, Qwen3-MoE). The `$` leaves out Qwen2-MoE's `shared_expert_gate`.
-ROUTER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate$")
+# The router of MoE layer N: `block_sparse_moe.gate` (Mixtral on disk and in transformers 4.x, PhiMoE),
+# `mlp.gate` (transformers 5 Mixtral, Qwen-MoE, OLMoE, DeepSeek, ERNIE), `mlp.router` (GPT-OSS),
+# `block_sparse_moe.router` (GraniteMoE), `feed_forward.router` (Jamba-like). The `$` leaves out
+# Qwen2-MoE's `shared_expert_gate`.
+ROUTER_NAME = re.compile(
+    r"(?:^|\.)layers\.(\d+)\.(?:block_sparse_moe|mlp|feed_forward|moe|ffn)\.(?:gate|router)$"
+)
 
-# Config attributes that hold the expert count, by model family.
-_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+# Config attributes that hold the expert count and the experts per token, by model family.
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+_TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "top_k")
 
-# Families whose routers pick the top-k of a softmax over all experts, which is what the statistics assume.
+# Families whose forward returns the raw router logits with output_router_logits; the others are read by hooks.
 SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+# The statistics pick the top-k of the router logits. Routers that choose otherwise are refused, with why.
+_SELECTION_NOT_MODELLED = {
+    "n_group": "routes within expert groups (n_group > 1), which route-stats does not model",
+}
 
 
 def moe_shape(config) -> tuple[int, int]:
@@ -35,16 +44,18 @@ def moe_shape(config) -> tuple[int, int]:
     name = getattr(config, "_name_or_path", "") or "the model"
     archs = ",".join(getattr(config, "architectures", None) or [config.model_type])
     experts = next((getattr(config, key) for key in _EXPERT_COUNT_KEYS if getattr(config, key, None)), None)
-    top_k = getattr(config, "num_experts_per_tok", None)
+    top_k = next(
+        (getattr(config, key) for key in _TOP_K_KEYS if isinstance(getattr(config, key, None), int)), None
+    )
     if not experts or not top_k:
         raise UserError(
             f"{name} is a dense model ({archs}): route-stats needs an MoE checkpoint such as Mixtral, "
             "Qwen2-MoE or Qwen3-MoE"
         )
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
+    groups = getattr(config, "n_group", None)
+    if isinstance(groups, int) and groups > 1 and getattr(config, "topk_group", groups) < groups:
         raise UserError(
-            f"{name} is a {config.model_type} MoE ({archs}), whose router route-stats does not model: "
-            f"supported model types are {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{name} is a {config.model_type} MoE ({archs}) that {_SELECTION_NOT_MODELLED['n_group']}"
         )
     if top_k > experts:
         raise UserError(
@@ -61,6 +72,28 @@ def find_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
         if match:
             found.append((int(match.group(1)), module))
     return sorted(found, key=lambda pair: pair[0])
+
+
+def _check_selection_is_top_k(model: torch.nn.Module) -> None:
+    """Refuse routers whose choice adds a learned correction bias to the scores (DeepSeek-V3, GLM-4-MoE, ERNIE):
+    the top-k of the logits would not be the experts the model runs."""
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if name.endswith("e_score_correction_bias") and bool((tensor != 0).any()):
+            raise UserError(
+                f"{type(model).__name__} picks experts by router scores plus a correction bias ('{name}'), which "
+                "route-stats does not model; its counts would not be the experts the model runs"
+            )
+
+
+def router_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [experts, hidden], bias) of a router module: its own, or its one linear child's (GraniteMoE's
+    `router.layer`, HunYuan's `gate.wg`)."""
+    for sub in (module, *module.children()):
+        weight = getattr(sub, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            bias = getattr(sub, "bias", None)
+            return weight, bias if isinstance(bias, torch.Tensor) else None
+    raise UserError(f"router {type(module).__name__} has no [experts, hidden] weight to read its logits from")
 
 
 def load_config(path: str | Path):
@@ -207,13 +240,18 @@ def router_logits_reader(model: torch.nn.Module, method: str) -> Callable:
             f"unknown collection method {method!r}: use 'auto', 'output_router_logits' or 'hooks'"
         )
 
+    weights = [router_weights(module) for _, module in routers]
+
     def from_hooks(ids, mask):
         captured: list[torch.Tensor | None] = [None] * len(routers)
 
         def keeper(slot):
             def hook(module, inputs, output):
-                # transformers 5 routers return (logits, scores, indices); 4.x gates are an nn.Linear.
-                captured[slot] = output[0] if isinstance(output, tuple) else output
+                # Routers return different things per family (logits, scores, indices, sorted gates); their input
+                # and their [experts, hidden] weight give the raw logits for all of them.
+                weight, bias = weights[slot]
+                hidden = inputs[0].reshape(-1, weight.shape[1])
+                captured[slot] = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias)
 
             return hook
 
@@ -247,8 +285,12 @@ def collect(
             f"no router modules found in {type(model).__name__} (looked for layers.N.mlp.gate / "
             "layers.N.block_sparse_moe.gate): supported families are Mixtral, Qwen2-MoE and Qwen3-MoE"
         )
+    _check_selection_is_top_k(model)
     if method == "auto":
-        method = "output_router_logits" if hasattr(model.config, "output_router_logits") else "hooks"
+        native = model.config.model_type in SUPPORTED_MODEL_TYPES and hasattr(
+            model.config, "output_router_logits"
+        )
+        method = "output_router_logits" if native else "hooks"
     read_logits = router_logits_reader(model, method)
     accumulator = RoutingAccumulator(len(routers), num_experts, top_k)
     device = next(model.parameters()).device
