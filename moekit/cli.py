@@ -275,3 +275,24 @@ def _labelled_sources(parsed):
         )
         for label, paths in by_label.items()
     ]
+
+
+# --- inspect (moekit.model_info) ---
+@cli.command("inspect")
+@click.argument("model_dir", type=click.Path())
+@click.option(
+    "--no-compare", is_flag=True, help="Do not check a table family against transformers' modeling code."
+)
+def inspect_command(model_dir, no_compare) -> None:
+    """What moekit knows about MODEL_DIR: architecture, family, the facts it merges by (and whether each comes
+    from moekit's table or was inferred from transformers' modeling code), dtypes, sizes, tied embeddings, the MoE
+    layout and the tokenizer.
+
+    \b
+    Example:
+      moekit inspect models/base
+    """
+    from moekit.model_info import describe_model
+
+    for line in describe_model(model_dir, compare_with_inference=not no_compare):
+        click.echo(line)
