@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from moekit._version import __version__
 from moekit.errors import UserError
 
 __all__ = ["UserError", "merge", "route_stats", "moe_forward", "MoELayer", "__version__"]

@@ -7,6 +7,7 @@ declaration, with a "did you mean" for near misses.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -394,6 +395,14 @@ def setting_values(setting: object, where: str) -> list[Any]:
     )
 
 
+def fits_float32(value: int | float) -> bool:
+    """A finite number float32 can hold: merges compute in float32, where a bigger one is Inf (or an error)."""
+    try:
+        return math.isfinite(float(value)) and abs(float(value)) <= torch.finfo(torch.float32).max
+    except OverflowError:  # an int with hundreds of digits
+        return False
+
+
 def check_value(p: Param, value: object, where: str) -> None:
     if p.kind is bool:
         ok = isinstance(value, bool)
@@ -405,6 +414,8 @@ def check_value(p: Param, value: object, where: str) -> None:
         ok = isinstance(value, p.kind)
     if not ok:
         raise UserError(f"{where}: expected {p.kind.__name__}, got {_short(value)}")
+    if p.kind is float and not fits_float32(value):
+        raise UserError(f"{where}: {_short(value)} is not a finite number within float32's range (±3.4e38)")
     if p.check is not None and (problem := p.check(value)):
         raise UserError(f"{where}: {value!r} {problem}")
 

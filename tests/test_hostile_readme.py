@@ -14,6 +14,7 @@ from pathlib import Path
 from hostile_models import INTERRUPTED, linear_config, micro_models, run_case, run_cli_in_process, write_yaml
 from test_hostile_checkpoints import CHECKPOINT_CASES, LIED, poison
 from test_hostile_configs import CONFIG_CASES
+from test_hostile_merges import MERGE_CASES
 from test_hostile_outputs import OUTPUT_CASES, run_on_locked_output, run_while_output_appears
 
 import moekit
@@ -106,6 +107,7 @@ def _table(models, root: Path, monkeypatch, caplog) -> str:
             _other_rows(models, root, names, monkeypatch, caplog),
         ),
         ("Existing outputs and concurrent runs", _output_rows(models, root / "outputs", names, monkeypatch)),
+        ("Wrong merges and tracebacks, refused", _case_rows(MERGE_CASES, models, root / "merges", names)),
     ]
     return "\n\n".join(f"#### {title}\n\n" + "\n".join(header + rows) for title, rows in sections)
 

@@ -42,6 +42,7 @@ def open_tensors(model_dir: Path) -> TensorReader | PickleReader:
 def check_config_matches_tensors(config_path: Path, config: dict, family: Family, infos: dict) -> None:
     """config.json's layer count and hidden size agree with the tensors, so a wrong config cannot merge silently
     (a num_hidden_layers that is too small would otherwise drop the layers past it without a word)."""
+    check_layer_numbers(config_path.parent, family, infos)
     layers = {loc[0] for loc in map(family.layer_of, infos) if loc is not None}
     declared = config.get(family.num_layers_key)
     if layers and isinstance(declared, int) and not isinstance(declared, bool):
@@ -64,6 +65,22 @@ def check_config_matches_tensors(config_path: Path, config: dict, family: Family
             "or re-download the model"
         )
     check_implied_shapes(str(config_path), config, family, {name: info.shape for name, info in infos.items()})
+
+
+MAX_LAYERS = 100_000  # far past any real model; a layer number beyond it is a corrupt or hostile header
+
+
+def check_layer_numbers(model_dir: Path, family: Family, infos: dict) -> None:
+    """Refuse tensor names whose layer number no model has (5000 digits, 3e9), before anything counts layers."""
+    prefix = family.layer_prefix
+    for name in infos:
+        digits = re.match(r"\d+", name[len(prefix) :]) if name.startswith(prefix) else None
+        if digits and (len(digits[0]) > 6 or int(digits[0]) >= MAX_LAYERS):
+            shown = digits[0] if len(digits[0]) <= 12 else f"{digits[0][:12]}... ({len(digits[0])} digits)"
+            raise UserError(
+                f"{model_dir}: tensor '{name[:80]}{'...' if len(name) > 80 else ''}' is in layer {shown}, past any real "
+                f"model (moekit takes at most {MAX_LAYERS} layers); the checkpoint is corrupt"
+            )
 
 
 def resolve_model_dir(ref: str, base_dir: Path | None = None, where: str = "config") -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
-import moekit
+from moekit._version import __version__
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -77,7 +77,7 @@ def write_recipe(dst: Path, raw_config: dict, title: str, summary_lines: list[st
     card = (
         "---\nlibrary_name: transformers\ntags:\n- moekit\n- merge\n---\n"
         f"# {title}\n\n"
-        f"This model was made with [moekit](https://pypi.org/project/moekit/) {moekit.__version__}.\n\n"
+        f"This model was made with [moekit](https://pypi.org/project/moekit/) {__version__}.\n\n"
         f"{body}\n\n"
         "## Configuration\n\nThe config that produced it (also saved as `moekit_config.yaml`):\n\n"
         f"```yaml\n{text}```\n"

@@ -86,9 +86,14 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     except OSError as e:
         raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_refuse_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: corrupt safetensors header (not JSON: {e}); re-download the file") from None
+    except _DuplicateKey as e:
+        raise UserError(
+            f"{path}: the header names {str(e)[:120]!r} twice (a JSON reader keeps one silently, safetensors refuses "
+            "the file); the file is corrupt: re-download it"
+        ) from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: corrupt safetensors header (not a JSON object); re-download the file")
 
@@ -101,6 +106,18 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         infos[name] = _tensor_info(path, name, entry, data_start, data_len)
     _check_no_overlap(path, infos)
     return infos
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:

@@ -128,8 +128,11 @@ def output_config(plan: Plan) -> dict:
             if isinstance(value, list) and len(value) == src_layers and name != "architectures":
                 # Per-layer settings (e.g. layer_types) follow the layers they describe.
                 cfg[name] = [plan.models[m].config.get(name, value)[i] for m, i in plan.layer_sources]
-    dtypes = Counter(j.out.dtype for j in plan.jobs)
-    set_config_dtype(cfg, dtypes.most_common(1)[0][0])
+    dtypes = Counter(j.out.dtype for j in plan.jobs if j.out.dtype.is_floating_point)
+    if dtypes:
+        set_config_dtype(cfg, dtypes.most_common(1)[0][0])
+    if plan.untied_head:
+        cfg["tie_word_embeddings"] = False  # the merged head is in the output: a tied config would ignore it
     for job in plan.jobs:
         if job.is_embedding and job.out.name == ref.family.input_embedding:
             cfg[ref.family.vocab_key] = job.out.shape[0]

@@ -72,7 +72,28 @@ def all_finite(x: torch.Tensor) -> bool:
     the exact elementwise check."""
     if not x.is_floating_point():
         return True
+    if x.element_size() == 1:
+        x = x.to(torch.float16)  # torch has no sum or isfinite for float8; float16 holds every float8 value
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
+# Float8 formats without an infinity: torch's cast saturates at their largest value instead of overflowing.
+SATURATING = tuple(
+    getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+)
+
+
+def fits(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """False when finite x holds values that a cast to the saturating `dtype` would clamp (past its largest value
+    by more than half a unit in the last place, where rounding ends)."""
+    if dtype not in SATURATING or x.numel() == 0:
+        return True
+    info = torch.finfo(dtype)
+    bound = info.max + info.eps * 2.0 ** math.floor(math.log2(info.max)) / 2
+    low, high = torch.aminmax(x)
+    return bool(high < bound) and bool(low > -bound)
 
 
 class MergeRunner:
@@ -94,6 +115,8 @@ class MergeRunner:
     def read(self, ref: TensorRef, rows: tuple[int, int] | None) -> torch.Tensor:
         model = self.plan.models[ref.model]
         x = model.tensors.read(ref.name, rows)
+        if not x.is_floating_point():
+            return x  # integers are only ever copied (the planner refuses anything else): keep them exact
         cfg = self.plan.config
         if cfg.dtype is not None and x.dtype != cfg.dtype:
             x = x.to(cfg.dtype)  # mergekit casts inputs to `dtype` first: keep its rounding
@@ -129,7 +152,15 @@ class MergeRunner:
             raise UserError(f"tensor '{job.out.name}': {method.name}: {e}") from None
         if uniforms is not None:
             uniforms.check_used()
-        if out.is_floating_point() and not all_finite(out):
+        # Checked after the cast to the output dtype too: finite float32 values may not fit float16 or float8.
+        written = out.to(job.out.dtype)
+        if (
+            out.is_floating_point()
+            and all_finite(out)
+            and not (all_finite(written) and fits(out, written.dtype))
+        ):
+            self._out_of_range(job, out)
+        elif out.is_floating_point() and not all_finite(out):
             inputs, base = self.read_piece(piece)  # afresh: the method may have overwritten its inputs
             bad_inputs = [
                 self._describe(r)
@@ -146,7 +177,20 @@ class MergeRunner:
                 if what not in self._warned:
                     self._warned.add(what)
                     log.warning("input %s holds NaN or Inf values", what)
-        return out.to(job.out.dtype)
+        return written
+
+    def _out_of_range(self, job: Job, out: torch.Tensor) -> None:
+        dtype = str(job.out.dtype).removeprefix("torch.")
+        largest = f"{torch.finfo(job.out.dtype).max:g}"
+        what = f"tensor '{job.out.name}': merged values up to {float(out.abs().max()):.4g} do not fit {dtype}"
+        if not self.allow_nonfinite:
+            raise UserError(
+                f"{what} (largest {largest}), the output dtype; set out_dtype: float32 (or bfloat16), or pass "
+                "--allow-nonfinite to write them anyway"
+            )
+        if job.out.name not in self._warned:
+            self._warned.add(job.out.name)
+            log.warning("%s (largest %s): written as Inf or clamped", what, largest)
 
     def _describe(self, ref: TensorRef) -> str:
         return f"tensor '{ref.name}' of '{self.plan.models[ref.model].ref}'"

@@ -51,6 +51,9 @@ class Plan(PlannedOutputs):
     vocab: Vocabulary | None = (
         None  # set by tokenizer_source: embedding inputs are re-laid in its token order
     )
+    untied_head: bool = (
+        False  # the reference ties its head but the output has a merged one (see _untied_head)
+    )
 
     def peak_memory_estimate(self) -> int:
         """Bytes of tensor data in flight at once: the worst job's inputs in compute dtype, twice (prefetch), plus
@@ -162,6 +165,11 @@ def _build(config: MergeConfig, models: list[Checkpoint], index: dict[str, int])
             f"{name}: '{ref_name}' has no tensors named {fam.layer_prefix}N.*; is it a {fam.name} checkpoint?"
         )
     layer_rests = ref_layer_tensors[min(ref_layer_tensors)]
+    check_not_quantised(models, method, name)
+    untied_head = _untied_head(models, reference, fam)
+    if untied_head:
+        non_layer.append(TIED_HEAD)
+    check_no_tensor_only_elsewhere(models, reference, non_layer, layer_rests, name)
 
     planner = _Planner(config, method, models, index, name)
     # Non-layer tensors before the layers (embeddings) come from the first slice; the others after them (final norm,
@@ -191,7 +199,70 @@ def _build(config: MergeConfig, models: list[Checkpoint], index: dict[str, int])
     # Alphabetical order, as mergekit walks tensors: randomised methods then draw their masks in the same order.
     jobs.sort(key=lambda j: j.out.name)
     vocab = _vocabulary(config, models, index, jobs, name)
-    return Plan(config, method, models, reference, jobs, out_layer, layer_sources, vocab)
+    return Plan(config, method, models, reference, jobs, out_layer, layer_sources, vocab, untied_head)
+
+
+# mergekit 0.1.5 declares lm_head optional with the embeddings as its tied name: a model without its own head
+# (tie_word_embeddings) contributes its embeddings, and the head is merged when any model has one.
+TIED_HEAD, TIED_TO = "lm_head.weight", "model.embed_tokens.weight"
+
+
+def _untied_head(models: list[Checkpoint], reference: int, fam) -> bool:
+    """True when the reference model ties its head but another model has its own: the output gets a merged
+    head (so its config must say tie_word_embeddings: false), where mergekit would write one that is ignored."""
+    if TIED_HEAD not in fam.embeddings or TIED_HEAD in models[reference].tensors:
+        return False
+    return any(TIED_HEAD in m.tensors for m in models)
+
+
+def tensor_name_in(model: Checkpoint, name: str) -> str:
+    """The tensor of `model` that stands for output tensor `name`: itself, or for a tied head the embeddings."""
+    if name == TIED_HEAD and name not in model.tensors and TIED_TO in model.tensors:
+        return TIED_TO
+    return name
+
+
+def check_no_tensor_only_elsewhere(
+    models: list[Checkpoint], reference: int, non_layer: list[str], layer_rests: list[str], name: str
+) -> None:
+    """The output takes its tensor list from the reference model; a tensor that only another model has (q/k/v
+    biases of a fine-tune, say) would be dropped without a word, so it is an error instead."""
+    ref = models[reference]
+    known_outside, known_inside = set(non_layer), set(layer_rests)
+    for m in models:
+        if m is ref:
+            continue
+        for t in m.tensors.names():
+            loc = m.family.layer_of(t)
+            if t == TIED_HEAD or (t in known_outside if loc is None else loc[1] in known_inside):
+                continue
+            raise UserError(
+                f"{name}: tensor '{t}' is in model '{m.ref}' but not in '{ref.ref}', whose tensor list the output "
+                f"takes; merging would drop it: make '{m.ref}' the base_model (or first model), or remove the tensor"
+            )
+
+
+def quantisation(config: dict) -> str | None:
+    """The quantisation method a config.json declares (gptq, awq, bitsandbytes, ...), or None."""
+    q = config.get("quantization_config") or config.get("compression_config")
+    if not q:
+        return None
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    return str(method or ("bitsandbytes" if isinstance(q, dict) and "load_in_4bit" in q else "unknown"))
+
+
+def check_not_quantised(models: list[Checkpoint], method: MergeMethod, name: str) -> None:
+    """Quantised weights are packed integers and scales: arithmetic on them is meaningless. Only a copy
+    (passthrough) may take them, and it keeps them (and their quantization_config) as they are."""
+    if method.name == "passthrough":
+        return
+    for m in models:
+        q = quantisation(m.config)
+        if q is not None:
+            raise UserError(
+                f"{m.path / 'config.json'}: model '{m.ref}' is quantised ({q}, quantization_config); '{method.name}' "
+                "would do arithmetic on its packed integers: merge the full-precision model and quantise the result"
+            )
 
 
 def _vocabulary(
@@ -240,7 +311,7 @@ class _Planner:
         base_ref = None
         inputs: list[tuple[Source, TensorRef]] = []
         for src, tensor in ins:
-            ref = TensorRef(self.index[src.model], tensor)
+            ref = TensorRef(self.index[src.model], tensor_name_in(self.models[self.index[src.model]], tensor))
             self._check_exists(ref, src)
             if method.base != "ignored" and src.model == base_name:
                 base_ref = ref
@@ -277,8 +348,14 @@ class _Planner:
                     f"{self.name}: tensor '{out_name}': shapes differ ({listing}); these models cannot be merged"
                 )
         ref_info = self._info(base_ref or inputs[0][1])
-        out_dtype = config.out_dtype or config.dtype or ref_info.dtype
         params = self._params(out_name, inputs, sl, t_pos)
+        if any(not self._info(r).dtype.is_floating_point for r in refs):
+            self._check_copied(out_name, refs, params)
+        out_dtype = (
+            (config.out_dtype or config.dtype or ref_info.dtype)
+            if ref_info.dtype.is_floating_point
+            else ref_info.dtype
+        )
         return Job(
             OutputTensor(out_name, out_dtype, ref_info.shape),
             [r for _, r in inputs],
@@ -286,6 +363,17 @@ class _Planner:
             params,
             is_embedding,
         )
+
+    def _check_copied(self, out_name: str, refs: list[TensorRef], params: dict[str, Any]) -> None:
+        """Integer tensors (packed quantised weights, indices, masks) may be copied, never computed with."""
+        r = next(r for r in refs if not self._info(r).dtype.is_floating_point)
+        dtype = str(self._info(r).dtype).removeprefix("torch.")
+        if self.method.name != "passthrough" or params.get("scale") != [1.0]:
+            raise UserError(
+                f"{self.name}: tensor '{r.name}' of '{self.models[r.model].ref}' holds integers ({dtype}: packed "
+                f"quantised weights or indices); '{self.method.name}' would compute with them as numbers: merge "
+                "full-precision models, or copy the tensor with passthrough (scale 1)"
+            )
 
     def _info(self, ref: TensorRef):
         return self.models[ref.model].tensors.infos[ref.name]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from moekit.config import check_keys, parse_dtype
+from moekit.config import check_keys, fits_float32, parse_dtype
 from moekit.errors import UserError, did_you_mean
 from moekit.moe.layouts import LAYOUTS, NOT_BUILT, architecture_names
 
@@ -204,6 +204,11 @@ def _check_prompts(experts: list[ExpertSpec], mode: str, name: str) -> None:
                 f"{e.where}: no positive_prompts, but gate_mode {mode} builds each router vector from the expert's "
                 "prompts; add positive_prompts or use gate_mode: random / uniform_random"
             )
+        if e.negative_prompts and sorted(e.negative_prompts) == sorted(e.positive_prompts):
+            raise UserError(
+                f"{e.where}: negative_prompts are the positive_prompts, so they cancel and the router vector is zero; "
+                "give negative_prompts that describe what this expert should not get, or remove them"
+            )
     if len(experts) > 1 and all(e.prompt_key == experts[0].prompt_key for e in experts[1:]):
         raise UserError(
             f"{name}: every expert has the same prompts, so gate_mode {mode} gives every expert the same router "
@@ -291,6 +296,8 @@ def _number(value: object, where: str, nonnegative: bool = False) -> float | Non
         return None
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise UserError(f"{where}: expected a number, got {value!r}")
+    if not fits_float32(value):
+        raise UserError(f"{where}: must be a finite number within float32's range (±3.4e38), got {value}")
     if nonnegative and value < 0:
         raise UserError(f"{where}: must be >= 0, got {value}")
     return float(value)

@@ -92,6 +92,14 @@ def _hidden_vectors(
     model_dir, tokenized, pad_id, mode, device, batch_size, dtype, progress
 ) -> list[torch.Tensor]:
     model = load_model(model_dir, device, dtype, progress)
+    rows = model.get_input_embeddings().num_embeddings
+    for pos, neg in tokenized:
+        top = max(max(row) for row in pos + (neg or []))
+        if top >= rows:
+            raise UserError(
+                f"{model_dir}: the tokenizer gives the router prompts token id {top} but the model's embedding has "
+                f"only {rows} rows; the tokenizer does not belong to this model: fix vocab_size or the tokenizer files"
+            )
     n_batches = sum(
         _batches(len(pos), batch_size) + (_batches(len(neg), batch_size) if neg else 0)
         for pos, neg in tokenized
@@ -159,13 +167,28 @@ def load_model(model_dir: Path, device: str, dtype: torch.dtype, progress: bool 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
     try:
-        with transformers_bars(progress):
+        with transformers_bars(progress), _load_report_silenced():
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(
-            f"{model_dir}: cannot load the base model for hidden-state gates ({str(e).splitlines()[0]})"
-        ) from None
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: weights unlike the config
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "mismatched_sizes" in why:
+            why = "the shapes of its weights are not the ones its config.json implies"
+        raise UserError(f"{model_dir}: cannot load the base model for hidden-state gates ({why})") from None
     return model.to(device).eval()
+
+
+@contextmanager
+def _load_report_silenced() -> Iterator[None]:
+    """transformers logs a multi-line load report before it raises on mismatched weights; the one-line error
+    that follows says what went wrong, so the report is held back (errors still get through)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _mean_hidden(model, rows, pad_id, average_positions, device, batch_size, advance) -> torch.Tensor:
@@ -177,13 +200,19 @@ def _mean_hidden(model, rows, pad_id, average_positions, device, batch_size, adv
     total = None
     for start in range(0, len(rows), batch_size):
         ids, mask = left_pad(rows[start : start + batch_size], length, pad_id)
-        with torch.no_grad():
-            out = model(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                output_hidden_states=True,
-                use_cache=False,
-            )
+        try:
+            with torch.no_grad():
+                out = model(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    output_hidden_states=True,
+                    use_cache=False,
+                )
+        except (RuntimeError, IndexError) as e:  # a model whose weights or config transformers cannot run
+            raise UserError(
+                f"the base model failed on the router prompts ({str(e).splitlines()[0][:200]}); check that it "
+                "loads and generates with transformers"
+            ) from None
         states = torch.stack(
             out.hidden_states[:-1]
         )  # (layers, batch, length, hidden): the input of each layer

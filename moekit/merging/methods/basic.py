@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -34,13 +35,19 @@ def safe_divisor(total: float, eps: float = 1e-8) -> float:
 )
 def linear(tensors: Tensors, base, *, weight: list[float], normalize: bool) -> torch.Tensor:
     """Weighted average Σwᵢmᵢ / Σwᵢ (or the plain weighted sum with normalize: false)."""
-    out = weighted_sum(tensors, weight)
+    total = sum(weight)
     if normalize:
-        total = sum(weight)
         if total == 0:
             raise ValueError(
                 "the weights sum to 0, so they cannot be normalised; change a weight or set normalize: false"
             )
+        # Scale the weights (and their sum) by a power of two so that the largest is in [0.5, 1): exact, so the
+        # result keeps its bits, but tiny weights (1e-44) no longer make wᵢ·mᵢ float32 subnormals, which hold
+        # only a few significant bits.
+        shift = -math.frexp(max(abs(w) for w in weight))[1]
+        weight, total = [math.ldexp(w, shift) for w in weight], math.ldexp(total, shift)
+    out = weighted_sum(tensors, weight)
+    if normalize:
         out.div_(total)
     return out
 
