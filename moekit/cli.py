@@ -208,8 +208,9 @@ def route_stats_command(
     \b
     Prompts files: a file with a blank line between two paragraphs is plain
     text (code, prose) and is read whole; any other file holds one prompt per
-    line. Every prompt is cut into windows of at most --window tokens (BOS
-    first); padding is never counted.
+    line. Every prompt is encoded as the model's tokenizer encodes it (with
+    the special tokens it adds, e.g. BOS) and cut into windows of at most
+    --window tokens, each with those tokens; padding is never counted.
 
     \b
     Outputs are never written inside MODEL_DIR, an existing one is replaced only

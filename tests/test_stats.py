@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -56,10 +56,13 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
+def _tokenizer(adds_bos: bool = False) -> PreTrainedTokenizerFast:
+    """Word-level; like Qwen2's it adds no special tokens, or, with `adds_bos`, BOS as Llama's does."""
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "<s>", *CODE_WORDS, *LEGAL_WORDS, *SHARED_WORDS])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if adds_bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", unk_token="[UNK]", pad_token="[PAD]"
     )
@@ -131,7 +134,7 @@ def qwen_dir(tmp_path_factory):
     except that layer 2 never picks expert 5."""
     torch.manual_seed(2)
     generator = torch.Generator().manual_seed(3)
-    tokenizer = _tokenizer()
+    tokenizer = _tokenizer(adds_bos=True)  # the Mixtral fixture's adds none: the reference tests see both
     config = Qwen2MoeConfig(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
         shared_expert_intermediate_size=16, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
@@ -157,7 +160,8 @@ def labelled_prompts():
 
 # ---- the independent reference ------------------------------------------------------------------------------
 def _reference_logits(model_dir, prompts: list[str]) -> list[np.ndarray]:
-    """[tokens, E] float64 router logits per MoE layer, each prompt run alone (BOS + words, no padding)."""
+    """[tokens, E] float64 router logits per MoE layer, each prompt run alone as its tokenizer encodes it (with
+    the special tokens it adds, if any), without padding."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -165,7 +169,7 @@ def _reference_logits(model_dir, prompts: list[str]) -> list[np.ndarray]:
     per_layer: list[list[np.ndarray]] = []
     with torch.no_grad():
         for prompt in prompts:
-            ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(prompt)["input_ids"]
             out = model(input_ids=torch.tensor([ids]), output_router_logits=True)
             if not per_layer:
                 per_layer = [[] for _ in out.router_logits]
@@ -309,12 +313,24 @@ def test_qwen2_moe_skips_dense_layers_and_matches_reference(qwen_dir, labelled_p
     assert stats.counts[0].min() > 0 and stats.counts[1][:5].min() > 0
 
 
-def test_windows_and_max_tokens(mixtral_dir, tmp_path):
+def test_windows_follow_the_tokenizers_special_tokens_and_max_tokens(mixtral_dir, tmp_path):
     words = (CODE_WORDS + SHARED_WORDS) * 3
     text = tmp_path / "code.txt"
     text.write_text(" ".join(words[:20]) + "\n\n" + " ".join(words[20:45]) + "\n")  # paragraphs: one document
-    stats = route_stats(mixtral_dir, str(text), window=8)
-    assert stats.tokens == 45 + math.ceil(45 / 7)  # 7 words + BOS per window
+    # the fixture's tokenizer adds no special tokens: the windows are its ids, with no BOS of route-stats' own
+    plain = route_stats(mixtral_dir, str(text), window=8)
+    assert plain.tokens == 45 and plain.sources[0]["windows"] == math.ceil(45 / 8)
+    # a tokenizer that adds BOS: every window is led by it (7 words + BOS per window)
+    with_bos = route_stats(mixtral_dir, str(text), window=8, tokenizer=_tokenizer(adds_bos=True))
+    assert with_bos.tokens == 45 + math.ceil(45 / 7)
+    bos = _tokenizer().bos_token_id
+    from moekit.stats.prompts import token_windows
+
+    windows = token_windows([text.read_text()], _tokenizer(adds_bos=True), 8, None)
+    assert (
+        all(w[0] == bos and bos not in w[1:] for w in windows) and sum(map(len, windows)) == with_bos.tokens
+    )
+    assert all(bos not in w for w in token_windows([text.read_text()], _tokenizer(), 8, None))
     capped = route_stats(mixtral_dir, str(text), window=8, max_tokens=20)
     assert capped.tokens == 20
     assert capped.counts.sum(axis=1).tolist() == [40] * 4
@@ -701,3 +717,104 @@ def test_allow_pickle_loads_the_same_model(mixtral_dir, labelled_prompts, tmp_pa
     reference = route_stats(mixtral_dir, labelled_prompts["code"])
     np.testing.assert_array_equal(from_pickle.counts, reference.counts)
     np.testing.assert_allclose(from_pickle.prob_sums, reference.prob_sums, rtol=1e-12)
+
+
+# ---- prompts: linear file rule, chunked tokenizing --------------------------------------------------------------
+def test_plain_text_rule_is_the_paragraph_regex():
+    """The one-pass rule against the regex it replaces (quadratic, but exact), on random short texts."""
+    import re
+
+    from moekit.stats.prompts import is_plain_text
+
+    regex = re.compile(r"\S[^\n]*\n[ \t\r]*\n\s*\S")
+    rng = np.random.default_rng(7)
+    alphabet = ["a", "b", " ", "\n", "\n", "\t", "\r", "\f", "\u00a0", "\u2028"]
+    found = 0
+    for _ in range(4000):
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(0, 14))))
+        assert is_plain_text(text) == bool(regex.search(text)), repr(text)
+        found += bool(regex.search(text))
+    assert 50 < found < 3950  # both answers were exercised
+
+
+class _CountingTokenizer:
+    """A tokenizer that counts the characters it was asked to tokenize."""
+
+    def __init__(self, inner):
+        self.inner, self.chars = inner, 0
+
+    def __call__(self, text, **kwargs):
+        self.chars += len(text)
+        return self.inner(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.timeout(
+    300, method="thread"
+)  # the old paragraph regex takes hours on this line: a hang, not slowness
+def test_a_megabyte_single_line_is_read_linearly_and_max_tokens_stops_early(mixtral_dir, tmp_path):
+    rng = np.random.default_rng(8)
+    line = " ".join(rng.choice(CODE_WORDS + SHARED_WORDS, size=200_000))  # about 1 MB, no line break
+    path = tmp_path / "one-line.txt"
+    path.write_text(line)
+    tokenizer = _CountingTokenizer(_tokenizer())
+    stats = route_stats(mixtral_dir, str(path), max_tokens=300, window=64, tokenizer=tokenizer)
+    assert stats.tokens == 300 and stats.sources[0]["windows"] == math.ceil(300 / 64)
+    from moekit.stats.prompts import CHUNK_CHARS
+
+    assert (
+        tokenizer.chars < 2 * CHUNK_CHARS < len(line) / 10
+    )  # stopped after the first piece, not the megabyte
+    expected = _tokenizer()(line[: 4 * 300 * 12])["input_ids"][:300]  # words are at most 8 chars + a space
+    np.testing.assert_array_equal(stats.counts.sum(axis=1), [2 * 300] * 4)
+    from moekit.stats.prompts import token_windows
+
+    assert sum(token_windows([line], _tokenizer(), 64, 300), []) == expected
+
+
+def _byte_level_bpe(corpus: list[str]) -> PreTrainedTokenizerFast:
+    """GPT-2 / Qwen2 style: byte-level pre-tokenizer, a space belongs to the word after it."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet))
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def _sentencepiece_bpe(corpus: list[str]) -> PreTrainedTokenizerFast:
+    """Llama-2 / Mistral style: no pre-tokenizer, and a normalizer that prepends '▁' to the whole text and turns
+    spaces into '▁' (so a piece tokenized alone would gain a '▁'). Trained on words, as SentencePiece is."""
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([])
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+
+
+def test_tokenizing_in_pieces_gives_the_whole_texts_tokens():
+    from moekit.stats.prompts import text_ids
+
+    rng = np.random.default_rng(9)
+    vocabulary = CODE_WORDS + LEGAL_WORDS + SHARED_WORDS + ["(x)", "x=1;", "3.14", "don't"]
+    separators = [" "] * 12 + ["  ", "\n", "\n\n", " \n", "\t", ", ", ". "]
+
+    def text(n_words: int) -> str:
+        parts = [str(rng.choice(vocabulary)) + str(rng.choice(separators)) for _ in range(n_words)]
+        return "".join(parts)
+
+    corpus = [text(40) for _ in range(100)]
+    tokenizers = {"word-level": _tokenizer(), "byte-level": _byte_level_bpe(corpus)}
+    tokenizers["sentencepiece"] = _sentencepiece_bpe(corpus)
+    for name, tokenizer in tokenizers.items():
+        for chunk_chars in (60, 97, 256):
+            sample = text(300)
+            whole = tokenizer(sample, add_special_tokens=False)["input_ids"]
+            pieces = list(text_ids(sample, tokenizer, chunk_chars=chunk_chars))
+            assert len(pieces) > len(sample) // chunk_chars  # it really was cut
+            assert sum(pieces, []) == whole, (name, chunk_chars)

@@ -321,6 +321,6 @@ def _non_finite_message(
         else "the hidden states reaching it are not finite (NaN/Inf weights in an earlier layer, or an overflow)"
     )
     return (
-        f"the router of MoE layer {layer} gives NaN probabilities for {err.bad_tokens} of {err.tokens} tokens: "
+        f"the router of MoE layer {layer} gives NaN probabilities for {err.bad_tokens} of the {err.tokens} tokens of a batch: "
         f"{cause}; routing statistics of such a model mean nothing, so none are written: fix the model"
     )

@@ -6,23 +6,34 @@ The file rule (documented in `moekit route-stats --help`):
   the whole file is one document.
 * Any other file is **one prompt per line** (empty lines ignored).
 
-Every prompt (a line, or a whole plain-text document) is then tokenized without special tokens and cut into
-consecutive windows of at most `window` tokens, each led by the tokenizer's BOS token when it has one. So long
-prompts are chunked, never silently truncated, and short ones are left whole. `max_tokens` caps the tokens
-taken from each prompt source (counting BOS), cutting the last window short.
+Every prompt (a line, or a whole plain-text document) is encoded as the model's tokenizer encodes a sequence,
+with the special tokens it adds itself (BOS for Llama and Mistral tokenizers, none for Qwen2's), and cut into
+consecutive windows of at most `window` tokens, each carrying those special tokens. A prompt that fits one
+window is exactly `tokenizer(prompt)["input_ids"]`; long prompts are chunked, never silently truncated.
+`max_tokens` caps the tokens taken from each prompt source (special tokens counted), cutting the last window short;
+tokenizing stops there, so a huge file with a small cap costs the tokens it gives, not its size.
+
+Both the file rule and the tokenizing are linear in the text: a prompt longer than CHUNK_CHARS is tokenized in
+pieces, each cut before a space between two words and given the CONTEXT_CHARS before it as left context (its
+tokens are dropped by their offsets), so the pieces' tokens are those of the whole text for tokenizers that split
+at spaces (word-level, byte-level BPE, SentencePiece BPE; tested in tests/test_stats.py).
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from moekit.errors import UserError
 
-# A non-empty line, then one or more blank lines, then another non-empty line.
-_PARAGRAPH_BREAK = re.compile(r"\S[^\n]*\n[ \t\r]*\n\s*\S")
+# A line break, an empty or blank line, and its line break: one candidate paragraph break (see `is_plain_text`).
+_BLANK_LINE = re.compile(r"\n[ \t\r]*\n")
+
+CHUNK_CHARS = 1 << 15  # longest text handed to the tokenizer at once
+CONTEXT_CHARS = 64  # left context given to each later piece, so its first token is tokenized as in the whole
 
 # Labels are identifiers shown in tables and used as JSON keys and CSV column suffixes.
 _LABEL = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -48,9 +59,25 @@ def read_prompts_file(path: str | Path) -> tuple[str, ...]:
         raise UserError(f"prompts file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
     if not text.strip():
         raise UserError(f"prompts file {path} is empty: give one prompt per line, or plain text")
-    if _PARAGRAPH_BREAK.search(text):
+    if is_plain_text(text):
         return (text,)
     return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def is_plain_text(text: str) -> bool:
+    """Whether a line holding a non-space is followed by a blank line and then by more text, in one pass.
+
+    This is the rule the regex `\\S[^\\n]*\\n[ \\t\\r]*\\n\\s*\\S` states, which backtracks quadratically on
+    long lines (a 160 KB line took a minute). Each blank line is looked at once, with the line before it.
+    """
+    text_end = len(text.rstrip())  # a non-space lies at or after position p exactly when p < text_end
+    for blank in _BLANK_LINE.finditer(text):
+        if blank.end() >= text_end:
+            return False
+        line_start = text.rfind("\n", 0, blank.start()) + 1
+        if text[line_start : blank.start()].strip():
+            return True
+    return False
 
 
 def parse_prompts_option(value: str) -> tuple[str | None, Path]:
@@ -112,20 +139,87 @@ def _checked(sources: list[PromptSource]) -> list[PromptSource]:
     return sources
 
 
+def sequence_specials(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer adds before and after a sequence's text: ([BOS], []) for Llama, ([], []) for Qwen2."""
+    probe = "a"
+    bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe)["input_ids"])
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare) :]
+    raise UserError(
+        f"the tokenizer changes a text's own tokens when it adds its special tokens ({bare} -> {full} for "
+        f"{probe!r}); route-stats cannot cut windows for it"
+    )
+
+
+def text_ids(text: str, tokenizer, chunk_chars: int = CHUNK_CHARS) -> Iterator[list[int]]:
+    """The token ids of `text` without special tokens, yielded piece by piece (see the module docstring)."""
+    if len(text) <= chunk_chars:
+        yield list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return
+    with_context = getattr(tokenizer, "is_fast", False)  # offsets come only from fast tokenizers
+    start = 0
+    while start < len(text):
+        end = _piece_end(text, start, chunk_chars)
+        context = min(start, CONTEXT_CHARS) if with_context else 0
+        if context == 0:
+            yield list(tokenizer(text[start:end], add_special_tokens=False)["input_ids"])
+        else:
+            encoded = tokenizer(
+                text[start - context : end], add_special_tokens=False, return_offsets_mapping=True
+            )
+            offsets = encoded["offset_mapping"]
+            yield [i for i, (first, _) in zip(encoded["input_ids"], offsets) if first >= context]
+        start = end
+
+
+def _piece_end(text: str, start: int, chunk_chars: int) -> int:
+    """Where the piece from `start` ends: before a space between two non-spaces in its last three quarters, else
+    before any whitespace there (which may change the token at the cut: some vocabularies join a line break to the
+    next word), else after `chunk_chars` characters (a longer word is cut inside)."""
+    hard = start + chunk_chars
+    if hard >= len(text):
+        return len(text)
+    low = start + chunk_chars // 4
+    space = text.rfind(" ", low, hard)
+    while space > low and (text[space - 1].isspace() or text[space + 1].isspace()):
+        space = text.rfind(" ", low, space)
+    if space > low:
+        return space
+    return next((i for i in range(hard - 1, low, -1) if text[i].isspace()), hard)
+
+
 def token_windows(prompts: Sequence[str], tokenizer, window: int, max_tokens: int | None) -> list[list[int]]:
-    """Token-id windows for `prompts` under the rule in this module's docstring (BOS first, if any)."""
+    """Token-id windows for `prompts` under the rule in this module's docstring."""
     if window < 2:
         raise UserError(f"--window must be at least 2 tokens, got {window}")
-    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    step = window - len(prefix)
+    before, after = sequence_specials(tokenizer)
+    step = window - len(before) - len(after)
+    if step < 1:
+        raise UserError(
+            f"--window {window} leaves no room for text: the tokenizer adds {len(before) + len(after)} special "
+            f"tokens to every sequence; use --window {len(before) + len(after) + 1} or more"
+        )
     windows: list[list[int]] = []
-    budget = max_tokens if max_tokens is not None else float("inf")
+    budget = max_tokens if max_tokens is not None else math.inf
+
+    def emit(piece: list[int]) -> None:
+        nonlocal budget
+        windows.append((before + piece + after)[: int(min(window, budget))])
+        budget -= len(windows[-1])
+
     for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        for start in range(0, len(ids), step):
-            if budget <= len(prefix):
+        if budget <= len(before):
+            break
+        pending: list[int] = []
+        for ids in text_ids(prompt, tokenizer):
+            pending += ids
+            while len(pending) >= step and budget > len(before):
+                emit(pending[:step])
+                del pending[:step]
+            if budget <= len(before):  # no text token fits any more: stop tokenizing
                 return windows
-            piece = (prefix + ids[start : start + step])[: int(min(window, budget))]
-            windows.append(piece)
-            budget -= len(piece)
+        if pending:
+            emit(pending)
     return windows
