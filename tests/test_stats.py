@@ -818,3 +818,70 @@ def test_tokenizing_in_pieces_gives_the_whole_texts_tokens():
             pieces = list(text_ids(sample, tokenizer, chunk_chars=chunk_chars))
             assert len(pieces) > len(sample) // chunk_chars  # it really was cut
             assert sum(pieces, []) == whole, (name, chunk_chars)
+
+
+# ---- expert names and the terminal table ------------------------------------------------------------------------
+def _with_recipe(mixtral_dir: Path, tmp_path: Path, recipe: dict) -> Path:
+    import yaml
+
+    model = Path(shutil.copytree(mixtral_dir, tmp_path / "moe"))
+    (model / "moekit_config.yaml").write_text(yaml.safe_dump(recipe))
+    return model
+
+
+def test_experts_are_named_by_their_source_model(mixtral_dir, labelled_prompts, tmp_path):
+    sources = [
+        "models/code-llama-7b-instruct",
+        "./models/legal/",
+        "models/code-llama-7b-instruct",
+        "/abs/chat",
+    ]
+    clown = {
+        "base_model": "models/base",
+        "experts": [{"source_model": s, "positive_prompts": ["x"]} for s in sources],
+    }
+    model = _with_recipe(mixtral_dir, tmp_path, clown)
+    stats = route_stats(model, labelled_prompts)
+    names = ["code-llama-7b-instruct#0", "legal", "code-llama-7b-instruct#1", "chat"]
+    assert stats.expert_names == names
+    assert json.loads(stats.to_json())["model"]["expert_names"] == names
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    print_report(stats, console)
+    text = console.export_text()
+    busiest = int(np.argmax(stats.counts[0]))
+    assert f"{busiest}:{names[busiest]} {stats.fractions[0][busiest]:.0%}" in text
+    from moekit.stats.experts import expert_names
+
+    upcycled = _with_recipe(
+        mixtral_dir, tmp_path / "up", {"base_model": "/m/base", "upcycle": {"num_experts": 4}}
+    )
+    assert expert_names(upcycled, 4) == ["base#0", "base#1", "base#2", "base#3"]
+    assert expert_names(upcycled, 8) is None  # a recipe that does not match the model names nothing
+    dense = _with_recipe(
+        mixtral_dir, tmp_path / "dense", {"merge_method": "linear", "models": [{"model": "a"}]}
+    )
+    assert expert_names(dense, 4) is None
+    assert route_stats(mixtral_dir, labelled_prompts["code"]).expert_names is None
+
+
+def test_terminal_table_loses_nothing_at_any_width(mixtral_dir, labelled_prompts, tmp_path):
+    from rich.console import Console
+
+    from moekit.stats.report import _label_grid, _summary_grid
+
+    sources = [f"models/a-rather-long-expert-name-{i}" for i in range(4)]
+    recipe = {"base_model": "b", "experts": [{"source_model": s, "positive_prompts": [s]} for s in sources]}
+    stats = route_stats(_with_recipe(mixtral_dir, tmp_path, recipe), labelled_prompts)
+    cells = [cell for grid in (_summary_grid(stats), _label_grid(stats)) for row in grid[1] for cell in row]
+    for width in (40, 60, 80, 100, 160):
+        console = Console(record=True, width=width)
+        print_report(stats, console)
+        text = console.export_text()
+        assert "…" not in text, width  # rich's ellipsis: a cell cut short
+        assert max(map(len, text.splitlines())) <= width
+        if width >= 60:  # wide enough that a cell wraps only between its words, never inside one
+            words = {word for line in text.splitlines() for word in line.split()}
+            missing = [w for cell in cells for w in cell.split() if w not in words]
+            assert not missing, (width, missing)

@@ -11,6 +11,7 @@ import moekit
 from moekit.errors import UserError
 from moekit.progress import transformers_bars
 from moekit.stats.collect import collect, find_routers, load_config, load_model, moe_shape
+from moekit.stats.experts import expert_names
 from moekit.stats.prompts import prompt_sources, token_windows
 from moekit.stats.result import RouteStats
 
@@ -58,6 +59,7 @@ def route_stats(
             tokenizer = _tokenizer_beside(model_name)
         window = _window(window, model.config)
     num_experts, top_k = moe_shape(model.config)
+    names = expert_names(model_name, num_experts) if Path(model_name).is_dir() else None
 
     labelled_windows = []
     for source in sources:
@@ -102,6 +104,7 @@ def route_stats(
             "transformers": _transformers_version(),
         },
         moekit_version=moekit.__version__,
+        expert_names=names,
     )
 
 

@@ -8,41 +8,38 @@ from pathlib import Path
 import numpy as np
 from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from moekit.errors import UserError
 from moekit.stats.outputs import write_file
 from moekit.stats.result import RouteStats
 
 
-def _top_experts(fractions: np.ndarray, n: int = 2) -> str:
+def _expert(stats: RouteStats, e: int) -> str:
+    return f"{e}:{stats.expert_names[e]}" if stats.expert_names else str(e)
+
+
+def _top_experts(stats: RouteStats, fractions: np.ndarray, n: int = 2) -> str:
     order = np.argsort(-fractions, kind="stable")[:n]
+    if stats.expert_names:
+        return " ".join(f"{_expert(stats, e)} {fractions[e]:.0%}" for e in order)
     return " ".join(f"{e}:{fractions[e]:.0%}" for e in order)
 
 
-def summary_table(stats: RouteStats) -> Table:
-    """Per-layer rows and an 'all' row: balance, confidence, dead experts, top experts, consistency, and the
-    label information (MI) per layer when prompts are labelled. Fits an 80-column terminal."""
+# A table as data: its column headers (the first one names the rows), cells and row styles, so it can be drawn
+# whole or split into several tables that each fit the terminal.
+_RIGHT = "right"
+
+
+def _summary_grid(stats: RouteStats) -> tuple[list[str], list[list[str]], list[str | None]]:
     spec = stats.specialisation
-    table = Table(
-        title=f"route-stats {stats.model} ({stats.architecture}, E={stats.num_experts}, k={stats.top_k}, "
-        f"{stats.tokens} tokens)",
-        title_justify="left",
-        caption="max/mean, cv, aux: load balance (1, 0, 1 = even). H: router entropy in bits (max "
-        f"{np.log2(stats.num_experts):.2f}). dead: < 1% of an even share. next: same top-1 expert in the next "
-        "MoE layer / chance level."
-        + (" MI: I(label; expert) in bits / normalised." if spec is not None else ""),
-        caption_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        padding=(0, 1),
-        collapse_padding=True,
-    )
-    for name in ("layer", "max/mean", "cv", "aux", "H", "p top1", "dead", "top experts", "next"):
-        table.add_column(name, justify="left" if name in ("top experts", "layer") else "right", no_wrap=True)
+    headers = ["layer", "max/mean", "cv", "aux", "H", "p top1", "dead", "top experts", "next"]
     if spec is not None:
-        table.add_column("MI", justify="right", no_wrap=True)
+        headers.append("MI")
     fractions = stats.fractions
+    rows, styles = [], []
     for i, layer in enumerate(stats.layers):
         row = [
             str(layer),
@@ -52,12 +49,13 @@ def summary_table(stats: RouteStats) -> Table:
             f"{stats.entropy_bits[i]:.2f}",
             f"{stats.top1_prob[i]:.2f}",
             str(int(stats.dead[i].sum())),
-            _top_experts(fractions[i]),
+            _top_experts(stats, fractions[i]),
             f"{stats.top1_agreement[i]:.0%}/{stats.top1_chance[i]:.0%}" if i + 1 < len(stats.layers) else "",
         ]
         if spec is not None:
             row.append(f"{spec.mi_bits[i]:.2f}/{spec.mi_normalised[i]:.2f}")
-        table.add_row(*row, style="red" if stats.dead[i].any() else None)
+        rows.append(row)
+        styles.append("red" if stats.dead[i].any() else None)
     overall = stats.overall()
     agreement = overall["top1_agreement"]
     last = [
@@ -68,51 +66,126 @@ def summary_table(stats: RouteStats) -> Table:
         f"{overall['entropy_bits']:.2f}",
         f"{overall['top1_prob']:.2f}",
         str(overall["num_dead_experts"]),
-        _top_experts(np.asarray(overall["fractions"])),
+        _top_experts(stats, np.asarray(overall["fractions"])),
         "" if agreement is None else f"{agreement:.0%}/{overall['top1_chance']:.0%}",
     ]
     if spec is not None:
         last.append(f"{spec.mean_mi_bits:.2f}/{spec.mean_mi_normalised:.2f}")
-    table.add_row(*last, style="bold", end_section=True)
+    rows.append(last)
+    styles.append("bold")
+    return headers, rows, styles
+
+
+def _label_grid(stats: RouteStats) -> tuple[list[str], list[list[str]], list[str | None]]:
+    spec = stats.specialisation
+    headers = ["label", "tokens", "top expert", "share", "largest shares"]
+    rows = [
+        [
+            y,
+            str(stats.label_tokens[y]),
+            _expert(stats, spec.top_expert[y]),
+            f"{spec.top_share[y]:.0%}",
+            _top_experts(stats, spec.distribution[y], 4),
+        ]
+        for y in spec.labels
+    ]
+    return headers, rows, [None] * len(rows)
+
+
+def _table(headers, rows, styles, columns: list[int], title: str | None, caption: str | None) -> Table:
+    """Columns `columns` of a grid; every column may wrap (or fold a long word) rather than lose characters."""
+    table = Table(
+        title=title, title_justify="left", caption=caption, caption_justify="left", box=box.SIMPLE_HEAD,
+        pad_edge=False, padding=(0, 1), collapse_padding=True,
+    )  # fmt: skip
+    for c in columns:
+        text_column = c == 0 or headers[c] in ("top experts", "largest shares", "top expert")
+        table.add_column(headers[c], justify="left" if text_column else _RIGHT, overflow="fold")
+    last = len(rows) - 1
+    for r, (row, style) in enumerate(zip(rows, styles)):
+        table.add_row(*(row[c] for c in columns), style=style, end_section=r == last and style == "bold")
     return table
+
+
+def _fitted(console: Console, grid, title: str, caption: str | None) -> list[Table | Text]:
+    """The grid as one table if it fits the console's width, else as a stack of tables that each repeat the first
+    column and take as many of the others as fit (a column wider than the console on its own wraps), followed
+    by the caption as a paragraph."""
+    headers, rows, styles = grid
+
+    def width(columns: list[int]) -> int:
+        options = console.options.update(width=10_000)
+        return Measurement.get(console, options, _table(headers, rows, styles, columns, None, None)).maximum
+
+    groups: list[list[int]] = [[0]]
+    for c in range(1, len(headers)):
+        if len(groups[-1]) > 1 and width([*groups[-1], c]) > console.width:
+            groups.append([0])
+        groups[-1].append(c)
+    if len(groups) == 1:
+        return [_table(headers, rows, styles, groups[0], title, caption)]
+    tables: list = [
+        _table(headers, rows, styles, columns, title if i == 0 else None, None)
+        for i, columns in enumerate(groups)
+    ]
+    return tables + ([Text(caption)] if caption else [])
+
+
+def _summary_title(stats: RouteStats) -> str:
+    return (
+        f"route-stats {stats.model} ({stats.architecture}, E={stats.num_experts}, k={stats.top_k}, "
+        f"{stats.tokens} tokens)"
+    )
+
+
+def _summary_caption(stats: RouteStats) -> str:
+    caption = (
+        "max/mean, cv, aux: load balance (1, 0, 1 = even). H: router entropy in bits (max "
+        f"{np.log2(stats.num_experts):.2f}). dead: < 1% of an even share. next: same top-1 expert in the next "
+        "MoE layer / chance level."
+    )
+    if stats.expert_names:
+        caption += " Experts are index:source model, from moekit_config.yaml."
+    if stats.specialisation is not None:
+        caption += " MI: I(label; expert) in bits / normalised."
+    return caption
+
+
+def summary_table(stats: RouteStats) -> Table:
+    """Per-layer rows and an 'all' row: balance, confidence, dead experts, top experts, consistency, and the
+    label information (MI) per layer when prompts are labelled. `print_report` splits it on narrow terminals."""
+    grid = _summary_grid(stats)
+    return _table(*grid, list(range(len(grid[0]))), _summary_title(stats), _summary_caption(stats))
 
 
 def label_table(stats: RouteStats) -> Table | None:
-    """Per label: tokens, the top expert pooled over layers with its share, and the three largest shares."""
+    """Per label: tokens, the top expert pooled over layers with its share, and the four largest shares."""
     spec = stats.specialisation
     if spec is None:
         return None
-    table = Table(
-        title=f"specialisation: I(label; expert) = {spec.mean_mi_bits:.3f} bits "
-        f"(normalised {spec.mean_mi_normalised:.2f}), mean over layers",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
+    grid = _label_grid(stats)
+    return _table(*grid, list(range(len(grid[0]))), _label_title(stats), None)
+
+
+def _label_title(stats: RouteStats) -> str:
+    spec = stats.specialisation
+    return (
+        f"specialisation: I(label; expert) = {spec.mean_mi_bits:.3f} bits "
+        f"(normalised {spec.mean_mi_normalised:.2f}), mean over layers"
     )
-    for name in ("label", "tokens", "top expert", "share", "largest shares"):
-        table.add_column(
-            name, justify="left" if name in ("label", "largest shares") else "right", no_wrap=True
-        )
-    for y in spec.labels:
-        table.add_row(
-            y,
-            str(stats.label_tokens[y]),
-            str(spec.top_expert[y]),
-            f"{spec.top_share[y]:.0%}",
-            _top_experts(spec.distribution[y], 4),
-        )
-    return table
 
 
 def print_report(stats: RouteStats, console: Console | None = None) -> None:
-    """Print the summary (and, with labels, the specialisation) tables."""
+    """Print the summary (and, with labels, the specialisation) tables, split to fit the console's width."""
     if console is None:
         console = Console()
         if not console.is_terminal:  # piped into a file or a pager: no width to respect, so do not squeeze
             console = Console(width=120)
-    console.print(summary_table(stats))
-    labels = label_table(stats)
-    if labels is not None:
-        console.print(labels)
+    for table in _fitted(console, _summary_grid(stats), _summary_title(stats), _summary_caption(stats)):
+        console.print(table)
+    if stats.specialisation is not None:
+        for table in _fitted(console, _label_grid(stats), _label_title(stats), None):
+            console.print(table)
 
 
 def _tick_positions(n: int, max_ticks: int) -> np.ndarray:
@@ -156,8 +229,10 @@ def render_plot(stats: RouteStats, image_format: str = "png") -> bytes:
         )
         heat_ax.legend(loc="upper right", fontsize=8, framealpha=0.8)
     expert_ticks = _tick_positions(num_experts, 32)
+    expert_labels = [_expert(stats, int(e)) for e in expert_ticks]
+    rotation = 90 if stats.expert_names else 0
     layer_ticks = _tick_positions(num_layers, 24)
-    heat_ax.set_xticks(expert_ticks, [str(e) for e in expert_ticks], fontsize=8)
+    heat_ax.set_xticks(expert_ticks, expert_labels, fontsize=8, rotation=rotation)
     heat_ax.set_yticks(layer_ticks, [str(stats.layers[i]) for i in layer_ticks], fontsize=8)
     heat_ax.set_xlabel("expert")
     heat_ax.set_ylabel("layer")
@@ -176,7 +251,7 @@ def render_plot(stats: RouteStats, image_format: str = "png") -> bytes:
             for (row, col), value in np.ndenumerate(shares):
                 colour = "black" if value > 0.6 * shares.max() else "white"
                 label_ax.text(col, row, f"{value:.0%}", ha="center", va="center", fontsize=8, color=colour)
-        label_ax.set_xticks(expert_ticks, [str(e) for e in expert_ticks], fontsize=8)
+        label_ax.set_xticks(expert_ticks, expert_labels, fontsize=8, rotation=rotation)
         label_ax.set_yticks(range(len(spec.labels)), spec.labels, fontsize=9)
         label_ax.set_xlabel("expert (pooled over layers)")
         label_ax.set_title("expert distribution per label", fontsize=10)

@@ -23,7 +23,8 @@ class RouteStats:
     Raw sums (see `RoutingAccumulator`) are kept so any metric can be recomputed; `layers[i]` is the model's
     layer index of the i-th MoE layer (dense layers, e.g. Qwen's `mlp_only_layers`, are not listed).
     Metrics follow the definitions in `moekit.stats.metrics`; "overall" values are means over MoE layers,
-    except counts and fractions, which are pooled (summed) over layers.
+    except counts and fractions, which are pooled (summed) over layers. `expert_names[e]` names expert e's
+    source model when the MoE came from moekit (see `moekit.stats.experts`), else it is None.
     """
 
     model: str
@@ -45,6 +46,7 @@ class RouteStats:
     sources: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     moekit_version: str = ""
+    expert_names: list[str] | None = None  # each expert's source model, when moekit built the MoE
 
     @classmethod
     def from_accumulator(cls, acc: RoutingAccumulator, **metadata) -> RouteStats:
@@ -211,6 +213,7 @@ class RouteStats:
                 "num_experts": self.num_experts,
                 "top_k": self.top_k,
                 "moe_layers": [int(x) for x in self.layers],
+                "expert_names": self.expert_names,
             },
             "prompts": self.sources,
             "settings": self.settings,
