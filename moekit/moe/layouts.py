@@ -105,8 +105,8 @@ LAYOUTS: tuple[MoELayout, ...] = (
 NOT_BUILT: dict[str, tuple[tuple[str, ...], str]] = {
     "olmoe": (("olmo",), "OLMoE normalises q and k (q_norm/k_norm) and its layer norms have weights where OLMo's "
               "have none, so no OLMoE computes what an OLMo model computes"),
-    "glm4_moe": (("glm4",), "GLM-4 layers have post-attention and post-MLP norms that GLM-4-MoE layers lack, and "
-                 "GLM-4-MoE routes by sigmoid with expert groups; no GLM-4-MoE built from GLM-4 reproduces it"),
+    "glm4_moe": (("glm4",), "GLM-4 layers have post-attention and post-MLP norms (post_self_attn_layernorm, "
+                 "post_mlp_layernorm) that GLM-4-MoE layers lack, so no GLM-4-MoE computes what a GLM-4 model computes"),
     "granitemoe": (("granite",), "GraniteMoE stores its experts stacked (block_sparse_moe.input_linear [E, 2I, H]), "
                    "a layout moekit does not write; only per-expert layouts are built"),
     "hunyuan_v1_moe": (("hunyuan_v1_dense",), "HunYuan-MoE always runs a shared MLP next to the routed experts and "
