@@ -19,16 +19,33 @@ from moekit.allocator import use_huge_pages_for_tensors
 from moekit.errors import UserError
 
 use_huge_pages_for_tensors()  # before anything imports torch
+log = logging.getLogger("moekit.cli")
 
 
 def parse_size(text: str) -> int:
-    """'2GB', '500MB', '1.5GiB' or a plain byte count -> bytes."""
+    """'2GB', '500MB', '1.5GiB' or a plain byte count -> bytes. '5B', '500M' or '2G' are refused: mergekit users
+    write '5B' for 5 billion, which as bytes would cut a model into thousands of shards."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B?)\s*", str(text).upper())
     if not m:
         raise UserError(f"--shard-size: cannot read {text!r}; use bytes or a size like 500MB or 2GB")
     number, prefix, unit = m.groups()
+    if unit in ("", "I") and (prefix or unit) or unit == "B" and not prefix:
+        raise UserError(
+            f"--shard-size {text}: ambiguous unit; write bytes with KB/MB/GB (e.g. 5GB), or use --out-shard-size "
+            "5B for mergekit's count (K/M/B = thousand/million/billion)"
+        )
     base = 1024 if unit.startswith("I") else 1000
     return int(float(number) * base ** " KMGT".index(prefix or " "))
+
+
+def parse_mergekit_shard_size(text: str) -> int:
+    """mergekit's --out-shard-size: a count with K, M or B (thousand, million, billion). mergekit documents it
+    as parameters, but its writer compares it with tensor bytes (numel x element size); so does this."""
+    m = re.fullmatch(r"\s*([0-9]+)\s*([KMB]?)\s*", str(text).upper())
+    if not m:
+        raise UserError(f"--out-shard-size: cannot read {text!r}; use a count like 5B, 500M or 1000000")
+    number, suffix = m.groups()
+    return int(number) * 1000 ** " KMB".index(suffix or " ")
 
 
 class _Terminate(BaseException):
@@ -54,8 +71,12 @@ def cli() -> None:
 
 @cli.command("merge")
 @click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("out_dir", required=False, metavar="[OUT]", type=click.Path(file_okay=False))
 @click.option(
-    "-o", "--out", type=click.Path(file_okay=False), help="Output directory (default: the config's `out:`)."
+    "-o",
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Output directory (default: OUT, else the config's `out:`).",
 )
 @click.option(
     "--force",
@@ -97,9 +118,34 @@ def cli() -> None:
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("-v", "--verbose", is_flag=True, help="More logging.")
+@click.option(
+    "--out-shard-size",
+    help="mergekit's shard size: a count with K/M/B (e.g. 5B), compared with tensor bytes.",
+)
+@click.option(
+    "--copy-tokenizer/--no-copy-tokenizer",
+    default=True,
+    show_default=True,
+    help="Write a tokenizer to the output.",
+)
+@click.option(
+    "--write-model-card/--no-write-model-card",
+    default=True,
+    show_default=True,
+    help="Write a README.md card.",
+)
+@click.option(
+    "--allow-crimes", is_flag=True, help="Merge models whose config.json names other architectures."
+)
+@click.option("--lazy-unpickle", is_flag=True, help="mergekit's pickle reader: taken as --allow-pickle.")
+@click.option("--cuda", is_flag=True, help="mergekit's GPU switch: taken as --device cuda (MoE gates).")
+@click.option("--random-seed", type=int, help="mergekit's name for --seed.")
+@click.option("--trust-remote-code", is_flag=True, hidden=True)
 def merge_command(
-    config, out, force, dry_run, device, shard_size, seed, allow_nonfinite, allow_pickle, quiet, verbose
-) -> None:
+    config, out_dir, out, force, dry_run, device, shard_size, seed, allow_nonfinite, allow_pickle, quiet, verbose,
+    out_shard_size, copy_tokenizer, write_model_card, allow_crimes, lazy_unpickle, cuda, random_seed,
+    trust_remote_code,
+) -> None:  # fmt: skip
     """Merge models as described by a YAML CONFIG (mergekit's format is accepted unchanged).
 
     \b
@@ -117,10 +163,26 @@ def merge_command(
         gc.freeze()  # and none of them is garbage: later collections skip them
         gc.enable()
     _setup_logging(quiet, verbose)
+    if trust_remote_code:
+        raise UserError(
+            "--trust-remote-code: moekit never runs code shipped with a model; merging needs only the weights and "
+            "config.json, so drop the flag (an architecture moekit lacks is refused by name)"
+        )
+    if out_dir is not None and out is not None and out_dir != out:
+        raise UserError(f"two output directories: OUT '{out_dir}' and -o '{out}'; give one")
+    if lazy_unpickle and not allow_pickle:
+        log.warning("--lazy-unpickle: taken as --allow-pickle (torch.load with weights_only=True)")
+    if cuda and device != "cuda":
+        log.warning("--cuda: taken as --device cuda; moekit's dense merges stream on the CPU")
+    if random_seed is not None and seed not in (0, random_seed):
+        raise UserError(f"--seed {seed} and --random-seed {random_seed} disagree; give one")
+    shard_bytes = parse_mergekit_shard_size(out_shard_size) if out_shard_size else parse_size(shard_size)
     result = merge(
-        config, out, force=force, dry_run=dry_run, shard_size=parse_size(shard_size), seed=seed,
-        allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle, progress=not quiet and sys.stderr.isatty(), device=device,
-        print_fn=click.echo,
+        config, out or out_dir, force=force, dry_run=dry_run, shard_size=shard_bytes,
+        seed=seed if random_seed is None else random_seed, allow_nonfinite=allow_nonfinite,
+        allow_pickle=allow_pickle or lazy_unpickle, progress=not quiet and sys.stderr.isatty(),
+        device="cuda" if cuda else device, print_fn=click.echo, copy_tokenizer=copy_tokenizer,
+        write_model_card=write_model_card, allow_crimes=allow_crimes,
     )  # fmt: skip
     if result is not None and not quiet:
         click.echo(f"wrote {result}")

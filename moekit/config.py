@@ -7,6 +7,7 @@ declaration, with a "did you mean" for near misses.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ import yaml
 
 from moekit.errors import UserError, did_you_mean
 from moekit.merging.registry import MergeMethod, Param, get_method
+
+log = logging.getLogger(__name__)
 
 DTYPES = {
     "float32": torch.float32,
@@ -342,23 +345,35 @@ def _parse_slice(entry: object, where: str) -> Slice:
 
 
 def check_parameters(config: MergeConfig, name: str) -> None:
-    """Every parameter name is known to the method, placed where it can act, and every value is valid."""
+    """Every parameter name is known, placed where it can act, and every value valid; values are read as mergekit
+    reads them (pydantic's lax mode: "1e-5" is a number for a float parameter, 0 and 1 are booleans).
+
+    mergekit ignores a parameter the method does not take, and people switch `merge_method:` in a config that
+    still carries the old method's parameters: a name some method knows is a warning. A name no method knows, or
+    one an edit away from a parameter of this method (a typo), is an error with a suggestion."""
     method = config.method
     known = {p.name for p in method.params}
+    ignored: dict[str, list[str]] = {}
 
     def check_block(params: dict, where: str, per_model_block: bool) -> None:
-        for key, setting in params.items():
+        for key, setting in list(params.items()):
             p = method.param(key)
             if p is None:
-                hint = did_you_mean(key, known)
+                near = [k for k in known if edit_distance(str(key), k) <= 1]
+                if key in known_parameter_names() and not near:
+                    ignored.setdefault(f"'{method.name}' does not use '{key}'", []).append(where)
+                    continue
+                hint = did_you_mean(key, near or known or known_parameter_names())
                 takes = ", ".join(sorted(known)) or "no parameters"
                 raise UserError(f"{where}: '{method.name}' has no parameter '{key}'{hint}; it takes: {takes}")
             if per_model_block and not p.per_model:
-                raise UserError(
-                    f"{where}: '{key}' is a global parameter of '{method.name}'; move it to the top-level parameters"
-                )
-            for value in setting_values(setting, f"{where}.{key}"):
-                check_value(p, value, f"{where}.{key}")
+                ignored.setdefault(
+                    f"'{key}' is a global parameter of '{method.name}': it counts only in the top-level or slice "
+                    "parameters",
+                    [],
+                ).append(where)
+                continue
+            params[key] = coerce_setting(p, setting, f"{where}.{key}")
 
     check_block(config.parameters, f"{name}: parameters", False)
     for src in config.models or []:
@@ -367,26 +382,47 @@ def check_parameters(config: MergeConfig, name: str) -> None:
         check_block(sl.parameters, f"{sl.where}.parameters", False)
         for src in sl.sources:
             check_block(src.parameters, f"{src.where}.parameters", True)
+    for what, wheres in ignored.items():
+        shown = ", ".join(w.removeprefix(f"{name}: ") for w in wheres[:3]) + (
+            ", ..." if len(wheres) > 3 else ""
+        )
+        log.warning("%s: %s (in %s; mergekit ignores it too)", name, what, shown)
 
 
-def setting_values(setting: object, where: str) -> list[Any]:
-    """The scalar values a parameter setting can produce (a scalar, a gradient list, or filter conditions)."""
+def known_parameter_names() -> set[str]:
+    from moekit.merging.registry import METHODS
+
+    return {p.name for m in METHODS.values() for p in m.params}
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def coerce_setting(p: Param, setting: object, where: str) -> Any:
+    """The setting with every scalar read as p's type (see coerce_value), in the same shape."""
     if isinstance(setting, bool | int | float | str):
-        return [setting]
+        return coerce_value(p, setting, where)
     if isinstance(setting, dict):
         check_keys(setting, {"filter", "value"}, where)
         if "value" not in setting:
             raise UserError(f"{where}: a conditional parameter needs a 'value'")
         if setting.get("filter") is not None and not isinstance(setting["filter"], str):
             raise UserError(f"{where}.filter: must be a string (a substring of tensor names)")
-        return setting_values(setting["value"], f"{where}.value")
+        return {**setting, "value": coerce_setting(p, setting["value"], f"{where}.value")}
     if isinstance(setting, list):
         if not setting:
             raise UserError(f"{where}: an empty list is not a gradient; give a value or a list of values")
         if all(isinstance(v, bool | int | float | str) for v in setting):
-            return list(setting)
+            return [coerce_value(p, v, where) for v in setting]
         if all(isinstance(v, dict) for v in setting):
-            return [x for i, v in enumerate(setting) for x in setting_values(v, f"{where}[{i}]")]
+            return [coerce_setting(p, v, f"{where}[{i}]") for i, v in enumerate(setting)]
         raise UserError(
             f"{where}: mix of values and conditions; use a list of numbers or a list of {{filter, value}}"
         )
@@ -403,33 +439,76 @@ def fits_float32(value: int | float) -> bool:
         return False
 
 
-def check_value(p: Param, value: object, where: str) -> None:
-    if p.kind is bool:
-        ok = isinstance(value, bool)
-    elif p.kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif p.kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, p.kind)
-    if not ok:
+BOOL_WORDS = {"1": True, "on": True, "t": True, "true": True, "y": True, "yes": True}
+BOOL_WORDS |= {"0": False, "off": False, "f": False, "false": False, "n": False, "no": False}
+
+
+def coerce_value(p: Param, value: bool | int | float | str, where: str) -> Any:
+    """One value as mergekit's pydantic validation reads it for p's type, then range-checked. YAML 1.1 reads
+    `1e-5` (no dot) as a string; a float parameter takes it as the number, as mergekit does."""
+    got = _coerced(p.kind, value)
+    if got is None:
         raise UserError(f"{where}: expected {p.kind.__name__}, got {_short(value)}")
-    if p.kind is float and not fits_float32(value):
+    if p.kind is float and not fits_float32(got):
         raise UserError(f"{where}: {_short(value)} is not a finite number within float32's range (±3.4e38)")
-    if p.check is not None and (problem := p.check(value)):
-        raise UserError(f"{where}: {value!r} {problem}")
+    if p.check is not None and (problem := p.check(got)):
+        raise UserError(f"{where}: {got!r} {problem}")
+    return got
 
 
-def check_gradient_lengths(params: dict[str, Any], layers: int, where: str) -> None:
-    """A gradient's values are anchors spread evenly over the layers it covers. More anchors than layers means some
-    are never reached (mergekit skips them silently): almost surely a gradient written for a deeper model."""
+def _coerced(kind: type, value: bool | int | float | str) -> Any:
+    if kind is str:
+        return value if isinstance(value, str) else None
+    if kind is bool:
+        if isinstance(value, str):
+            return BOOL_WORDS.get(value.strip().lower())
+        return bool(value) if value in (0, 1) else None
+    if isinstance(value, str):
+        try:
+            number = float(value.strip()) if kind is float else int(value.strip())
+        except ValueError:
+            return None
+        return number
+    if kind is int:
+        return value if isinstance(value, int) else int(value) if value.is_integer() else None
+    try:
+        return float(value)
+    except OverflowError:  # an int with hundreds of digits: refused as out of float32's range
+        return math.inf
+
+
+def warn_unused_gradient_values(params: dict[str, Any], spans: list[int], where: str) -> None:
+    """mergekit spreads a gradient's values over each slice's layers (t = i / (layers - 1), and t = 0 for the
+    tensors outside the layers), interpolating between neighbours: a list longer than the layers still shapes
+    every layer. Only a value that no position reaches has no effect; that is worth a warning."""
     for key, setting in params.items():
         for at, values in _value_lists(setting, f"{where}.{key}"):
-            if len(values) > max(layers, 1):
-                raise UserError(
-                    f"{at}: a gradient of {len(values)} values over {layers} layer(s) would skip some of them; give "
-                    f"at most {layers} values (they are spread evenly over the layers) or a single value"
+            numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+            unused = set(range(len(values))) - used_gradient_values(len(values), spans, numeric)
+            if unused:
+                log.warning(
+                    "%s: values %s of this %d-value gradient reach no layer (over %s layer(s)) and have no effect",
+                    at,
+                    [values[i] for i in sorted(unused)],
+                    len(values),
+                    "/".join(map(str, sorted(set(spans)))),
                 )
+
+
+def used_gradient_values(count: int, spans: list[int], numeric: bool) -> set[int]:
+    """Indices of a `count`-value gradient that take part at some position of slices with these spans."""
+    used = set()
+    positions = {0.0} | {i / (n - 1) if n > 1 else 1.0 for n in spans for i in range(max(n, 1))}
+    for t in positions:
+        scaled = t * (count - 1)
+        i0 = int(scaled)
+        if not numeric:
+            used.add(i0)
+            continue
+        used.add(i0)
+        if scaled - i0 > 0:
+            used.add(min(count - 1, i0 + 1))
+    return used
 
 
 def _value_lists(setting: object, where: str) -> list[tuple[str, list]]:

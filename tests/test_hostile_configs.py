@@ -174,12 +174,6 @@ CONFIG_CASES: list[Case] = [
         ("slices[0].sources[0]", "unknown key 'layer_rang'", "did you mean 'layer_range'?"),
     ),
     Case(
-        "global-param-per-model",
-        "a global parameter (lambda) given per model",
-        dense("task_arithmetic", [("ft1", {"weight": 1, "lambda": 0.5})], **TA),
-        ("models[0].parameters", "'lambda' is a global parameter"),
-    ),
-    Case(
         "typo-dtype",
         "misspelled dtype",
         dense("linear", TWO, dtype="bfloat61"),
@@ -314,23 +308,6 @@ CONFIG_CASES: list[Case] = [
         "an empty gradient list",
         dense("linear", [("ft1", {"weight": []}), ("ft2", W1)]),
         ("models[0].parameters.weight", "empty list"),
-    ),
-    Case(
-        "gradient-too-long",
-        "a gradient with more values than layers",
-        dense("linear", [("ft1", {"weight": [0.1, 0.2, 0.3, 0.4, 0.5]}), ("ft2", W1)]),
-        ("models[0].parameters.weight", "5 values over 2 layer(s)"),
-    ),
-    Case(
-        "gradient-filter-too-long",
-        "a filtered gradient with more values than layers",
-        dense(
-            "slerp",
-            [("ft1", {})],
-            parameters={"t": [{"filter": "self_attn", "value": [0, 0.3, 0.6, 1]}, {"value": 0.5}]},
-            **TA,
-        ),
-        ("parameters.t[0].value", "4 values over 2 layer(s)"),
     ),
     Case(
         "gradient-mixed",

@@ -88,8 +88,9 @@ def resolve_model_dir(ref: str, base_dir: Path | None = None, where: str = "conf
     if not isinstance(ref, str) or not ref.strip():
         raise UserError(f"{where}: model reference {ref!r} must be a path to a local model directory")
     path = Path(ref).expanduser()
-    if not path.is_absolute() and base_dir is not None and not path.exists() and (base_dir / path).exists():
+    if not path.is_absolute() and base_dir is not None:  # relative to the config file, wherever moekit runs
         path = base_dir / path
+    path = path.absolute()
     if path.is_dir():
         return path
     if path.exists():
@@ -99,7 +100,8 @@ def resolve_model_dir(ref: str, base_dir: Path | None = None, where: str = "conf
             f"{where}: model '{ref}' is not a local directory; moekit never downloads: fetch it first (e.g. "
             f"`hf download {ref} --local-dir DIR`) and use the directory"
         )
-    raise UserError(f"{where}: model directory '{ref}' does not exist")
+    shown = f" ({path})" if str(path) != ref else ""
+    raise UserError(f"{where}: model directory '{ref}'{shown} does not exist")
 
 
 @dataclass

@@ -69,10 +69,14 @@ def copy_generation_config(sources: list[Path], dst: Path) -> None:
             return
 
 
-def write_recipe(dst: Path, raw_config: dict, title: str, summary_lines: list[str]) -> None:
-    """moekit_config.yaml (the config, as given) and a README.md model card that quotes it."""
+def write_recipe(
+    dst: Path, raw_config: dict, title: str, summary_lines: list[str], model_card: bool = True
+) -> None:
+    """moekit_config.yaml (the config, as given) and, unless `model_card` is off, a README.md model card."""
     text = yaml.safe_dump(raw_config, sort_keys=False)
     (dst / MARKER_NAME).write_text(text)
+    if not model_card:
+        return
     body = "\n".join(f"- {line}" for line in summary_lines)
     card = (
         "---\nlibrary_name: transformers\ntags:\n- moekit\n- merge\n---\n"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from moekit.allocator import return_freed_memory_promptly
@@ -67,40 +69,70 @@ def merge(
     progress: bool = False,
     device: str = "cpu",
     print_fn=print,
+    copy_tokenizer: bool = True,
+    write_model_card: bool = True,
+    allow_crimes: bool = False,
 ) -> Path | None:
     """Merge the models described by `config` into the directory `out` (or the config's `out:`).
 
     Everything is validated before the first byte is written; the output appears atomically. Returns the output
     path, or None for a dry run (which prints the plan instead). `allow_pickle` lets models that hold only pickled
     weights (.bin/.pt) in, loaded with torch.load(weights_only=True); without it they are refused.
+    `copy_tokenizer` and `write_model_card` are mergekit's output switches; `allow_crimes` lets models whose
+    config.json names different architectures merge when their tensors line up (mergekit's --allow-crimes).
     """
+    extras = OutputExtras(copy_tokenizer, write_model_card, allow_crimes)
     with pickle_allowed(allow_pickle):
         return _merge(
-            config, out, force, dry_run, shard_size, seed, allow_nonfinite, progress, device, print_fn
+            config, out, force, dry_run, shard_size, seed, allow_nonfinite, progress, device, print_fn, extras
         )
 
 
-def _merge(config, out, force, dry_run, shard_size, seed, allow_nonfinite, progress, device, print_fn):
+@dataclass(frozen=True)
+class OutputExtras:
+    """mergekit's switches for what goes around the weights, and its architecture check."""
+
+    copy_tokenizer: bool = True
+    write_model_card: bool = True
+    allow_crimes: bool = False
+
+
+def _merge(
+    config, out, force, dry_run, shard_size, seed, allow_nonfinite, progress, device, print_fn, extras
+):
     return_freed_memory_promptly()
     raw, path = read_yaml(config)
     if is_moe_config(raw):
         from moekit.moe.api import build_moe
+
+        if extras != OutputExtras():
+            raise UserError(
+                "--no-copy-tokenizer, --no-write-model-card and --allow-crimes apply to dense merges, not MoE builds"
+            )
 
         return build_moe(
             raw, path, out, force=force, dry_run=dry_run, shard_size=shard_size, seed=seed,
             allow_nonfinite=allow_nonfinite, progress=progress, device=device, print_fn=print_fn,
         )  # fmt: skip
     check_shard_size(shard_size)
-    with open_plan(parse_merge_config(raw, path), build_plan, out, force, dry_run) as (out_path, plan):
+    build = functools.partial(build_plan, allow_crimes=extras.allow_crimes)
+    with open_plan(parse_merge_config(raw, path), build, out, force, dry_run) as (out_path, plan):
         if dry_run:
             describe_plan(plan, out_path, print_fn)
             return None
-        _write_all(plan, out_path, force, shard_size, seed, allow_nonfinite, progress)
+        _write_all(plan, out_path, force, shard_size, seed, allow_nonfinite, progress, extras)
     return out_path
 
 
 def _write_all(
-    plan: Plan, out: Path, force: bool, shard_size: int, seed: int, allow_nonfinite: bool, progress: bool
+    plan: Plan,
+    out: Path,
+    force: bool,
+    shard_size: int,
+    seed: int,
+    allow_nonfinite: bool,
+    progress: bool,
+    extras: OutputExtras = OutputExtras(),
 ) -> None:
     with streaming_output(out, force, plan.output_tensors, shard_size) as (tmp, writer):
         with tensor_progress(len(plan.jobs), plan.output_bytes, progress) as advance:
@@ -111,7 +143,7 @@ def _write_all(
                 on_progress=lambda job: advance(job.out.nbytes),
             )
             runner.run(lambda job, tensor, last: writer.write(job.out.name, tensor, last))
-        write_dense_metadata(plan, tmp)
+        write_dense_metadata(plan, tmp, extras)
 
 
 def output_config(plan: Plan) -> dict:
@@ -139,20 +171,20 @@ def output_config(plan: Plan) -> dict:
     return cfg
 
 
-def write_dense_metadata(plan: Plan, out: Path) -> None:
+def write_dense_metadata(plan: Plan, out: Path, extras: OutputExtras = OutputExtras()) -> None:
     cfg = plan.config
     write_json(out / "config.json", output_config(plan))
     ref = plan.models[plan.reference]
-    if plan.vocab is not None:
+    if extras.copy_tokenizer and plan.vocab is not None:
         plan.vocab.save(out)  # tokenizer_source: the tokenizer the embeddings were re-laid for
-    else:
+    elif extras.copy_tokenizer:
         copy_tokenizer(ref.path, out)
     copy_generation_config([ref.path] + [m.path for m in plan.models], out)
     inputs = [m.ref for m in plan.models]
     lines = [f"merge method: `{plan.method.name}`", f"inputs: {', '.join(f'`{r}`' for r in inputs)}"]
     if cfg.base_model:
         lines.append(f"base model: `{cfg.base_model}`")
-    write_recipe(out, cfg.raw, cfg.name or f"{plan.method.name} merge", lines)
+    write_recipe(out, cfg.raw, cfg.name or f"{plan.method.name} merge", lines, extras.write_model_card)
 
 
 def describe_plan(plan: Plan, out: Path, print_fn=print) -> None:
@@ -161,7 +193,9 @@ def describe_plan(plan: Plan, out: Path, print_fn=print) -> None:
         f"plan: {plan.method.name} merge of {len(plan.models)} models into '{out}' ({plan.num_layers} layers)"
     )
     for m in plan.models:
-        print_fn(f"  input: {m.ref} ({m.family.name}, {m.num_layers} layers, {len(m.tensors.infos)} tensors)")
+        print_fn(
+            f"  input: {m.path} ({m.family.name}, {m.num_layers} layers, {len(m.tensors.infos)} tensors)"
+        )
     for job in plan.jobs:
         srcs = ", ".join(f"{plan.models[r.model].ref}:{r.name}" for r in job.inputs)
         base = f" base={plan.models[job.base.model].ref}" if job.base else ""

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from moekit.config import MergeConfig, Slice, Source, check_gradient_lengths, evaluate_setting
+from moekit.config import MergeConfig, Slice, Source, evaluate_setting, warn_unused_gradient_values
 from moekit.errors import UserError
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.writer import OutputTensor, PlannedOutputs
@@ -85,7 +85,7 @@ CHUNK_ELEMENTS = 1024 * 1024  # rows per chunk for elementwise methods are chose
 PREFETCH_ELEMENTS = 2 * CHUNK_ELEMENTS
 
 
-def open_models(config: MergeConfig) -> tuple[list[Checkpoint], dict[str, int]]:
+def open_models(config: MergeConfig, allow_crimes: bool = False) -> tuple[list[Checkpoint], dict[str, int]]:
     name = str(config.path) if config.path else "<config>"
     refs: list[tuple[str, str]] = []  # (model, where in the config, starting with the config's name)
     if config.base_model:
@@ -103,14 +103,17 @@ def open_models(config: MergeConfig) -> tuple[list[Checkpoint], dict[str, int]]:
             index[ref] = len(models)
             models.append(Checkpoint.open(ref, config.base_dir, where))
     families = {m.family.name for m in models}
-    if len(families) > 1:
+    if len(families) > 1 and not allow_crimes:
         listing = ", ".join(f"'{m.ref}' is {m.family.name}" for m in models)
-        raise UserError(f"{name}: models of different architectures cannot be merged: {listing}")
+        raise UserError(
+            f"{name}: models of different architectures cannot be merged: {listing} (--allow-crimes merges them "
+            "anyway when their tensors line up)"
+        )
     return models, index
 
 
-def build_plan(config: MergeConfig) -> Plan:
-    models, index = open_models(config)
+def build_plan(config: MergeConfig, allow_crimes: bool = False) -> Plan:
+    models, index = open_models(config, allow_crimes)
     try:
         return _build(config, models, index)
     except BaseException:
@@ -127,7 +130,9 @@ def _slices(config: MergeConfig, models: list[Checkpoint], index: dict[str, int]
         Source(s.model, (0, models[index[s.model]].num_layers), s.parameters, s.where) for s in config.models
     ]
     base = config.base_model
-    if base and config.method.base != "ignored" and all(s.model != base for s in sources):
+    # mergekit adds a base_model missing from `models` as one more input, whether or not the method treats it
+    # as a base: with linear or karcher it is averaged in like the others.
+    if base and all(s.model != base for s in sources):
         sources.append(Source(base, (0, models[index[base]].num_layers), {}, f"{name}: base_model"))
     return [Slice(sources, {}, None, f"{name}: models")]
 
@@ -136,6 +141,7 @@ def _build(config: MergeConfig, models: list[Checkpoint], index: dict[str, int])
     name = str(config.path) if config.path else "<config>"
     method = config.method
     slices = _slices(config, models, index)
+    spans = []
     for sl in slices:
         for src in sl.sources:
             n = models[index[src.model]].num_layers
@@ -143,10 +149,11 @@ def _build(config: MergeConfig, models: list[Checkpoint], index: dict[str, int])
                 raise UserError(
                     f"{src.where}.layer_range {list(src.layer_range)} goes past '{src.model}', which has {n} layers"
                 )
-        span = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
-        blocks = [(f"{name}: parameters", config.parameters), (f"{sl.where}.parameters", sl.parameters)]
+        spans.append(sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0])
+        blocks = [(f"{sl.where}.parameters", sl.parameters)]
         for where, params in blocks + [(f"{src.where}.parameters", src.parameters) for src in sl.sources]:
-            check_gradient_lengths(params, span, where)
+            warn_unused_gradient_values(params, spans[-1:], where)
+    warn_unused_gradient_values(config.parameters, spans, f"{name}: parameters")
 
     ref_name = config.base_model or slices[0].sources[0].model
     reference = index[ref_name]
@@ -272,7 +279,9 @@ def _vocabulary(
     if config.tokenizer_source is None:
         return None
     base = index[config.base_model] if config.base_model else None
-    vocab = build_vocabulary(config.tokenizer_source, models, base, config.pad_to_multiple_of, name)
+    vocab = build_vocabulary(
+        config.tokenizer_source, models, base, config.pad_to_multiple_of, name, config.base_dir
+    )
     for job in jobs:
         if not job.is_embedding:
             continue
@@ -393,8 +402,12 @@ class _Planner:
                     v = self._lookup(p.name, tensor, t_pos, src.parameters, sl.parameters)
                     if v is None:
                         if p.required:
+                            added = " (mergekit adds base_model as one more input)" * src.where.endswith(
+                                "base_model"
+                            )
                             raise UserError(
                                 f"{src.where}: '{self.method.name}' needs parameter '{p.name}' for model '{src.model}'"
+                                f"{added}"
                             )
                         v = p.default
                     values.append(_cast(p.kind, v))

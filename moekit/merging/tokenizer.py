@@ -156,7 +156,12 @@ def union_tokenizer(base_tok, others: list[tuple[Checkpoint | None, Any]]):
 
 
 def build_vocabulary(
-    source: str, models: list[Checkpoint], base: int | None, pad_to_multiple_of: int | None, where: str
+    source: str,
+    models: list[Checkpoint],
+    base: int | None,
+    pad_to_multiple_of: int | None,
+    where: str,
+    base_dir: Path | None = None,
 ) -> Vocabulary:
     """The output vocabulary for `tokenizer_source` = `source` and each model's row map into it."""
     ref = base if base is not None else 0
@@ -185,6 +190,8 @@ def build_vocabulary(
     else:
         match = next((m for m in models if m.ref == source), None)
         path = match.path if match else Path(source).expanduser()
+        if not path.is_absolute() and base_dir is not None:  # a path in a config is relative to the config
+            path = base_dir / path
         if not path.is_dir():
             raise UserError(
                 f"{where}: tokenizer_source '{source}' is not 'base', 'union' or a local model directory"
