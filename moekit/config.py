@@ -452,7 +452,7 @@ def coerce_value(p: Param, value: bool | int | float | str, where: str) -> Any:
     if p.kind is float and not fits_float32(got):
         raise UserError(f"{where}: {_short(value)} is not a finite number within float32's range (±3.4e38)")
     if p.check is not None and (problem := p.check(got)):
-        raise UserError(f"{where}: {got!r} {problem}")
+        raise UserError(f"{where}: {value!r} {problem}")
     return got
 
 

@@ -15,11 +15,18 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
-def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, timeout: int = 300, env: dict | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """`python -m moekit ARGS` in a fresh process: the real exit code, stdout and stderr."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "moekit", *args], capture_output=True, text=True, timeout=timeout, env=full_env
+        [sys.executable, "-m", "moekit", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd,
     )
 
 
