@@ -41,7 +41,7 @@ DENSE_KEYS = {
     "parameters": "global method parameters",
     "dtype": "dtype the inputs are cast to",
     "out_dtype": "dtype of the output tensors",
-    "compute_dtype": "dtype of the arithmetic (moekit; default float32)",
+    "compute_dtype": "dtype of the arithmetic (moekit; default float32; `mergekit` = mergekit's, bit for bit)",
     "tokenizer_source": "base, union, or a model path",
     "tokenizer": "{source, pad_to_multiple_of}",
     "chat_template": "chat template name or Jinja text for the output tokenizer",
@@ -83,7 +83,9 @@ class MergeConfig:
     parameters: dict[str, Any]
     dtype: torch.dtype | None
     out_dtype: torch.dtype | None
-    compute_dtype: torch.dtype
+    compute_dtype: (
+        torch.dtype | None
+    )  # None: `compute_dtype: mergekit`, the dtype mergekit holds the inputs in
     tokenizer_source: str | None
     pad_to_multiple_of: int | None
     chat_template: str | None
@@ -208,6 +210,20 @@ def parse_dtype(value: object, where: str) -> torch.dtype | None:
     return DTYPES[value]
 
 
+MERGEKIT_ARITHMETIC = "mergekit"
+
+
+def parse_compute_dtype(value: object, where: str) -> torch.dtype | None:
+    """A dtype, or None for `mergekit`: inputs held in the dtype mergekit holds them in (`dtype`, else as stored)
+    and every method's arithmetic done at mergekit's precision and in its order, so the output is mergekit's
+    bit for bit (on bf16 and fp16 inputs too)."""
+    if value == MERGEKIT_ARITHMETIC:
+        return None
+    if value is None:
+        raise UserError(f"{where}: give a dtype (float32, bfloat16, float16) or mergekit")
+    return parse_dtype(value, where)
+
+
 def parse_merge_config(raw: dict, path: Path | None = None) -> MergeConfig:
     """Validate a dense-merge config; everything that can be checked without the model files is checked here."""
     name = str(path) if path else "<config>"
@@ -268,7 +284,7 @@ def parse_merge_config(raw: dict, path: Path | None = None) -> MergeConfig:
         parameters=parameters,
         dtype=parse_dtype(raw.get("dtype"), f"{name}: dtype"),
         out_dtype=parse_dtype(raw.get("out_dtype"), f"{name}: out_dtype"),
-        compute_dtype=parse_dtype(raw.get("compute_dtype", "float32"), f"{name}: compute_dtype"),
+        compute_dtype=parse_compute_dtype(raw.get("compute_dtype", "float32"), f"{name}: compute_dtype"),
         tokenizer_source=tokenizer_source,
         pad_to_multiple_of=pad_to,
         chat_template=raw.get("chat_template"),

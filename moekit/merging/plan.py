@@ -59,7 +59,7 @@ class Plan(PlannedOutputs):
         """Bytes of tensor data in flight at once: the worst job's inputs in compute dtype, twice (prefetch), plus
         output and two temporaries, plus a random method's fp32 draws for the job and for the next one (drawn
         ahead). Row-chunked (elementwise) jobs are bounded by the chunk size."""
-        itemsize = self.config.compute_dtype.itemsize
+        itemsize = (self.config.compute_dtype or torch.float32).itemsize  # mergekit's methods upcast to fp32
         worst = 0
         for job in self.jobs:
             numel = math.prod(job.out.shape)
@@ -421,6 +421,8 @@ class _Planner:
                         )
                     v = p.default
                 out[p.py_name] = _cast(p.kind, v)
+        if self.config.compute_dtype is None and self.method.takes_mergekit_order:
+            out["mergekit_order"] = True
         return out
 
     def _lookup(
@@ -439,4 +441,8 @@ def _cast(kind: type, value: Any) -> Any:
 
 
 def compute_dtype_for(plan: Plan, stored: torch.dtype) -> torch.dtype:
-    return torch.float64 if stored == torch.float64 else plan.config.compute_dtype
+    """The dtype a method receives its inputs in; with `compute_dtype: mergekit`, the one mergekit holds them in
+    (`dtype`, already applied to `stored`, else the stored dtype)."""
+    if stored == torch.float64 or plan.config.compute_dtype is None:
+        return stored
+    return plan.config.compute_dtype

@@ -16,6 +16,7 @@ into a one-line error that names the tensor.
 
 from __future__ import annotations
 
+import inspect
 import keyword
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,12 @@ class MergeMethod:
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def takes_mergekit_order(self) -> bool:
+        """The method takes `mergekit_order`: with `compute_dtype: mergekit` it then breaks ties (equal
+        magnitudes at a top-k threshold) with the sort mergekit uses, which a faster selection cannot know."""
+        return "mergekit_order" in inspect.signature(self.fn).parameters
 
 
 METHODS: dict[str, MergeMethod] = {}

@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 
+from moekit.merging.methods.task_vectors import merge_task_vectors
 from moekit.merging.registry import Param, merge_method
 
 Tensors = list[torch.Tensor]
-
-
-def weighted_sum(tensors: Iterable[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """Σ wᵢ·xᵢ, accumulated in place; given a generator, only one temporary lives at a time."""
-    out = None
-    for x, w in zip(tensors, weights):
-        out = x * w if out is None else out.add_(x, alpha=w)
-    return out
-
-
-def safe_divisor(total: float, eps: float = 1e-8) -> float:
-    # mergekit divides by 1 where the weights cancel, instead of producing inf.
-    return 1.0 if abs(total) < eps else total
 
 
 @merge_method(
@@ -34,22 +21,29 @@ def safe_divisor(total: float, eps: float = 1e-8) -> float:
     elementwise=True,
 )
 def linear(tensors: Tensors, base, *, weight: list[float], normalize: bool) -> torch.Tensor:
-    """Weighted average Σwᵢmᵢ / Σwᵢ (or the plain weighted sum with normalize: false)."""
-    total = sum(weight)
+    """Weighted average Σwᵢmᵢ / Σwᵢ (or the plain weighted sum with normalize: false).
+
+    As mergekit: in fp32 (fp64 for fp64 inputs) whatever the inputs' dtype, each term added by addcmul into a
+    zero-initialised sum, divided by the fp32 sum of the weights, and rounded back to the inputs' dtype once."""
+    first = tensors[0]
+    acc = torch.float64 if first.dtype == torch.float64 else torch.float32
     if normalize:
-        if total == 0:
+        if sum(weight) == 0:
             raise ValueError(
                 "the weights sum to 0, so they cannot be normalised; change a weight or set normalize: false"
             )
-        # Scale the weights (and their sum) by a power of two so that the largest is in [0.5, 1): exact, so the
+        # Scale the weights (and so their sum) by a power of two so that the largest is in [0.5, 1): exact, so the
         # result keeps its bits, but tiny weights (1e-44) no longer make wᵢ·mᵢ float32 subnormals, which hold
         # only a few significant bits.
         shift = -math.frexp(max(abs(w) for w in weight))[1]
-        weight, total = [math.ldexp(w, shift) for w in weight], math.ldexp(total, shift)
-    out = weighted_sum(tensors, weight)
+        weight = [math.ldexp(w, shift) for w in weight]
+    weights = torch.tensor(weight, dtype=acc)
+    out = torch.zeros_like(first, dtype=acc)
+    for x, w in zip(tensors, weights):
+        out.addcmul_(x, w)
     if normalize:
-        out.div_(total)
-    return out
+        out.div_(weights.sum())
+    return out.to(first.dtype)
 
 
 @merge_method(
@@ -63,13 +57,18 @@ def linear(tensors: Tensors, base, *, weight: list[float], normalize: bool) -> t
     elementwise=True,
 )
 def task_arithmetic(
-    tensors: Tensors, base: torch.Tensor, *, weight: list[float], lambda_: float, normalize: bool
+    tensors: Tensors,
+    base: torch.Tensor,
+    *,
+    weight: list[float],
+    lambda_: float,
+    normalize: bool,
+    mergekit_order: bool = False,
 ):
-    """base + λ·Σwᵢ(mᵢ − base)."""
-    delta = weighted_sum((m - base for m in tensors), weight)
-    if normalize:
-        delta.div_(safe_divisor(sum(weight)))
-    return delta.mul_(lambda_).add_(base)
+    """base + λ·Σwᵢ(mᵢ − base): mergekit's generalised task arithmetic with no sparsification, in its order."""
+    return merge_task_vectors(
+        tensors, base, weight, lambda delta, i: delta, None, normalize, lambda_, mergekit_order
+    )
 
 
 @merge_method(

@@ -111,17 +111,26 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def magnitude(delta: torch.Tensor, density: float, rescale_norm: str | None) -> torch.Tensor:
-    """TIES trimming: keep the top max(1, int(density·numel)) by |δ| over the whole tensor."""
+def magnitude(
+    delta: torch.Tensor, density: float, rescale_norm: str | None, by_sort: bool = False
+) -> torch.Tensor:
+    """TIES trimming: keep the top max(1, int(density·numel)) by |δ| over the whole tensor. `by_sort` picks
+    among equal magnitudes at the threshold as mergekit's full descending argsort does."""
     if density >= 1:
         return delta
     k = max(1, int(density * delta.numel()))
-    keep = top_k_mask(delta.abs().reshape(-1).float(), k).reshape(delta.shape)
+    w = delta.abs().reshape(-1).float()
+    if by_sort:
+        keep = torch.zeros(w.numel(), dtype=delta.dtype)
+        keep[torch.argsort(w, descending=True)[:k]] = 1
+    else:
+        keep = top_k_mask(w, k)
+    keep = keep.reshape(delta.shape)
     return _sparse(delta, keep, rescale_norm, density)
 
 
 def magnitude_outliers(
-    delta: torch.Tensor, density: float, gamma: float, rescale_norm: str | None
+    delta: torch.Tensor, density: float, gamma: float, rescale_norm: str | None, by_sort: bool = False
 ) -> torch.Tensor:
     """Breadcrumbs: drop the int(gamma·numel) largest |δ| and keep the next int(density·numel) below them.
 
@@ -134,8 +143,12 @@ def magnitude_outliers(
     target, n_top = int(density * n), int(gamma * n)
     n_bot = max(0, n - target - n_top)
     w = delta.abs().reshape(-1).float()
-    keep = rank_below(w, n_bot + target)
-    keep &= ~rank_below(w, n_bot)
+    if by_sort:  # mergekit's ascending sort decides among equal magnitudes at either bound
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[torch.sort(w).indices[n_bot : n_bot + target]] = True
+    else:
+        keep = rank_below(w, n_bot + target)
+        keep &= ~rank_below(w, n_bot)
     return _sparse(delta, keep.reshape(delta.shape), rescale_norm, density)
 
 

@@ -33,7 +33,12 @@ def _chunks(x: torch.Tensor):
 def slerp_tensors(
     t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
 ):
-    """Spherical interpolation from v0 (t = 0) to v1 (t = 1) over the flattened tensors."""
+    """Spherical interpolation from v0 (t = 0) to v1 (t = 1) over the flattened tensors.
+
+    As mergekit, in fp32 for half-precision inputs (the 0.9995 threshold is 1.0 in bf16, so identical bf16
+    tensors would take the sine branch and divide by zero) and rounded back to the inputs' dtype once."""
+    if v0.dtype in (torch.bfloat16, torch.float16):
+        return slerp_tensors(t, v0.float(), v1.float(), dot_threshold, eps).to(v0.dtype)
     a, b = v0.reshape(-1), v1.reshape(-1)
     if a.numel() == 0:
         return v0.clone()
@@ -126,17 +131,22 @@ def nuslerp(tensors: Tensors, base, *, weight, nuslerp_flatten, nuslerp_row_wise
         Param("eps", float, default=1e-8, check=positive, help="guards divisions by small norms"),
     ],
 )
-def multislerp(tensors: Tensors, base, *, weight, normalize_weights, eps) -> torch.Tensor:
+def multislerp(
+    tensors: Tensors, base, *, weight, normalize_weights, eps, mergekit_order: bool = False
+) -> torch.Tensor:
     """Barycentric interpolation on the hypersphere (of the task vectors when a base is given).
 
     The unit vectors are recomputed from the inputs on each pass instead of being stacked, so the extra memory is
-    a few tensors of one input's size whatever the number of models.
+    a few tensors of one input's size whatever the number of models. `mergekit_order` (compute_dtype: mergekit)
+    stacks them and reduces over the stack as mergekit does, for its bits.
     """
     if len(tensors) == 1:
         return tensors[0]  # mergekit returns the single model as is, even with a base
     w = torch.tensor(weight, dtype=tensors[0].dtype)
     if normalize_weights:
         w = w / w.sum()
+    if mergekit_order:
+        return _multislerp_stacked(tensors, base, w, eps)
 
     def vector(i):
         return (tensors[i] - base if base is not None else tensors[i]).reshape(-1)
@@ -169,10 +179,41 @@ def multislerp(tensors: Tensors, base, *, weight, normalize_weights, eps) -> tor
     return result + base if base is not None else result
 
 
+def _multislerp_stacked(tensors: Tensors, base, w: torch.Tensor, eps: float) -> torch.Tensor:
+    stack = torch.stack(tensors)
+    if base is not None:
+        stack -= base
+    flat = stack.view(stack.shape[0], -1)
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if len(tensors) == 2:
+            out = (stack[0] * w[0] + stack[1] * w[1]).view(stack.shape[1:])
+            return out + base if base is not None else out
+        raise ValueError(
+            "the weighted sum of the unit task vectors is zero (antipodal inputs with balancing weights); "
+            "change the weights"
+        )
+    mean = mean / mean_norm
+    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
+    tangent = (tangents * w.view(-1, 1)).sum(0)
+    tangent_norm = torch.norm(tangent) + eps
+    result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    result = (result * (norms.squeeze(-1) * w).sum()).view(stack.shape[1:])
+    return result + base if base is not None else result
+
+
 def karcher_mean(tensors: Tensors, alphas: list[float], max_iter: int, tol: float) -> torch.Tensor:
-    """Weighted Karcher mean of the tensors' directions, scaled by the weighted mean of their norms."""
-    norms = [torch.linalg.vector_norm(x) for x in tensors]
-    units = [torch.zeros_like(x) if n.item() == 0.0 else x / n for x, n in zip(tensors, norms)]
+    """Weighted Karcher mean of the tensors' directions, scaled by the weighted mean of their norms.
+
+    Norms are taken in fp32 (fp64 for fp64 inputs) and every iterate is rounded back to the inputs' dtype, as
+    mergekit does: the same numbers for half-precision inputs too."""
+    acc = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    dtype = tensors[0].dtype
+    norms = [torch.linalg.vector_norm(x.to(acc)) for x in tensors]
+    units = [torch.zeros_like(x) if n.item() == 0.0 else (x / n).to(x.dtype) for x, n in zip(tensors, norms)]
     valid = [i for i, n in enumerate(norms) if n.item() > tol]
     if not valid:
         return torch.zeros_like(tensors[0])
@@ -183,8 +224,8 @@ def karcher_mean(tensors: Tensors, alphas: list[float], max_iter: int, tol: floa
     mean = torch.zeros_like(u[0])
     for ai, ui in zip(a, u):
         mean += ai * ui
-    mean_norm = torch.linalg.vector_norm(mean)
-    mean = u[0].clone() if mean_norm.item() < tol else mean / mean_norm
+    mean_norm = torch.linalg.vector_norm(mean.to(acc))
+    mean = u[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(dtype)
 
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
@@ -194,13 +235,13 @@ def karcher_mean(tensors: Tensors, alphas: list[float], max_iter: int, tol: floa
             if theta.item() < tol:
                 continue
             tangent += ai * (theta / torch.sin(theta)) * (ui - dot * mean)
-        tangent_norm = torch.linalg.vector_norm(tangent)
+        tangent_norm = torch.linalg.vector_norm(tangent.to(acc))
         if tangent_norm.item() < tol:
             break
-        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
-        unit_norm = torch.linalg.vector_norm(mean)
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(dtype)
+        unit_norm = torch.linalg.vector_norm(mean.to(acc))
         if unit_norm.item() > tol:
-            mean = mean / unit_norm
+            mean = (mean / unit_norm).to(dtype)
     return sum(ai * n for ai, n in zip(alphas, norms)) * mean
 
 

@@ -89,10 +89,17 @@ def merge_task_vectors(
     consensus: str | None,
     normalize: bool,
     lambda_: float,
+    mergekit_order: bool = False,
 ) -> torch.Tensor:
-    """base + λ·combine(wᵢ·sparsify(mᵢ − base)); `consensus` is None (plain sum) or a sign-vote rule."""
+    """base + λ·combine(wᵢ·sparsify(mᵢ − base)); `consensus` is None (plain sum) or a sign-vote rule.
+
+    `mergekit_order` (compute_dtype: mergekit) stacks the deltas and reduces them with mergekit's own torch calls:
+    torch's sum over a stacked axis of 5 or more adds the last few elements of a row in another order than a
+    running sum, which can flip a near-zero sign vote. It holds all n deltas at once, as mergekit does."""
     # mergekit holds the weights as a tensor of the compute dtype, so a bf16 merge multiplies by bf16 weights.
     weights = torch.tensor(weight, dtype=base.dtype)
+    if mergekit_order:
+        return _stacked(tensors, base, weights, sparsify, consensus, normalize, lambda_)
     if consensus is None:
         mixed = None
         for i, m in enumerate(tensors):
@@ -110,6 +117,36 @@ def merge_task_vectors(
     if lambda_ != 1:
         mixed.mul_(lambda_)
     return mixed.add_(base)
+
+
+def _stacked(tensors, base, weights, sparsify, consensus, normalize, lambda_) -> torch.Tensor:
+    """merge_task_vectors in mergekit's operation order, over the stacked deltas."""
+    deltas = torch.stack([sparsify(m.sub_(base), i) for i, m in enumerate(tensors)])
+    tensors.clear()
+    w = weights.reshape(-1, *[1] * base.dim())
+    if consensus == "sum":  # the paper's vote is on the unweighted deltas
+        vote = deltas.sum(dim=0)
+    deltas.mul_(w)
+    if consensus is None:
+        mixed = deltas.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    else:
+        signs = deltas.sign()
+        if consensus == "count":
+            vote = signs.sum(dim=0)
+        elif consensus == "weighted_sum":
+            vote = deltas.sum(dim=0)
+        elected = (vote >= 0).to(base.dtype) * 2 - 1
+        agree = signs == elected
+        mixed = (deltas * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    if normalize:
+        mixed /= divisor
+    if lambda_ != 1:
+        mixed *= lambda_
+    return (base + mixed).to(base.dtype)
 
 
 def accumulate(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -193,6 +230,8 @@ def one_draw_per_sparsified_model(params: dict, shape: tuple[int, ...]) -> list[
 
 
 def per_model_sparsifier(fn: Callable[..., torch.Tensor], density: list[float], **per_model) -> Sparsifier:
+    """fn(delta, density[i], **per_model at i): list values are taken per model, scalars as they are."""
+
     def sparsify(delta: torch.Tensor, i: int) -> torch.Tensor:
         return fn(delta, density[i], **{k: v[i] if isinstance(v, list) else v for k, v in per_model.items()})
 
@@ -216,10 +255,13 @@ def ties(
     rescale_norm,
     int8_mask,
     sign_vote,
+    mergekit_order=False,
 ):
     """TIES: keep each delta's top-k by magnitude, elect a sign per element, average the agreeing deltas."""
-    sparsify = per_model_sparsifier(magnitude, density, rescale_norm=_norm(rescale, rescale_norm))
-    return merge_task_vectors(tensors, base, weight, sparsify, sign_vote, normalize, lambda_)
+    sparsify = per_model_sparsifier(
+        magnitude, density, rescale_norm=_norm(rescale, rescale_norm), by_sort=mergekit_order
+    )
+    return merge_task_vectors(tensors, base, weight, sparsify, sign_vote, normalize, lambda_, mergekit_order)
 
 
 @merge_method(
@@ -229,11 +271,23 @@ def ties(
     draws=one_draw_per_sparsified_model,
 )
 def dare_ties(
-    tensors, base, *, weight, density, lambda_, normalize, rescale, rescale_norm, int8_mask, sign_vote, rng
+    tensors,
+    base,
+    *,
+    weight,
+    density,
+    lambda_,
+    normalize,
+    rescale,
+    rescale_norm,
+    int8_mask,
+    sign_vote,
+    rng,
+    mergekit_order=False,
 ):
     """DARE + TIES: drop each delta element with probability 1 − density, rescale, then the TIES sign vote."""
     sparsify = per_model_sparsifier(bernoulli, density, rescale_norm=_norm(rescale, rescale_norm), rng=rng)
-    return merge_task_vectors(tensors, base, weight, sparsify, sign_vote, normalize, lambda_)
+    return merge_task_vectors(tensors, base, weight, sparsify, sign_vote, normalize, lambda_, mergekit_order)
 
 
 @merge_method(
@@ -242,34 +296,78 @@ def dare_ties(
     params=common_params(normalize=False, rescale=True),
     draws=one_draw_per_sparsified_model,
 )
-def dare_linear(tensors, base, *, weight, density, lambda_, normalize, rescale, rescale_norm, int8_mask, rng):
+def dare_linear(
+    tensors,
+    base,
+    *,
+    weight,
+    density,
+    lambda_,
+    normalize,
+    rescale,
+    rescale_norm,
+    int8_mask,
+    rng,
+    mergekit_order=False,
+):
     """DARE: drop each delta element with probability 1 − density, rescale, and add the weighted deltas."""
     sparsify = per_model_sparsifier(bernoulli, density, rescale_norm=_norm(rescale, rescale_norm), rng=rng)
-    return merge_task_vectors(tensors, base, weight, sparsify, None, normalize, lambda_)
+    return merge_task_vectors(tensors, base, weight, sparsify, None, normalize, lambda_, mergekit_order)
 
 
 @merge_method("breadcrumbs", base="required", params=[*common_params(normalize=False, rescale=False), GAMMA])
 def breadcrumbs(
-    tensors, base, *, weight, density, gamma, lambda_, normalize, rescale, rescale_norm, int8_mask
+    tensors,
+    base,
+    *,
+    weight,
+    density,
+    gamma,
+    lambda_,
+    normalize,
+    rescale,
+    rescale_norm,
+    int8_mask,
+    mergekit_order=False,
 ):
     """Model Breadcrumbs: drop the largest (outliers) and the smallest deltas, add the weighted rest."""
     sparsify = per_model_sparsifier(
-        magnitude_outliers, density, gamma=gamma, rescale_norm=_norm(rescale, rescale_norm)
+        magnitude_outliers,
+        density,
+        gamma=gamma,
+        rescale_norm=_norm(rescale, rescale_norm),
+        by_sort=mergekit_order,
     )
-    return merge_task_vectors(tensors, base, weight, sparsify, None, normalize, lambda_)
+    return merge_task_vectors(tensors, base, weight, sparsify, None, normalize, lambda_, mergekit_order)
 
 
 @merge_method(
     "breadcrumbs_ties", base="required", params=[*common_params(normalize=False, rescale=False), GAMMA, VOTE]
 )
 def breadcrumbs_ties(
-    tensors, base, *, weight, density, gamma, lambda_, normalize, rescale, rescale_norm, int8_mask, sign_vote
+    tensors,
+    base,
+    *,
+    weight,
+    density,
+    gamma,
+    lambda_,
+    normalize,
+    rescale,
+    rescale_norm,
+    int8_mask,
+    sign_vote,
+    mergekit_order=False,
 ):
     """Model Breadcrumbs with the TIES sign vote."""
     sparsify = per_model_sparsifier(
-        magnitude_outliers, density, gamma=gamma, rescale_norm=_norm(rescale, rescale_norm)
+        magnitude_outliers,
+        density,
+        gamma=gamma,
+        rescale_norm=_norm(rescale, rescale_norm),
+        by_sort=mergekit_order,
     )
-    return merge_task_vectors(tensors, base, weight, sparsify, sign_vote, normalize, lambda_)
+    return merge_task_vectors(tensors, base, weight, sparsify, sign_vote, normalize, lambda_, mergekit_order)
 
 
 @merge_method(
@@ -292,12 +390,13 @@ def della(
     int8_mask,
     sign_vote,
     rng,
+    mergekit_order=False,
 ):
     """DELLA: magnitude-ranked random drop (MagPrune), rescale, the TIES sign vote, then the agreeing average."""
     sparsify = per_model_sparsifier(
         della_magprune, density, epsilon=epsilon, rescale_norm=_norm(rescale, rescale_norm), rng=rng
     )
-    return merge_task_vectors(tensors, base, weight, sparsify, sign_vote, normalize, lambda_)
+    return merge_task_vectors(tensors, base, weight, sparsify, sign_vote, normalize, lambda_, mergekit_order)
 
 
 @merge_method(
@@ -307,10 +406,22 @@ def della(
     draws=one_draw_per_sparsified_model,
 )
 def della_linear(
-    tensors, base, *, weight, density, epsilon, lambda_, normalize, rescale, rescale_norm, int8_mask, rng
+    tensors,
+    base,
+    *,
+    weight,
+    density,
+    epsilon,
+    lambda_,
+    normalize,
+    rescale,
+    rescale_norm,
+    int8_mask,
+    rng,
+    mergekit_order=False,
 ):
     """DELLA without the sign vote: MagPrune, rescale, and add the weighted deltas."""
     sparsify = per_model_sparsifier(
         della_magprune, density, epsilon=epsilon, rescale_norm=_norm(rescale, rescale_norm), rng=rng
     )
-    return merge_task_vectors(tensors, base, weight, sparsify, None, normalize, lambda_)
+    return merge_task_vectors(tensors, base, weight, sparsify, None, normalize, lambda_, mergekit_order)

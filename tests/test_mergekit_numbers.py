@@ -1,0 +1,183 @@
+"""`compute_dtype: mergekit`: mergekit 0.1.5's arithmetic bit for bit, on bf16 and fp16 inputs too.
+
+Each reference below is mergekit's operation order written out in torch here (stack the deltas, weights as a
+tensor of the inputs' dtype, torch's sum over the stack, ...), on fresh random inputs, and the comparison is
+exact (torch.equal): the mode promises mergekit's bits, not closeness. The default fp32 arithmetic is checked
+against the same formulas in float64 (tolerance 1e-5 relative to the tensor's scale).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import load_tensors
+from hostile_models import write_model
+
+import moekit
+from moekit.merging.registry import get_method
+
+HALF = [torch.bfloat16, torch.float16]
+
+
+def inputs(dtype, n=3, shape=(48, 40)):
+    base = torch.randn(shape).to(dtype)
+    return base, [(base.float() + 0.02 * torch.randn(shape)).to(dtype) for _ in range(n)]
+
+
+def call(method: str, models, base, exact: bool, **params):
+    m = get_method(method)
+    kwargs = {p.py_name: params.get(p.name, p.default) for p in m.params}
+    if exact and m.takes_mergekit_order:  # what the planner passes under compute_dtype: mergekit
+        kwargs["mergekit_order"] = True
+    return m.fn([x.clone() for x in models], None if base is None else base.clone(), **kwargs)
+
+
+def mergekit_task_arithmetic(base, models, weight, lam, normalize, keep=None, consensus=False):
+    """mergekit's generalised task arithmetic: deltas stacked in the inputs' dtype, weighted by a tensor of that
+    dtype, summed over the stack (with the sign vote: masked first), divided, scaled, added to the base."""
+    deltas = torch.stack([(m - base) * (1 if keep is None else keep[i]) for i, m in enumerate(models)])
+    w = torch.tensor(weight, dtype=base.dtype).view(-1, *[1] * base.dim())
+    deltas = deltas * w
+    if consensus:
+        elected = (deltas.sum(0) >= 0).to(base.dtype) * 2 - 1
+        mask = deltas.sign() == elected
+        mixed, divisor = (deltas * mask).sum(0), (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed, divisor = deltas.sum(0), w.sum(0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed = mixed / divisor
+    if lam != 1:
+        mixed = mixed * lam
+    return (base + mixed).to(base.dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_task_arithmetic_bits(dtype):
+    base, models = inputs(dtype)
+    weight = torch.rand(3).add(0.1).tolist()
+    lam = float(torch.rand(()) + 0.5)
+    got = call("task_arithmetic", models, base, True, weight=weight, **{"lambda": lam})
+    assert torch.equal(got, mergekit_task_arithmetic(base, models, weight, lam, False))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_linear_bits(dtype):
+    """mergekit's linear is fp32 whatever the inputs: addcmul into zeros, divide by the fp32 weight sum, round."""
+    _, models = inputs(dtype)
+    weight = torch.rand(3).add(0.1).tolist()
+    w = torch.tensor(weight)
+    want = torch.zeros(models[0].shape)
+    for x, c in zip(models, w):
+        want.addcmul_(x, c)
+    want = (want / w.sum()).to(dtype)
+    assert torch.equal(call("linear", models, None, True, weight=weight), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+def test_ties_bits_with_ties_at_the_threshold(dtype):
+    """Many equal magnitudes at the top-k threshold (a quantised delta): the kept set is mergekit's argsort's,
+    and the sign vote is reduced over the stack (here 6 models: torch's stacked sum adds a row's last elements in
+    another order than a running sum)."""
+    base = torch.randn(33, 29).to(dtype)
+    models = [(base.float() + torch.randint(-4, 5, base.shape) / 64).to(dtype) for _ in range(6)]
+    weight = torch.rand(6).add(0.1).tolist()
+    density = [0.3, 0.5, 0.45, 0.6, 0.35, 0.5]
+    keep = []
+    for m, d in zip(models, density):
+        w = (m - base).abs().reshape(-1).float()
+        k = max(1, int(d * w.numel()))
+        mask = torch.zeros(w.numel(), dtype=dtype)
+        mask[torch.argsort(w, descending=True)[:k]] = 1
+        keep.append(mask.view(base.shape))
+    got = call("ties", models, base, True, weight=weight, density=density)
+    want = mergekit_task_arithmetic(base, models, weight, 1.0, True, keep, consensus=True)
+    assert torch.equal(got, want)
+
+
+def test_ties_default_fp32_sign_vote_order():
+    """The default (streaming) TIES vote with three models in fp32 adds the weighted deltas in mergekit's order:
+    exactly mergekit's numbers where no magnitude ties at the threshold (continuous random inputs)."""
+    base, models = inputs(torch.float32)
+    weight = torch.randn(3).tolist()  # signs mixed: the vote is often near zero
+    density = [0.7, 0.6, 0.8]
+    keep = []
+    for m, d in zip(models, density):
+        w = (m - base).abs().reshape(-1)
+        mask = torch.zeros(w.numel())
+        mask[torch.topk(w, max(1, int(d * w.numel()))).indices] = 1
+        keep.append(mask.view(base.shape))
+    for normalize in (False, True):
+        got = call("ties", models, base, False, weight=weight, density=density, normalize=normalize)
+        want = mergekit_task_arithmetic(base, models, weight, 1.0, normalize, keep, consensus=True)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_slerp_half_precision_is_fp32_inside(dtype):
+    """Under a half-precision compute dtype, identical inputs are colinear (no 0/0) and the interpolation is
+    mergekit's fp32 one, rounded once."""
+    base, (other,) = inputs(dtype, 1)
+    same = call("slerp", [base], base, False, t=0.4)
+    assert torch.isfinite(same.float()).all() and torch.equal(same, base)
+    a, b = base.float().reshape(-1), other.float().reshape(-1)
+    dot = ((a / a.norm()) * (b / b.norm())).sum().clamp(-1, 1)
+    theta = torch.acos(dot)
+    t = torch.tensor(0.4)
+    want = (torch.sin((1 - t) * theta) / torch.sin(theta)) * a + (torch.sin(t * theta) / torch.sin(theta)) * b
+    got = call("slerp", [other], base, False, t=0.4)
+    assert got.dtype == dtype
+    # One rounding of the fp32 result (a half-precision slerp would be off by many: |θ| is ~1e-2 here).
+    ulp = torch.finfo(dtype).eps * want.abs().view(base.shape)
+    assert ((got.float() - want.view(base.shape)).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_multislerp_bits(dtype):
+    base, models = inputs(dtype)
+    weight = torch.rand(3).add(0.1).tolist()
+    stack = torch.stack(models) - base
+    w = torch.tensor(weight, dtype=dtype)
+    w = w / w.sum()
+    flat = stack.view(3, -1)
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + 1e-8)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean = mean / torch.norm(mean)
+    tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * w.view(-1, 1)).sum(0)
+    tn = torch.norm(tangent) + 1e-8
+    want = (mean * torch.cos(tn) + tangent * (torch.sin(tn) / tn)) * (norms.squeeze(-1) * w).sum()
+    want = want.view(base.shape) + base
+    assert torch.equal(call("multislerp", models, base, True, weight=weight), want)
+
+
+def test_mergekit_mode_end_to_end_bf16(tmp_path):
+    """A bf16 task_arithmetic config with `compute_dtype: mergekit` writes mergekit's bits; the default fp32
+    arithmetic stays within bf16 rounding of the float64 formula."""
+    seeds = torch.randint(0, 2**31, (3,)).tolist()
+    m = {n: write_model(tmp_path / n, s) for n, s in zip(["base", "ft1", "ft2"], seeds)}
+    for n in m:  # store them in bf16, as a hub checkpoint would be
+        t = load_tensors(m[n])
+        from safetensors.torch import save_file
+
+        save_file({k: v.to(torch.bfloat16) for k, v in t.items()}, str(m[n] / "model.safetensors"))
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(m["base"]),
+        "models": [{"model": str(m["ft1"]), "parameters": {"weight": 0.7}}, {"model": str(m["ft2"])}],
+        "parameters": {"weight": 0.45, "lambda": 0.8},
+        "compute_dtype": "mergekit",
+    }
+    got = load_tensors(moekit.merge(cfg, tmp_path / "exact"))
+    default = load_tensors(
+        moekit.merge({k: v for k, v in cfg.items() if k != "compute_dtype"}, tmp_path / "d")
+    )
+    b, f1, f2 = (load_tensors(m[n]) for n in ("base", "ft1", "ft2"))
+    for k in b:
+        want = mergekit_task_arithmetic(b[k], [f1[k], f2[k]], [0.7, 0.45], 0.8, False)
+        assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], want), k
+        exact64 = b[k].double() + 0.8 * (
+            0.7 * (f1[k].double() - b[k].double()) + 0.45 * (f2[k] - b[k]).double()
+        )
+        assert (default[k].double() - exact64).abs().max() <= 2**-8 * exact64.abs().max(), k
