@@ -181,3 +181,27 @@ def test_mergekit_mode_end_to_end_bf16(tmp_path):
             0.7 * (f1[k].double() - b[k].double()) + 0.45 * (f2[k] - b[k]).double()
         )
         assert (default[k].double() - exact64).abs().max() <= 2**-8 * exact64.abs().max(), k
+
+
+def test_ram_and_ramplus_tl_formulas():
+    """ram: an element moved (|δ| > ε) by one model takes its δ, by several the mean of theirs; ramplus_tl scales
+    each model's lone moves by 1 + r·min(shared/lone, alpha), counted per model over the tensor. Written per
+    model with Python counts here, compared in float64 (tolerance 1e-6)."""
+    base = torch.randn(30, 20, dtype=torch.float64)
+    models = [base + torch.randn(30, 20, dtype=torch.float64) * (torch.rand(30, 20) < 0.5) for _ in range(3)]
+    eps, r, alpha = 1e-5, 0.3, 0.2
+    deltas = [m - base for m in models]
+    moved = [d.abs() > eps for d in deltas]
+    movers = sum(mv.long() for mv in moved)
+    mean_of_movers = sum(d * mv for d, mv in zip(deltas, moved)) / movers.clamp(min=1)
+    lone = [(mv & (movers == 1)) for mv in moved]
+    want_ram = base + mean_of_movers * (movers > 1) + sum(d * lo for d, lo in zip(deltas, lone))
+    got = call("ram", models, base, False)
+    assert (got - want_ram).abs().max() <= 1e-6
+    boosted = 0
+    for d, mv, lo in zip(deltas, moved, lone):
+        shared, alone = int((mv & (movers > 1)).sum()), int(lo.sum())
+        boosted = boosted + d * lo * (1 + r * min(shared / max(alone, eps), alpha))
+    want_plus = base + mean_of_movers * (movers > 1) + boosted
+    got = call("ramplus_tl", models, base, False, r=r, alpha=alpha)
+    assert (got - want_plus).abs().max() <= 1e-6

@@ -1,3 +1,3 @@
 """Every merge method, registered on import. One module per family of methods."""
 
-from moekit.merging.methods import basic, model_stock, sce, selective, spherical, task_vectors  # noqa: F401
+from moekit.merging.methods import basic, model_stock, ram, sce, selective, spherical, task_vectors  # noqa: F401
