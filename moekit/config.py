@@ -94,6 +94,9 @@ class MergeConfig:
     raw: dict
     path: Path | None
     base_dir: Path | None = field(default=None)
+    # mergekit's output switches (--no-copy-tokenizer, --no-write-model-card): options of the run, not YAML keys
+    copy_tokenizer: bool = True
+    write_model_card: bool = True
 
 
 class _NoDuplicateKeysLoader(yaml.SafeLoader):

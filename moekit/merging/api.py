@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 from collections import Counter
 from dataclasses import dataclass
@@ -116,23 +117,21 @@ def _merge(
         )  # fmt: skip
     check_shard_size(shard_size)
     build = functools.partial(build_plan, allow_crimes=extras.allow_crimes)
-    with open_plan(parse_merge_config(raw, path), build, out, force, dry_run) as (out_path, plan):
+    cfg = dataclasses.replace(
+        parse_merge_config(raw, path),
+        copy_tokenizer=extras.copy_tokenizer,
+        write_model_card=extras.write_model_card,
+    )
+    with open_plan(cfg, build, out, force, dry_run) as (out_path, plan):
         if dry_run:
             describe_plan(plan, out_path, print_fn)
             return None
-        _write_all(plan, out_path, force, shard_size, seed, allow_nonfinite, progress, extras)
+        _write_all(plan, out_path, force, shard_size, seed, allow_nonfinite, progress)
     return out_path
 
 
 def _write_all(
-    plan: Plan,
-    out: Path,
-    force: bool,
-    shard_size: int,
-    seed: int,
-    allow_nonfinite: bool,
-    progress: bool,
-    extras: OutputExtras = OutputExtras(),
+    plan: Plan, out: Path, force: bool, shard_size: int, seed: int, allow_nonfinite: bool, progress: bool
 ) -> None:
     with streaming_output(out, force, plan.output_tensors, shard_size) as (tmp, writer):
         with tensor_progress(len(plan.jobs), plan.output_bytes, progress) as advance:
@@ -143,7 +142,7 @@ def _write_all(
                 on_progress=lambda job: advance(job.out.nbytes),
             )
             runner.run(lambda job, tensor, last: writer.write(job.out.name, tensor, last))
-        write_dense_metadata(plan, tmp, extras)
+        write_dense_metadata(plan, tmp)
 
 
 def output_config(plan: Plan) -> dict:
@@ -171,20 +170,20 @@ def output_config(plan: Plan) -> dict:
     return cfg
 
 
-def write_dense_metadata(plan: Plan, out: Path, extras: OutputExtras = OutputExtras()) -> None:
+def write_dense_metadata(plan: Plan, out: Path) -> None:
     cfg = plan.config
     write_json(out / "config.json", output_config(plan))
     ref = plan.models[plan.reference]
-    if extras.copy_tokenizer and plan.vocab is not None:
+    if cfg.copy_tokenizer and plan.vocab is not None:
         plan.vocab.save(out)  # tokenizer_source: the tokenizer the embeddings were re-laid for
-    elif extras.copy_tokenizer:
+    elif cfg.copy_tokenizer:
         copy_tokenizer(ref.path, out)
     copy_generation_config([ref.path] + [m.path for m in plan.models], out)
     inputs = [m.ref for m in plan.models]
     lines = [f"merge method: `{plan.method.name}`", f"inputs: {', '.join(f'`{r}`' for r in inputs)}"]
     if cfg.base_model:
         lines.append(f"base model: `{cfg.base_model}`")
-    write_recipe(out, cfg.raw, cfg.name or f"{plan.method.name} merge", lines, extras.write_model_card)
+    write_recipe(out, cfg.raw, cfg.name or f"{plan.method.name} merge", lines, cfg.write_model_card)
 
 
 def describe_plan(plan: Plan, out: Path, print_fn=print) -> None:
