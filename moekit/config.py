@@ -489,7 +489,7 @@ def _coerced(kind: type, value: bool | int | float | str) -> Any:
             return None
         return number
     if kind is int:
-        return value if isinstance(value, int) else int(value) if value.is_integer() else None
+        return int(value) if isinstance(value, int) else int(value) if value.is_integer() else None
     try:
         return float(value)
     except OverflowError:  # an int with hundreds of digits: refused as out of float32's range
