@@ -91,8 +91,8 @@ def run_rank(args, rank: int, world: int) -> dict | None:
         dispatch_traffic,
         exchange_counts,
         local_experts,
-        sort_for_dispatch,
     )
+    from moekit.runtime.sorting import sort_by_expert
 
     torch.set_num_threads(THREADS)
     router, gate_up, down = make_weights(args)
@@ -108,10 +108,10 @@ def run_rank(args, rank: int, world: int) -> dict | None:
     step = timed(lambda: layer(xg, indices, weights).backward(grad), args.steps, sync=dist.barrier)
 
     # The exchanges alone, with this step's split sizes.
-    dispatch = sort_for_dispatch(indices, args.experts)
-    send = dispatch.expert_counts.view(world, -1).sum(dim=1).tolist()
-    recv = exchange_counts(dispatch.expert_counts, None).sum(dim=1).tolist()
-    rows = x[dispatch.tokens]
+    dispatch = sort_by_expert(indices, args.experts)
+    send = dispatch.counts.view(world, -1).sum(dim=1).tolist()
+    recv = exchange_counts(dispatch.counts, None).sum(dim=1).tolist()
+    rows = x[dispatch.tokens[: dispatch.num_kept]]
 
     def exchanges():
         back = all_to_all_rows(rows, recv, send, None)

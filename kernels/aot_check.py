@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 SMEM_LIMIT_SM90 = 227 * 1024  # usable shared memory per block on H100
+_SCALARS = {"alpha": "fp32", "limit": "fp32"}  # float arguments of the GEMM kernel (the rest are ints)
 
 
 @dataclass(frozen=True)
@@ -73,14 +74,20 @@ def _compile(
     names = fn.arg_names
     aligned = [n for n in names if n not in constexprs and (n in pointer_types or n in ints_16)]
     if "constexprs" in inspect.signature(ASTSource.__init__).parameters:  # Triton >= 3.3
-        signature = {n: "constexpr" if n in constexprs else pointer_types.get(n, "i32") for n in names}
+        signature = {
+            n: "constexpr" if n in constexprs else pointer_types.get(n, _SCALARS.get(n, "i32")) for n in names
+        }
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
         constants = {(names.index(k),): v for k, v in constexprs.items()}
         source = ASTSource(fn, signature, constexprs=constants, attrs=attrs)
     else:  # Triton 3.1-3.2: runtime arguments only in the signature, an AttrsDescriptor for alignment
         from triton.compiler.compiler import AttrsDescriptor
 
-        signature = {i: pointer_types.get(n, "i32") for i, n in enumerate(names) if n not in constexprs}
+        signature = {
+            i: pointer_types.get(n, _SCALARS.get(n, "i32"))
+            for i, n in enumerate(names)
+            if n not in constexprs
+        }
         attrs = AttrsDescriptor(divisible_by_16={names.index(n) for n in aligned}, equal_to_1=set())
         source = ASTSource(
             fn, signature, constants={names.index(k): v for k, v in constexprs.items()}, attrs=attrs
@@ -112,8 +119,8 @@ def check(arch: int = 90, dtype: str = "bf16", all_configs: bool = False) -> lis
         pointers = {n: f"*{dtype}" for n in fn.arg_names if n.endswith("_ptr")}
         pointers.update(order_ptr="*i32", offsets_ptr="*i32", scale_ptr="*fp32", partial_ptr="*fp32")
         flags = {**v.flags, "UPCAST": False, "INPUT_PRECISION": precision, "GROUP_M": ops.GROUP_M}
-        if v.kernel == _GEMM:
-            flags["E_PAD"] = 8
+        if v.kernel == _GEMM:  # the SiLU-gated epilogue without biases
+            flags.update(E_PAD=8, HAS_BIAS=False, ACTIVATION=0, GATED=True)
         for tiles, warps, stages in (
             down_backward if v.name == "down_backward" else (tile_sets if all_configs else main)
         ):

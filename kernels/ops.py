@@ -167,7 +167,112 @@ def sort_by_expert(ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 # The grouped GEMM: one program per (expert, block of sorted rows) tile and block of output columns
 # --------------------------------------------------------------------------------------------------------
 
-_PLAIN, _SWIGLU, _SWIGLU_BACKWARD = 0, 1, 2
+_PLAIN, _ACTIVATION, _ACTIVATION_BACKWARD = 0, 1, 2
+
+# Activations the epilogues compute (moekit.runtime.activations names -> the ACTIVATION constexpr).
+ACTIVATIONS = {
+    "silu": 0,
+    "gelu": 1,
+    "gelu_pytorch_tanh": 2,
+    "quick_gelu": 3,
+    "relu": 4,
+    "relu2": 5,
+    "sigmoid": 6,
+    "tanh": 7,
+    "linear": 8,
+    "swigluoai": 9,
+}
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """The expert function of the gate/up epilogue (see moekit.runtime.activations.ExpertFunction)."""
+
+    activation: str = "silu"
+    gated: bool = True
+    interleaved: bool = False
+    alpha: float = 1.702
+    limit: float = 7.0
+
+
+SWIGLU = Epilogue()
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * _sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _act(x, ACTIVATION: tl.constexpr):
+    # act(x) in fp32 for the activations of ACTIVATIONS (swigluoai is handled by the gated epilogue).
+    if ACTIVATION == 0:
+        y = x * _sigmoid(x)
+    elif ACTIVATION == 1:
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACTIVATION == 2:
+        y = 0.5 * x * (1.0 + _tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+    elif ACTIVATION == 3:
+        y = x * _sigmoid(1.702 * x)
+    elif ACTIVATION == 4:
+        y = tl.maximum(x, 0.0)
+    elif ACTIVATION == 5:
+        y = tl.maximum(x, 0.0) * tl.maximum(x, 0.0)
+    elif ACTIVATION == 6:
+        y = _sigmoid(x)
+    elif ACTIVATION == 7:
+        y = _tanh(x)
+    else:
+        y = x
+    return y
+
+
+@triton.jit
+def _act_grad(x, ACTIVATION: tl.constexpr):
+    # d act(x) / dx in fp32.
+    if ACTIVATION == 0:
+        sig = _sigmoid(x)
+        d = sig * (1.0 + x * (1.0 - sig))
+    elif ACTIVATION == 1:
+        d = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+    elif ACTIVATION == 2:
+        t = _tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+        d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+    elif ACTIVATION == 3:
+        sig = _sigmoid(1.702 * x)
+        d = sig + 1.702 * x * sig * (1.0 - sig)
+    elif ACTIVATION == 4:
+        d = tl.where(x > 0.0, 1.0, 0.0)
+    elif ACTIVATION == 5:
+        d = 2.0 * tl.maximum(x, 0.0)
+    elif ACTIVATION == 6:
+        sig = _sigmoid(x)
+        d = sig * (1.0 - sig)
+    elif ACTIVATION == 7:
+        t = _tanh(x)
+        d = 1.0 - t * t
+    else:
+        d = x * 0.0 + 1.0
+    return d
+
+
+@triton.jit
+def _glu(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 9:  # gpt-oss: (clamp(up) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
+        g = tl.minimum(gate, limit)
+        u = tl.minimum(tl.maximum(up, -limit), limit)
+        y = (u + 1.0) * g * _sigmoid(alpha * g)
+    elif ACTIVATION == 0:  # SiLU, written as the SwiGLU epilogue always has been
+        y = gate * tl.sigmoid(gate) * up
+    else:
+        y = _act(gate, ACTIVATION) * up
+    return y
 
 
 @triton.jit
@@ -199,17 +304,21 @@ def _tile_of_program(offsets_ptr, pid_m, num_experts, BLOCK_M: tl.constexpr, E_P
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, w_ptr, out_ptr, order_ptr, offsets_ptr, scale_ptr, preact_ptr, partial_ptr,
-    num_experts, n_out, k_dim, top_k, rows_hint,
+    a_ptr, w_ptr, out_ptr, order_ptr, offsets_ptr, scale_ptr, preact_ptr, partial_ptr, bias_ptr,
+    num_experts, n_out, k_dim, top_k, rows_hint, w_up_offset, bias_up_offset, alpha, limit,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on, stride_pm, stride_pn,
+    stride_be, stride_bn,
     GATHER_A: tl.constexpr, EPILOGUE: tl.constexpr, HAS_SCALE: tl.constexpr, STORE_PREACT: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, E_PAD: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # out[r] = a[row(r)] @ W[e]^T for the sorted rows r of expert e, with W[e] read through (stride_wn, stride_wk)
     # so that transposed weights need no copy. GATHER_A: a is in token order, row(r) = order[r] // k, and
     # out is sorted. Otherwise a is sorted and out[order[r]] is written (the scatter to assignment order).
-    # rows_hint only keys the autotuner.
+    # rows_hint only keys the autotuner. EPILOGUE 1 (activation): out = act(gate) * up (GATED; the up rows of W
+    # lie w_up_offset elements after the gate rows, so concatenated and interleaved layouts need no copy) or
+    # act(preact), each with the expert's bias (HAS_BIAS) first; the pre-activation is stored concatenated.
     num_pid_n = tl.cdiv(n_out, BLOCK_N)
     pid_m, pid_n = _grouped_program_order(
         tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M
@@ -241,8 +350,8 @@ def _grouped_gemm_kernel(
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-        if EPILOGUE == 1:  # gate rows [0, I), up rows [I, 2I) of gate_up_proj; both share the a tile
-            w_up = tl.load(w_ptrs + n_out * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if EPILOGUE == 1 and GATED:  # the gate and up rows of gate_up_proj share the a tile
+            w_up = tl.load(w_ptrs + w_up_offset, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             if UPCAST:
                 w_up = w_up.to(tl.float32)
             acc_up = tl.dot(a, w_up, acc_up, input_precision=INPUT_PRECISION)
@@ -251,34 +360,65 @@ def _grouped_gemm_kernel(
 
     tile_ok = row_ok[:, None] & col_ok[None, :]
     out_ptrs = out_ptr + out_rows[:, None] * stride_om + cols[None, :] * stride_on
+    if HAS_BIAS:
+        bias_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + cols * stride_bn
+        acc += tl.load(bias_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if EPILOGUE == 1 and GATED:
+            acc_up += tl.load(bias_ptrs + bias_up_offset, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if EPILOGUE == 0:
         if HAS_SCALE:
             acc = acc * tl.load(scale_ptr + slot, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
-    elif EPILOGUE == 1:  # SwiGLU: out = silu(gate) * up
-        tl.store(out_ptrs, (acc * tl.sigmoid(acc) * acc_up).to(out_ptr.dtype.element_ty), mask=tile_ok)
+    elif EPILOGUE == 1:
+        if GATED:
+            h = _glu(acc, acc_up, alpha, limit, ACTIVATION)
+        else:
+            h = _act(acc, ACTIVATION)
+        tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=tile_ok)
         if STORE_PREACT:  # kept for the backward pass
             pre_ptrs = preact_ptr + rows.to(tl.int64)[:, None] * stride_pm + cols[None, :] * stride_pn
             tl.store(pre_ptrs, acc.to(preact_ptr.dtype.element_ty), mask=tile_ok)
-            tl.store(pre_ptrs + n_out * stride_pn, acc_up.to(preact_ptr.dtype.element_ty), mask=tile_ok)
+            if GATED:
+                tl.store(pre_ptrs + n_out * stride_pn, acc_up.to(preact_ptr.dtype.element_ty), mask=tile_ok)
     else:
         # acc = grad_out[token] @ down[e] = d(expert output)/d(h) before the routing weight. From it: the
         # routing-weight gradient <h, acc> (one partial sum per column block, summed later without atomics
-        # so it stays deterministic) and the SwiGLU backward into d(gate), d(up).
+        # so it stays deterministic) and the activation's backward into d(gate), d(up) (or d(preact)).
         pre_ptrs = preact_ptr + rows.to(tl.int64)[:, None] * stride_pm + cols[None, :] * stride_pn
         gate = tl.load(pre_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
-        up = tl.load(pre_ptrs + n_out * stride_pn, mask=tile_ok, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(gate)
-        silu = gate * sig
-        tl.store(
-            partial_ptr + rows * num_pid_n + pid_n,
-            tl.sum(silu * up * acc, 1),
-            mask=row_ok,
-        )
         d_h = acc * tl.load(scale_ptr + slot, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        d_gate = d_h * up * sig * (1.0 + gate * (1.0 - sig))
+        if GATED:
+            up = tl.load(pre_ptrs + n_out * stride_pn, mask=tile_ok, other=0.0).to(tl.float32)
+            if ACTIVATION == 9:
+                g = tl.minimum(gate, limit)
+                u = tl.minimum(tl.maximum(up, -limit), limit)
+                sig = _sigmoid(alpha * g)
+                glu = g * sig
+                h = (u + 1.0) * glu
+                d_gate = (
+                    d_h
+                    * (u + 1.0)
+                    * (sig + alpha * g * sig * (1.0 - sig))
+                    * tl.where(gate <= limit, 1.0, 0.0)
+                )
+                d_up = d_h * glu * tl.where((up >= -limit) & (up <= limit), 1.0, 0.0)
+            elif ACTIVATION == 0:  # SiLU, as the SwiGLU backward always has been
+                sig = tl.sigmoid(gate)
+                silu = gate * sig
+                h = silu * up
+                d_gate = d_h * up * sig * (1.0 + gate * (1.0 - sig))
+                d_up = d_h * silu
+            else:
+                act = _act(gate, ACTIVATION)
+                h = act * up
+                d_gate = d_h * up * _act_grad(gate, ACTIVATION)
+                d_up = d_h * act
+            tl.store(out_ptrs + n_out * stride_on, d_up.to(out_ptr.dtype.element_ty), mask=tile_ok)
+        else:
+            h = _act(gate, ACTIVATION)
+            d_gate = d_h * _act_grad(gate, ACTIVATION)
+        tl.store(partial_ptr + rows * num_pid_n + pid_n, tl.sum(h * acc, 1), mask=row_ok)
         tl.store(out_ptrs, d_gate.to(out_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(out_ptrs + n_out * stride_on, (d_h * silu).to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
@@ -396,27 +536,54 @@ def grouped_gemm(
     out: torch.Tensor,
     transpose_weight: bool = False,
     scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     tiles: TileConfig | None = None,
 ) -> torch.Tensor:
-    """out[r] = a[row(r)] @ W[e]^T per expert tile, with W[e] = weight[e] (or weight[e]^T if transpose_weight).
+    """out[r] = (a[row(r)] @ W[e]^T + bias[e]) * scale per expert tile, W[e] = weight[e] (or its transpose).
 
     gather_a: `a` is in token order and rows are gathered inside the kernel; `out` is sorted [n, N].
     Otherwise `a` is sorted and row r is written to out[order[r]] (assignment order). `scale` (per
-    assignment) multiplies each output row. Rows of `out` that no tile touches are left as they were.
+    assignment) multiplies each output row, after the optional per-expert `bias` [E, N]. Rows of `out` that no
+    tile touches are left as they were.
     """
     w_n, w_k = (2, 1) if transpose_weight else (1, 2)
     n_out, k_dim = weight.shape[w_n], weight.shape[w_k]
     num_experts = weight.shape[0]
     grid = gemm_grid(order.numel(), n_out, num_experts)
-    args = (a, weight, out, order, offsets, scale if scale is not None else a, a, a)
-    args += (num_experts, n_out, k_dim, top_k, _rows_hint(order, num_experts), a.stride(0), a.stride(1))
+    args = (
+        a,
+        weight,
+        out,
+        order,
+        offsets,
+        scale if scale is not None else a,
+        a,
+        a,
+        a if bias is None else bias,
+    )
+    args += (num_experts, n_out, k_dim, top_k, _rows_hint(order, num_experts), 0, 0, 0.0, 0.0)
+    args += (a.stride(0), a.stride(1))
     args += (weight.stride(0), weight.stride(w_n), weight.stride(w_k), out.stride(0), out.stride(1), 0, 0)
+    args += (0, 0) if bias is None else (bias.stride(0), bias.stride(1))
     _launch(
         _grouped_gemm_kernel, grid, args, tiles, a.dtype,
         GATHER_A=gather_a, EPILOGUE=_PLAIN, HAS_SCALE=scale is not None, STORE_PREACT=False,
         UPCAST=interpreting(), INPUT_PRECISION=_input_precision(a.dtype), E_PAD=_next_pow2(num_experts),
+        HAS_BIAS=bias is not None, ACTIVATION=0, GATED=False,
     )  # fmt: skip
     return out
+
+
+def _gate_up_layout(weight: torch.Tensor, bias: torch.Tensor | None, epilogue: Epilogue):
+    """(gate rows' stride, up rows' offset from the gate rows) for the weight, and the same for the bias."""
+    width = weight.shape[1]
+    if not epilogue.gated:
+        return weight.stride(1), 0, (0, 0) if bias is None else (bias.stride(1), 0)
+    if epilogue.interleaved:  # gate0, up0, gate1, up1, ...
+        w = (2 * weight.stride(1), weight.stride(1))
+        return *w, (0, 0) if bias is None else (2 * bias.stride(1), bias.stride(1))
+    w = (weight.stride(1), (width // 2) * weight.stride(1))
+    return *w, (0, 0) if bias is None else (bias.stride(1), (width // 2) * bias.stride(1))
 
 
 def gate_up_swiglu(
@@ -427,38 +594,33 @@ def gate_up_swiglu(
     top_k: int,
     *,
     store_preact: bool,
+    bias: torch.Tensor | None = None,
+    epilogue: Epilogue = SWIGLU,
     tiles: TileConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """h = silu(x[t] @ gate^T) * (x[t] @ up^T) for every sorted assignment; x rows are gathered in-kernel.
+    """h = act(x[t] @ gate^T + b) * (x[t] @ up^T + b) (or act(x[t] @ up^T + b) without a gate) for every
+    sorted assignment, with the activation of `epilogue` (SiLU-gated by default); x rows are gathered in-kernel.
 
-    Returns h [n, I] (sorted, x's dtype) and, when store_preact, the pre-activations [n, 2I] (gate, up)
-    that the backward pass needs.
+    Returns h [n, I] (sorted, x's dtype) and, when store_preact, the pre-activations [n, 2I] (gate, then up,
+    whatever the weight's layout; [n, I] without a gate) that the backward pass needs.
     """
-    n, num_experts, inter = order.numel(), gate_up.shape[0], gate_up.shape[1] // 2
+    n, num_experts = order.numel(), gate_up.shape[0]
+    inter = gate_up.shape[1] // 2 if epilogue.gated else gate_up.shape[1]
     h = torch.empty(n, inter, dtype=x.dtype, device=x.device)
-    preact = torch.empty(n, 2 * inter, dtype=x.dtype, device=x.device) if store_preact else h
+    preact = torch.empty(n, gate_up.shape[1], dtype=x.dtype, device=x.device) if store_preact else h
+    stride_wn, w_up_offset, (stride_bn, bias_up_offset) = _gate_up_layout(gate_up, bias, epilogue)
     grid = gemm_grid(n, inter, num_experts)
-    args = (
-        x,
-        gate_up,
-        h,
-        order,
-        offsets,
-        x,
-        preact,
-        x,
-        num_experts,
-        inter,
-        gate_up.shape[2],
-        top_k,
-        _rows_hint(order, num_experts),
-    )
-    args += (x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2))
+    args = (x, gate_up, h, order, offsets, x, preact, x, x if bias is None else bias)
+    args += (num_experts, inter, gate_up.shape[2], top_k, _rows_hint(order, num_experts))
+    args += (w_up_offset, bias_up_offset, epilogue.alpha, epilogue.limit)
+    args += (x.stride(0), x.stride(1), gate_up.stride(0), stride_wn, gate_up.stride(2))
     args += (h.stride(0), h.stride(1), preact.stride(0), preact.stride(1))
+    args += (0 if bias is None else bias.stride(0), stride_bn)
     _launch(
         _grouped_gemm_kernel, grid, args, tiles, x.dtype,
-        GATHER_A=True, EPILOGUE=_SWIGLU, HAS_SCALE=False, STORE_PREACT=store_preact,
+        GATHER_A=True, EPILOGUE=_ACTIVATION, HAS_SCALE=False, STORE_PREACT=store_preact,
         UPCAST=interpreting(), INPUT_PRECISION=_input_precision(x.dtype), E_PAD=_next_pow2(num_experts),
+        HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[epilogue.activation], GATED=epilogue.gated,
     )  # fmt: skip
     return h, (preact if store_preact else None)
 
@@ -472,9 +634,10 @@ def down_combine(
     num_tokens: int,
     top_k: int,
     *,
+    bias: torch.Tensor | None = None,
     tiles: TileConfig | None = None,
 ) -> torch.Tensor:
-    """out[t] = sum_j weights[t, j] * (h[r(t, j)] @ down[e]^T) -> [T, H] in h's dtype.
+    """out[t] = sum_j weights[t, j] * (h[r(t, j)] @ down[e]^T + bias[e]) -> [T, H] in h's dtype.
 
     The kernel scales each row by its routing weight and scatters it to its assignment slot of a [T * k, H]
     buffer in h's dtype (not fp32: at k=8 an fp32 buffer is 16x the bf16 input), which is not zero-filled;
@@ -483,7 +646,16 @@ def down_combine(
     """
     slots = torch.empty(num_tokens * top_k, down.shape[1], dtype=h.dtype, device=h.device)
     grouped_gemm(
-        h, down, order, offsets, top_k, gather_a=False, out=slots, scale=weights.reshape(-1), tiles=tiles
+        h,
+        down,
+        order,
+        offsets,
+        top_k,
+        gather_a=False,
+        out=slots,
+        scale=weights.reshape(-1),
+        bias=bias,
+        tiles=tiles,
     )
     return combine_slots(slots, order, offsets, num_tokens, top_k)
 
@@ -538,35 +710,31 @@ def down_backward(
     weights: torch.Tensor,
     top_k: int,
     *,
+    epilogue: Epilogue = SWIGLU,
     tiles: TileConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients through the down projection and SwiGLU, for every sorted assignment.
+    """Gradients through the down projection and the activation of `epilogue`, for every sorted assignment.
 
-    Returns d(preact) [n, 2I] (sorted, preact's dtype) and the routing-weight gradient per assignment
-    [T * k] (fp32, assignment order) = <expert output row, grad_out row>, computed as <h, grad_out @ down[e]>.
+    Returns d(preact) [n, 2I] (sorted, preact's dtype and concatenated layout; [n, I] without a gate) and the
+    routing-weight gradient per assignment [T * k] (fp32, assignment order) = <h, grad_out @ down[e]>, which
+    is <expert output row, grad_out row> without the down bias.
     """
     n, num_experts, inter = order.numel(), down.shape[0], down.shape[2]
-    d_preact = torch.empty(n, 2 * inter, dtype=preact.dtype, device=preact.device)
+    d_preact = torch.empty(n, preact.shape[1], dtype=preact.dtype, device=preact.device)
     # The partial sums have one column per column block, so this launch uses fixed tiles, never autotuning.
     tiles = tiles or (INTERPRETER_TILES if interpreting() else DOWN_BACKWARD_GPU_TILES)
     partial = torch.zeros(n, triton.cdiv(inter, tiles.block_n), dtype=torch.float32, device=grad_out.device)
     grid = gemm_grid(n, inter, num_experts)
-    args = (grad_out, down, d_preact, order, offsets, weights.reshape(-1), preact, partial)
-    args += (
-        num_experts,
-        inter,
-        down.shape[1],
-        top_k,
-        _rows_hint(order, num_experts),
-        grad_out.stride(0),
-        grad_out.stride(1),
-    )
+    args = (grad_out, down, d_preact, order, offsets, weights.reshape(-1), preact, partial, partial)
+    args += (num_experts, inter, down.shape[1], top_k, _rows_hint(order, num_experts))
+    args += (0, 0, epilogue.alpha, epilogue.limit, grad_out.stride(0), grad_out.stride(1))
     args += (down.stride(0), down.stride(2), down.stride(1), d_preact.stride(0), d_preact.stride(1))
-    args += (preact.stride(0), preact.stride(1))
+    args += (preact.stride(0), preact.stride(1), 0, 0)
     _launch(
         _grouped_gemm_kernel, grid, args, tiles, grad_out.dtype,
-        GATHER_A=True, EPILOGUE=_SWIGLU_BACKWARD, HAS_SCALE=True, STORE_PREACT=False,
+        GATHER_A=True, EPILOGUE=_ACTIVATION_BACKWARD, HAS_SCALE=True, STORE_PREACT=False,
         UPCAST=interpreting(), INPUT_PRECISION=_input_precision(grad_out.dtype), E_PAD=_next_pow2(num_experts),
+        HAS_BIAS=False, ACTIVATION=ACTIVATIONS[epilogue.activation], GATED=epilogue.gated,
     )  # fmt: skip
     # `order` is a permutation, so every slot gets exactly one row; rows past offsets[-1] (dropped
     # assignments) have partial 0. Deterministic, and no host sync is needed to find the valid rows.

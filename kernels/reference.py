@@ -7,7 +7,32 @@ expert) and compute in fp32. The tests compare every kernel with its twin.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from moekit.runtime import activations
+from moekit.runtime.activations import ExpertFunction
+
+
+def _fn(epilogue) -> ExpertFunction:
+    """The ExpertFunction of an `ops.Epilogue` (None: SiLU-gated)."""
+    if epilogue is None:
+        return activations.SWIGLU
+    return ExpertFunction(
+        epilogue.activation, epilogue.gated, epilogue.interleaved, epilogue.alpha, epilogue.limit
+    )
+
+
+def _to_concatenated(preact: torch.Tensor, fn: ExpertFunction) -> torch.Tensor:
+    """[n, P] in the weight's row order -> gate columns then up columns, as the kernels store it."""
+    if not fn.gated:
+        return preact
+    return torch.cat(activations.split_gate_up(preact, fn, dim=1), dim=1)
+
+
+def _from_concatenated(preact: torch.Tensor, fn: ExpertFunction) -> torch.Tensor:
+    if not fn.gated:
+        return preact
+    gate, up = preact.chunk(2, dim=1)
+    return activations.join_gate_up(gate, up, fn, dim=1)
 
 
 def expert_offsets_reference(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,13 +62,26 @@ def _rows_of(order: torch.Tensor, rows: slice, top_k: int, gather: bool) -> torc
 
 
 def grouped_gemm_reference(
-    a, weight, order, offsets, top_k, *, gather_a, out, transpose_weight=False, scale=None, tiles=None
+    a,
+    weight,
+    order,
+    offsets,
+    top_k,
+    *,
+    gather_a,
+    out,
+    transpose_weight=False,
+    scale=None,
+    bias=None,
+    tiles=None,
 ) -> torch.Tensor:
     """Twin of `ops.grouped_gemm`."""
     del tiles  # tile sizes do not change the result
     for e, rows in _expert_rows(offsets):
         w = weight[e].float().T if transpose_weight else weight[e].float()
         y = a[_rows_of(order, rows, top_k, gather_a)].float() @ w.T
+        if bias is not None:
+            y = y + bias[e].float()
         if scale is not None:
             y = y * scale.reshape(-1)[order[rows].long()].float()[:, None]
         out_rows = _rows_of(order, rows, top_k, False) if gather_a else order[rows].long()
@@ -51,44 +89,53 @@ def grouped_gemm_reference(
     return out
 
 
-def gate_up_swiglu_reference(x, gate_up, order, offsets, top_k, *, store_preact, tiles=None):
-    """Twin of `ops.gate_up_swiglu`."""
+def gate_up_swiglu_reference(
+    x, gate_up, order, offsets, top_k, *, store_preact, bias=None, epilogue=None, tiles=None
+):
+    """Twin of `ops.gate_up_swiglu`: h = f(x @ gate_up[e]^T + bias[e]) with the epilogue's expert function f;
+    the pre-activation comes back gate columns then up columns, whatever the weight's layout."""
     del tiles
-    inter = gate_up.shape[1] // 2
-    preact = torch.zeros(order.numel(), 2 * inter, device=x.device)
+    fn = _fn(epilogue)
+    preact = torch.zeros(order.numel(), gate_up.shape[1], device=x.device)
     for e, rows in _expert_rows(offsets):
         preact[rows] = x[order[rows].long() // top_k].float() @ gate_up[e].float().T
-    h = F.silu(preact[:, :inter]) * preact[:, inter:]
-    return h.to(x.dtype), (preact.to(x.dtype) if store_preact else None)
+        if bias is not None:
+            preact[rows] += bias[e].float()
+    h = activations.apply(preact, fn, dim=1)
+    return h.to(x.dtype), (_to_concatenated(preact, fn).to(x.dtype) if store_preact else None)
 
 
-def down_combine_reference(h, down, order, offsets, weights, num_tokens, top_k, *, tiles=None):
-    """Twin of `ops.down_combine`: per-assignment rows, scaled, summed per token in fp32."""
+def down_combine_reference(h, down, order, offsets, weights, num_tokens, top_k, *, bias=None, tiles=None):
+    """Twin of `ops.down_combine`: per-assignment rows (+ the expert's bias), scaled, summed per token in fp32."""
     del tiles
     slots = torch.zeros(num_tokens * top_k, down.shape[1], device=h.device)
-    grouped_gemm_reference(h, down, order, offsets, top_k, gather_a=False, out=slots, scale=weights)
+    grouped_gemm_reference(
+        h, down, order, offsets, top_k, gather_a=False, out=slots, scale=weights, bias=bias
+    )
     return slots.view(num_tokens, top_k, down.shape[1]).sum(1)
 
 
-def down_backward_reference(grad_out, down, preact, order, offsets, weights, top_k, *, tiles=None):
-    """Twin of `ops.down_backward`: d(preact) [n, 2I] and the routing-weight gradient [T * k] (fp32)."""
+def down_backward_reference(
+    grad_out, down, preact, order, offsets, weights, top_k, *, epilogue=None, tiles=None
+):
+    """Twin of `ops.down_backward`: d(preact) [n, P] (concatenated, as `preact`) and the routing-weight
+    gradient [T * k] (fp32) without the down bias's share."""
     del tiles
+    fn = _fn(epilogue)
     inter = down.shape[2]
     d_h = torch.zeros(order.numel(), inter, device=grad_out.device)
     grouped_gemm_reference(
         grad_out, down, order, offsets, top_k, gather_a=True, out=d_h, transpose_weight=True
     )
-    gate, up = preact[:, :inter].float(), preact[:, inter:].float()
+    preact_layout = _from_concatenated(preact.float(), fn)
     valid = int(offsets[-1])
     slots = order[:valid].long()
     grad_weights = torch.zeros(weights.numel(), device=grad_out.device)
-    grad_weights[slots] = (F.silu(gate) * up * d_h)[:valid].sum(1)
+    grad_weights[slots] = (activations.apply(preact_layout, fn, dim=1) * d_h)[:valid].sum(1)
     row_weights = torch.zeros(order.numel(), device=grad_out.device)
     row_weights[:valid] = weights.reshape(-1)[slots].float()
-    d_h = d_h * row_weights[:, None]
-    sig = torch.sigmoid(gate)
-    d_preact = torch.cat([d_h * up * sig * (1 + gate * (1 - sig)), d_h * F.silu(gate)], dim=1)
-    return d_preact.to(preact.dtype), grad_weights
+    d_preact = activations.backward(preact_layout, d_h * row_weights[:, None], fn, dim=1)
+    return _to_concatenated(d_preact, fn).to(preact.dtype), grad_weights
 
 
 def grouped_weight_grad_reference(

@@ -7,6 +7,7 @@ tol = 1e-5 in fp32 and 2e-2 in bf16 (eager rounds every product to bf16, moekit 
 import subprocess
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -18,7 +19,6 @@ from moekit import MoELayer, moe_forward
 from moekit.errors import UserError
 from moekit.runtime import hf, routing, torch_backend
 from moekit.runtime.backends import choose_backend
-from moekit.runtime.torch_backend import torch_experts
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
@@ -149,7 +149,7 @@ def test_gradcheck_float64(k):
     down = torch.randn(num_experts, hidden, inter, dtype=torch.float64, generator=gen, requires_grad=True)
 
     def experts(x, w, gate_up, down):
-        return torch_experts(x, r.indices, w, gate_up, down)
+        return moe_forward(x, r.indices, w, gate_up, down, backend="torch")
 
     assert torch.autograd.gradcheck(experts, (x, w, gate_up, down))
 
@@ -310,14 +310,22 @@ def test_moe_layer_capacity_sigmoid_and_user_errors():
         MoELayer(16, 8, 4, 5)
 
 
-def test_hf_experts_function_falls_back_for_other_activations():
+def test_hf_experts_function_runs_gelu_and_names_what_it_does_not_run():
     config = MixtralConfig(hidden_size=16, intermediate_size=8, num_local_experts=4, hidden_act="gelu")
     experts = _randomised(MixtralExperts(config), 0)
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
     r = random_routing(5, 4, 2, seed=0, router=routing.softmax_topk_renorm)
-    with pytest.warns(UserWarning, match="GELU"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no silent (or warned) fallback: moekit runs GELU itself
         out = hf.moekit_experts_forward(experts, x, r.indices, r.weights)
-    assert_close_scaled(out, experts(x, r.indices, r.weights), 1e-5)
+    assert_close_scaled(out, experts(x, r.indices, r.weights), 1e-6)
+
+    experts.act_fn = torch.nn.PReLU()  # a learned activation: outside what moekit runs
+    with pytest.raises(hf.UnsupportedExperts, match="activation PReLU.*moekit_or_grouped_mm"):
+        hf.moekit_experts_forward(experts, x, r.indices, r.weights)
+    with pytest.warns(UserWarning, match="PReLU.*grouped_mm, as asked"):
+        out = hf.moekit_or_grouped_mm_forward(experts, x, r.indices, r.weights)
+    assert_close_scaled(out, experts(x, r.indices, r.weights), 1e-6)
 
 
 def test_registration_is_idempotent_and_tolerates_old_transformers(monkeypatch):

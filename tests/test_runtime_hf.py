@@ -1,7 +1,8 @@
 """Whole transformers models with experts_implementation="moekit" against the same files loaded with "eager".
 
 Tiny random models are built from a config, saved with save_pretrained (per-expert legacy names on disk) and
-loaded back, so the test also covers transformers' conversion into fused experts. Tolerance: max |Δ| <= 1e-5
+loaded back, so the test also covers transformers' conversion into fused experts. The Qwen models use GELU
+experts, as transformers' own test configs do, which moekit runs itself (no fallback). Tolerance: max |Δ| <= 1e-5
 times the tensor's max |value| in fp32, for logits and for every parameter's gradient.
 """
 
@@ -40,11 +41,19 @@ MODELS = {
             shared_expert_intermediate_size=40,
             num_experts=6,
             norm_topk_prob=False,
+            hidden_act="gelu",  # as in transformers' own Qwen2-MoE test config
         ),
     ),
     "qwen3_moe": (
         Qwen3MoeForCausalLM,
-        Qwen3MoeConfig(**COMMON, intermediate_size=40, moe_intermediate_size=24, num_experts=6, head_dim=8),
+        Qwen3MoeConfig(
+            **COMMON,
+            intermediate_size=40,
+            moe_intermediate_size=24,
+            num_experts=6,
+            head_dim=8,
+            hidden_act="gelu",
+        ),
     ),
 }
 

@@ -32,6 +32,7 @@ from moekit.errors import UserError
 from moekit.runtime.experts import moe_forward
 from moekit.runtime.layer import MoELayer, MoEOutput
 from moekit.runtime.routing import drop_over_capacity, jitter, load_balancing_loss, route, router_z_loss
+from moekit.runtime.sorting import sort_by_expert
 
 
 def local_experts(num_experts: int, rank: int, world_size: int) -> range:
@@ -43,24 +44,6 @@ def local_experts(num_experts: int, rank: int, world_size: int) -> range:
         )
     per_rank = num_experts // world_size
     return range(rank * per_rank, (rank + 1) * per_rank)
-
-
-class Dispatch(NamedTuple):
-    """This rank's assignments sorted by global expert id, with the per-expert row counts."""
-
-    order: torch.Tensor  # [N] flat (token, slot) positions of the kept assignments, sorted by expert (stable)
-    tokens: torch.Tensor  # [N] the token of each sorted row
-    expert_counts: torch.Tensor  # [E] int64 rows per global expert
-
-
-def sort_for_dispatch(top_k_index: torch.Tensor, num_experts: int) -> Dispatch:
-    """Sort assignments by expert; ids outside [0, E) (dropped by a capacity limit) are left out."""
-    flat = top_k_index.reshape(-1).long()
-    keys = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
-    order = torch.argsort(keys, stable=True)
-    counts = torch.bincount(keys, minlength=num_experts + 1)
-    kept = order[: int(counts[:num_experts].sum())]
-    return Dispatch(kept, kept // top_k_index.shape[-1], counts[:num_experts])
 
 
 def exchange_counts(expert_counts: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -109,12 +92,13 @@ def expert_parallel_experts(
             f"expert parallelism: rank {rank} holds {per_rank} experts but {num_experts} experts over "
             f"{world} processes need {num_experts // max(world, 1)} per rank"
         )
-    dispatch = sort_for_dispatch(top_k_index, num_experts)
-    counts_in = exchange_counts(dispatch.expert_counts, group)  # [world, E_local]
-    send_splits = dispatch.expert_counts.view(world, per_rank).sum(dim=1).tolist()
+    rows = sort_by_expert(top_k_index, num_experts)
+    order, tokens = rows.order[: rows.num_kept], rows.tokens[: rows.num_kept]
+    counts_in = exchange_counts(rows.counts, group)  # [world, E_local]
+    send_splits = rows.counts.view(world, per_rank).sum(dim=1).tolist()
     recv_splits = counts_in.sum(dim=1).tolist()
 
-    received = all_to_all_rows(hidden[dispatch.tokens], recv_splits, send_splits, group)
+    received = all_to_all_rows(hidden[tokens], recv_splits, send_splits, group)
     # Received rows are grouped by (source rank, local expert): label each with its local expert.
     local_ids = torch.arange(per_rank, device=hidden.device).repeat(world)
     local_ids = local_ids.repeat_interleave(counts_in.reshape(-1).to(hidden.device))
@@ -124,9 +108,9 @@ def expert_parallel_experts(
     )
     returned = all_to_all_rows(expert_out, send_splits, recv_splits, group)
 
-    scale = top_k_weights.reshape(-1)[dispatch.order].float()
+    scale = top_k_weights.reshape(-1)[order].float()
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-    out = out.index_add(0, dispatch.tokens, returned.float() * scale[:, None])
+    out = out.index_add(0, tokens, returned.float() * scale[:, None])
     return out.to(hidden.dtype)
 
 
@@ -333,7 +317,7 @@ def dispatch_traffic(
 ) -> Traffic:
     """What one `expert_parallel_experts` dispatch moves for this rank: rows for other ranks travel, rows for
     our own experts stay (a real all-to-all copies them locally). The count exchange adds E·8 bytes."""
-    owners = sort_for_dispatch(top_k_index, num_experts).expert_counts.view(world_size, -1).sum(dim=1)
+    owners = sort_by_expert(top_k_index, num_experts).counts.view(world_size, -1).sum(dim=1)
     local_rows = int(owners[rank])
     remote_rows = int(owners.sum()) - local_rows
     return Traffic(remote_rows, local_rows, remote_rows * row_bytes)
