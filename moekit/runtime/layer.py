@@ -6,6 +6,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moekit.errors import UserError, did_you_mean
@@ -36,6 +37,9 @@ class MoELayer(nn.Module):
     router: a variant in `moekit.runtime.routing.ROUTERS`; "sigmoid_bias_topk" uses the `router_bias` buffer
     [E] for the choice only (DeepSeek-V3). jitter_noise: multiplicative router-input noise while training.
     capacity_factor: None is dropless; a number drops assignments past ceil(factor · T · k / E) per expert.
+    shared_expert_size: the intermediate size of an always-on SwiGLU expert (`shared_gate_up_proj` [2Iₛ, H],
+    `shared_down_proj` [H, Iₛ]) added to every token's output, scaled by sigmoid(`shared_expert_gate`(x)) when
+    `shared_expert_gate` (Qwen2-MoE's layout; DeepSeek's shared experts have no gate).
     """
 
     def __init__(
@@ -49,6 +53,8 @@ class MoELayer(nn.Module):
         jitter_noise: float = 0.0,
         capacity_factor: float | None = None,
         backend: str = "auto",
+        shared_expert_size: int | None = None,
+        shared_expert_gate: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -71,14 +77,27 @@ class MoELayer(nn.Module):
         )
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
         self.register_buffer("router_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
+        self.shared_gate_up_proj = self.shared_down_proj = self.shared_expert_gate = None
+        if shared_expert_size:
+            self.shared_gate_up_proj = nn.Parameter(
+                torch.empty(2 * shared_expert_size, hidden_size, **factory)
+            )
+            self.shared_down_proj = nn.Parameter(torch.empty(hidden_size, shared_expert_size, **factory))
+            if shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False, **factory)
+        elif shared_expert_gate:
+            raise UserError("MoELayer: shared_expert_gate needs a shared expert (set shared_expert_size)")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Kaiming-uniform per expert, the init nn.Linear would give each expert's projections."""
         self.router.reset_parameters()
-        for weight in (self.gate_up_proj, self.down_proj):
-            bound = 1.0 / math.sqrt(weight.shape[-1])
-            nn.init.uniform_(weight, -bound, bound)
+        for weight in (self.gate_up_proj, self.down_proj, self.shared_gate_up_proj, self.shared_down_proj):
+            if weight is not None:
+                bound = 1.0 / math.sqrt(weight.shape[-1])
+                nn.init.uniform_(weight, -bound, bound)
+        if self.shared_expert_gate is not None:
+            self.shared_expert_gate.reset_parameters()
 
     def forward(self, hidden: torch.Tensor) -> MoEOutput:
         """hidden [..., H] -> MoEOutput; the losses are computed from the router's dropless choice."""
@@ -91,6 +110,12 @@ class MoELayer(nn.Module):
         out = moe_forward(
             flat, kept.indices, kept.weights, self.gate_up_proj, self.down_proj, backend=self.backend
         )
+        if self.shared_gate_up_proj is not None:
+            gate, up = F.linear(flat, self.shared_gate_up_proj).chunk(2, dim=-1)
+            shared = F.linear(F.silu(gate) * up, self.shared_down_proj)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            out = out + shared
         return MoEOutput(
             out.reshape(hidden.shape),
             logits,

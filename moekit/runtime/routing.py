@@ -81,11 +81,33 @@ def sigmoid_bias_topk(
     return Routing(weights * scaling_factor, indices)
 
 
+def expert_choice(logits: torch.Tensor, top_k: int, capacity_factor: float = 1.0) -> Routing:
+    """Expert Choice (Zhou et al. 2022): each expert takes its `capacity` best tokens by softmax score.
+
+    capacity = ceil(capacity_factor · T · top_k / E), so on average a token gets `top_k` experts (some get
+    none, some more). Returns weights and indices [T, E]: slot e holds expert e with its softmax score when
+    expert e chose the token, else index E (dropped) and weight 0."""
+    if capacity_factor <= 0:
+        raise UserError(f"expert choice: capacity_factor={capacity_factor} must be positive")
+    num_tokens, num_experts = logits.shape
+    probs = torch.softmax(logits.float(), dim=-1)
+    capacity = min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+    tokens = probs.t().topk(capacity, dim=-1).indices  # [E, c]: each expert's chosen tokens
+    chosen = torch.zeros(num_experts, num_tokens, dtype=torch.bool, device=logits.device)
+    chosen.scatter_(1, tokens, True)
+    chosen = chosen.t()  # [T, E]
+    experts = torch.arange(num_experts, device=logits.device).expand(num_tokens, -1)
+    indices = torch.where(chosen, experts, num_experts)
+    weights = torch.where(chosen, probs, torch.zeros_like(probs))
+    return Routing(weights, indices)
+
+
 ROUTERS = {
     "softmax_topk_renorm": softmax_topk_renorm,
     "softmax_topk": softmax_topk,
     "topk_softmax": topk_softmax,
     "sigmoid_bias_topk": sigmoid_bias_topk,
+    "expert_choice": expert_choice,
 }
 
 
