@@ -117,7 +117,8 @@ def test_compiled_static_cache_generate_matches_eager(name):
     # fullgraph=True raises on any graph break. generate compiles the decoding forward (prefill runs eager):
     # one graph, and the second batch adds none, so nothing recompiled.
     assert counter.frame_count == 1, counter.frame_count
-    assert any(n.target is torch.ops.moekit.experts.default for n in counter.graphs[-1].graph.nodes)
+    experts_op = (torch.ops.moekit.experts, torch.ops.moekit.experts.default)
+    assert any(n.target in experts_op for n in counter.graphs[-1].graph.nodes)  # moekit ran, inside the graph
     for want, got in zip(eager, compiled):
         assert torch.equal(want.sequences, got.sequences)
         for a, b in zip(want.scores, got.scores):
