@@ -148,6 +148,11 @@ def read_yaml(source: str | Path | dict) -> tuple[dict, Path | None]:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        if "expected a single document" in str(e):
+            raise UserError(
+                f"{name}{at}: several YAML documents (a mergekit-multi config) are not supported yet; merge each "
+                "document as its own config, pointing the later ones at the earlier outputs"
+            ) from None
         raise UserError(f"{name}{at}: YAML syntax error: {problem}") from None
     except RecursionError:
         raise UserError(f"{name}: the YAML is nested too deeply to be a merge config") from None
@@ -230,6 +235,11 @@ def parse_compute_dtype(value: object, where: str) -> torch.dtype | None:
 def parse_merge_config(raw: dict, path: Path | None = None) -> MergeConfig:
     """Validate a dense-merge config; everything that can be checked without the model files is checked here."""
     name = str(path) if path else "<config>"
+    if "modules" in raw:
+        raise UserError(
+            f"{name}: 'modules:' (per-module configs for multi-module models) is not supported yet; for a "
+            "single-module model write the module's models: or slices: at the top level"
+        )
     check_keys(raw, DENSE_KEYS, name)
     if "merge_method" not in raw:
         raise UserError(f"{name}: missing 'merge_method' (e.g. merge_method: linear)")
@@ -278,6 +288,10 @@ def parse_merge_config(raw: dict, path: Path | None = None) -> MergeConfig:
     for key in ("chat_template", "out", "name"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise UserError(f"{name}: '{key}' must be a string, got {_short(raw[key])}")
+    if raw.get("chat_template") is not None:
+        from moekit.merging.tokenizer import check_chat_template
+
+        check_chat_template(raw["chat_template"], f"{name}: chat_template")
 
     config = MergeConfig(
         method=method,

@@ -240,3 +240,30 @@ def test_mergekit_cli_habits(models, tmp_path):
     assert_one_line_error(
         run_cli("merge", str(cfg), str(tmp_path / "x"), "-o", str(tmp_path / "y")), "two output directories"
     )
+
+
+def test_chat_template_written_where_transformers_reads_it(tiny_llama, tmp_path):
+    """chat_template: a built-in name or Jinja text ends up in the output tokenizer (AutoTokenizer renders it);
+    `auto` takes the template most inputs carry; anything else is refused with a suggestion."""
+    from transformers import AutoTokenizer
+
+    models = [{"model": str(tiny_llama[m]), "parameters": {"weight": 1}} for m in ("ft1", "ft2")]
+    chat = [{"role": "user", "content": "hi"}]
+    out = moekit.merge(
+        {"merge_method": "linear", "models": models, "chat_template": "chatml"}, tmp_path / "a"
+    )
+    text = AutoTokenizer.from_pretrained(out).apply_chat_template(chat, tokenize=False)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n"
+    jinja = "{% for m in messages %}<<{{ m['role'] }}:{{ m['content'] }}>>{% endfor %}"
+    out = moekit.merge({"merge_method": "linear", "models": models, "chat_template": jinja}, tmp_path / "b")
+    assert AutoTokenizer.from_pretrained(out).apply_chat_template(chat, tokenize=False) == "<<user:hi>>"
+    auto = [{"model": str(out), "parameters": {"weight": 1}}, *models[:1], {"model": str(out)}]
+    out = moekit.merge(
+        {"merge_method": "linear", "models": auto, "parameters": {"weight": 1}, "chat_template": "auto"},
+        tmp_path / "c",
+    )
+    assert AutoTokenizer.from_pretrained(out).apply_chat_template(chat, tokenize=False) == "<<user:hi>>"
+    bad = write_yaml(
+        tmp_path / "bad.yaml", {"merge_method": "linear", "models": models, "chat_template": "chatm"}
+    )
+    assert_one_line_error(run_cli("merge", str(bad), str(tmp_path / "d")), "did you mean 'chatml'?")

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from moekit.merging.engine import MergeRunner
 from moekit.merging.plan import Plan, build_plan
 from moekit.progress import tensor_progress
 
+log = logging.getLogger(__name__)
 DEFAULT_SHARD_SIZE = 2_000_000_000
 PROCESS_BASELINE_BYTES = 350 * 1024 * 1024  # python + torch + safetensors imported, measured on CPU
 
@@ -178,12 +180,23 @@ def write_dense_metadata(plan: Plan, out: Path) -> None:
         plan.vocab.save(out)  # tokenizer_source: the tokenizer the embeddings were re-laid for
     elif cfg.copy_tokenizer:
         copy_tokenizer(ref.path, out)
+    if cfg.chat_template:
+        set_chat_template(plan, out)
     copy_generation_config([ref.path] + [m.path for m in plan.models], out)
     inputs = [m.ref for m in plan.models]
     lines = [f"merge method: `{plan.method.name}`", f"inputs: {', '.join(f'`{r}`' for r in inputs)}"]
     if cfg.base_model:
         lines.append(f"base model: `{cfg.base_model}`")
     write_recipe(out, cfg.raw, cfg.name or f"{plan.method.name} merge", lines, cfg.write_model_card)
+
+
+def set_chat_template(plan: Plan, out: Path) -> None:
+    """The config's chat_template (auto, a name, or Jinja) on the output tokenizer, as mergekit sets it."""
+    from moekit.merging.tokenizer import resolve_chat_template, write_chat_template
+
+    template = resolve_chat_template(plan.config.chat_template, [m.path for m in plan.models])
+    if template is not None and not write_chat_template(out, template):
+        log.warning("chat_template: the output has no tokenizer to carry it, so it was not saved")
 
 
 def describe_plan(plan: Plan, out: Path, print_fn=print) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,3 +218,76 @@ def build_vocabulary(
                 rows[j] = i
         source_rows.append(rows)
     return Vocabulary(out_tok, n, size, source_rows, base)
+
+
+# Chat templates by name (mergekit's names; the Jinja here is written for moekit from each format's published
+# layout). A config's `chat_template:` is one of these, `auto`, or Jinja text.
+BUILTIN_CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+        "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+    "alpaca": (
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + "
+        "'\\n\\n' }}{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+        "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] + eos_token + "
+        "'\\n\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] in ('user', 'system') %}"
+        "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+        "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+    ),
+    "exaone": (
+        "{% for message in messages %}{{ '[|' + message['role'] + '|]' + message['content'] }}"
+        "{% if message['role'] == 'user' %}{{ '\\n' }}{% else %}{{ '[|endofturn|]\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
+    ),
+}
+
+
+def check_chat_template(setting: str, where: str) -> None:
+    """`auto`, a built-in name, or Jinja text (mergekit's rule: at least 20 characters with a '{')."""
+    if setting == "auto" or setting in BUILTIN_CHAT_TEMPLATES or (len(setting) >= 20 and "{" in setting):
+        return
+    names = ["auto", *BUILTIN_CHAT_TEMPLATES]
+    raise UserError(
+        f"{where}: chat_template {setting!r} is neither {', '.join(names)} nor Jinja text"
+        f"{did_you_mean(setting, names)}"
+    )
+
+
+def resolve_chat_template(setting: str, model_dirs: list[Path]) -> str | None:
+    """The template text: `auto` is the one most inputs carry (None when none has one), as mergekit."""
+    if setting in BUILTIN_CHAT_TEMPLATES:
+        return BUILTIN_CHAT_TEMPLATES[setting]
+    if setting != "auto":
+        return setting
+    found = []
+    for d in model_dirs:
+        try:
+            template = _load_tokenizer(d).chat_template
+        except (OSError, ValueError):
+            continue
+        if isinstance(template, dict):
+            template = template.get("default")
+        if template:
+            found.append(template.strip())
+    return Counter(found).most_common(1)[0][0] if found else None
+
+
+def write_chat_template(out_dir: Path, template: str) -> bool:
+    """Set the output tokenizer's chat template and save it where transformers reads it (save_pretrained).
+    False when the output has no tokenizer to carry it."""
+    try:
+        tok = _load_tokenizer(out_dir)
+    except (OSError, ValueError):
+        return False
+    tok.chat_template = template
+    tok.save_pretrained(str(out_dir))
+    return True
