@@ -9,19 +9,30 @@ LINT_PATHS := moekit kernels tests bench
 
 .PHONY: setup demo test lint bench clean
 
-setup: $(VENV)/.installed
+# The plain set-up is what the demo needs; the test extras (triton, about 1 GB) come only with `make test`.
+# One stamp per extra, so `make demo` then `make test` (or the reverse) installs each once.
+setup: $(VENV)/.installed-demo
 
-$(VENV)/.installed: pyproject.toml
+define venv_with_torch
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+endef
+
+$(VENV)/.installed-demo: pyproject.toml
+	$(venv_with_torch)
+	$(BIN)/python -m pip install -q -e ".[demo]"
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml
+	$(venv_with_torch)
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
 demo: setup
 	$(BIN)/python -m moekit.demo
 
-lint: setup
+lint: $(VENV)/.installed-test
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 
