@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
 
 from moekit._version import __version__
+
+if TYPE_CHECKING:
+    from moekit.io.checkpoint import Checkpoint
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -69,21 +74,66 @@ def copy_generation_config(sources: list[Path], dst: Path) -> None:
             return
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_name(model: Checkpoint) -> str:
+    """The name a model goes by on a hub card: the hub id its config.json records (`_name_or_path`), else its
+    directory's name; never a local path, which would leak the machine's layout and mean nothing elsewhere."""
+    recorded = model.config.get("_name_or_path")
+    if isinstance(recorded, str) and _HUB_ID.fullmatch(recorded) and not Path(recorded).exists():
+        return recorded
+    return model.path.resolve().name
+
+
+def _named(value: object, names: dict[str, str]) -> object:
+    if isinstance(value, str):
+        return names.get(value, value)
+    if isinstance(value, list):
+        return [_named(v, names) for v in value]
+    if isinstance(value, dict):
+        return {k: _named(v, names) for k, v in value.items()}
+    return value
+
+
 def write_recipe(
-    dst: Path, raw_config: dict, title: str, summary_lines: list[str], model_card: bool = True
+    dst: Path,
+    raw_config: dict,
+    title: str,
+    summary_lines: list[str],
+    models: list[Checkpoint],
+    *,
+    moe: bool,
+    model_card: bool = True,
 ) -> None:
-    """moekit_config.yaml (the config, as given) and, unless `model_card` is off, a README.md model card."""
+    """moekit_config.yaml (the config, as given) and, unless `model_card` is off, a README.md model card for the
+    hub: metadata front matter, and the config quoted with each model reference replaced by the model's name."""
     text = yaml.safe_dump(raw_config, sort_keys=False)
     (dst / MARKER_NAME).write_text(text)
     if not model_card:
         return
-    body = "\n".join(f"- {line}" for line in summary_lines)
+    names = {m.ref: hub_name(m) for m in models}
+    metadata = {
+        "base_model": list(dict.fromkeys(names.values())),
+        "base_model_relation": "merge",
+        "library_name": "transformers",  # the output loads with transformers; the hub knows no moekit library
+        "pipeline_tag": "text-generation",
+        "tags": ["merge", "moekit"] + (["moe"] if moe else []),
+    }
+    body = "\n".join(f"- {_named_refs(line, names)}" for line in summary_lines)
     card = (
-        "---\nlibrary_name: transformers\ntags:\n- moekit\n- merge\n---\n"
+        f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---\n"
         f"# {title}\n\n"
-        f"This model was made with [moekit](https://pypi.org/project/moekit/) {__version__}.\n\n"
+        f"This model was made with moekit {__version__}.\n\n"
         f"{body}\n\n"
-        "## Configuration\n\nThe config that produced it (also saved as `moekit_config.yaml`):\n\n"
-        f"```yaml\n{text}```\n"
+        "## Configuration\n\nThe config that produced it (also saved as `moekit_config.yaml`, with the models' "
+        "local paths):\n\n"
+        f"```yaml\n{yaml.safe_dump(_named(raw_config, names), sort_keys=False)}```\n"
     )
     (dst / "README.md").write_text(card)
+
+
+def _named_refs(line: str, names: dict[str, str]) -> str:
+    for ref, name in names.items():
+        line = line.replace(f"`{ref}`", f"`{name}`")
+    return line

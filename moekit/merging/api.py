@@ -187,7 +187,15 @@ def write_dense_metadata(plan: Plan, out: Path) -> None:
     lines = [f"merge method: `{plan.method.name}`", f"inputs: {', '.join(f'`{r}`' for r in inputs)}"]
     if cfg.base_model:
         lines.append(f"base model: `{cfg.base_model}`")
-    write_recipe(out, cfg.raw, cfg.name or f"{plan.method.name} merge", lines, cfg.write_model_card)
+    write_recipe(
+        out,
+        cfg.raw,
+        cfg.name or f"{plan.method.name} merge",
+        lines,
+        plan.models,
+        moe=False,
+        model_card=cfg.write_model_card,
+    )
 
 
 def set_chat_template(plan: Plan, out: Path) -> None:

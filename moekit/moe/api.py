@@ -105,7 +105,9 @@ def write_metadata(plan: MoEPlan, out: Path) -> None:
     write_json(out / "config.json", plan.output_config)
     copy_tokenizer(plan.base.path, out)
     copy_generation_config([plan.base.path], out)
-    write_recipe(out, cfg.raw, cfg.name or f"{plan.layout.display} MoE", summary_lines(plan))
+    write_recipe(
+        out, cfg.raw, cfg.name or f"{plan.layout.display} MoE", summary_lines(plan), plan.models, moe=True
+    )
 
 
 def summary_lines(plan: MoEPlan) -> list[str]:
