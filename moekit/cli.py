@@ -48,6 +48,10 @@ def parse_mergekit_shard_size(text: str) -> int:
     return int(number) * 1000 ** " KMB".index(suffix or " ")
 
 
+# How torch and Python word an allocation (or a thread start) that the memory limit refused.
+OUT_OF_MEMORY_SIGNS = ("can't allocate memory", "can't start new thread", "Cannot allocate memory")
+
+
 class _Terminate(BaseException):
     """Raised by the SIGTERM handler so that cleanup runs as it does for Ctrl-C."""
 
@@ -210,6 +214,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(143 if isinstance(e, _Terminate) else 130)
     except click.ClickException as e:
         click.echo(f"moekit: error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except (MemoryError, RuntimeError) as e:  # the atomic writer has removed its temporary directory by now
+        if isinstance(e, RuntimeError) and not any(sign in str(e) for sign in OUT_OF_MEMORY_SIGNS):
+            raise
+        click.echo(
+            "moekit: error: out of memory (the machine's, or a limit such as ulimit -v); nothing was written: "
+            "free memory or raise the limit",
+            err=True,
+        )
         sys.exit(2)
     finally:
         signal.signal(signal.SIGTERM, previous)

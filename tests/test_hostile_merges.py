@@ -198,6 +198,18 @@ MERGE_CASES: list[Case] = [
         ("experts[0].residual_scale: must be a finite number", "got 1e+308"),
     ),
     Case(
+        "moe-million-experts",
+        "MoE: an upcycle of 1,000,000 experts",
+        lambda m, d: {
+            "merge_method": "moe",
+            "base_model": str(m["base"]),
+            "gate_mode": "random",
+            "upcycle": {"num_experts": 1_000_000},
+        },
+        ("upcycle.num_experts is 1000000, more than any MoE has",),
+        args=("--dry-run",),
+    ),
+    Case(
         "moe-negative-is-positive",
         "MoE: negative_prompts equal to positive_prompts (a zero router row)",
         moe_prompts,
@@ -351,3 +363,95 @@ def test_hidden_gates_on_weights_transformers_refuses(tiny_llama, tmp_path):
     config = write_yaml(tmp_path / "c.yaml", _hidden_moe(base))
     result = run_cli_in_process("merge", str(config), "-o", str(tmp_path / "out"))
     assert_failed_cleanly(result, tmp_path / "out", str(base))
+
+
+# --- limits: memory, disk, plan size (items 11, 12) ---
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried"
+        ),
+        RuntimeError("can't start new thread"),
+    ],
+    ids=["MemoryError", "torch-allocator", "thread-start"],
+)
+def test_out_of_memory_mid_merge_is_one_line_and_leaves_nothing(error, micro_models, tmp_path, monkeypatch):
+    from hostile_models import run_cli_in_process
+
+    import moekit.merging.engine as engine
+
+    calls = []
+    real = engine.MergeRunner.compute
+
+    def compute(self, *args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise error
+        return real(self, *args)
+
+    monkeypatch.setattr(engine.MergeRunner, "compute", compute)
+    config = write_yaml(tmp_path / "c.yaml", linear_config(micro_models["ft1"], micro_models["ft2"]))
+    result = run_cli_in_process("merge", str(config), "-o", str(tmp_path / "out"), "--shard-size", "4KB")
+    assert_failed_cleanly(result, tmp_path / "out", "out of memory", "nothing was written")
+
+
+def test_a_runtime_error_that_is_not_memory_keeps_its_traceback(micro_models, tmp_path, monkeypatch):
+    """Only memory errors are turned into a line: any other RuntimeError is a bug and must stay visible."""
+    from hostile_models import run_cli_in_process
+
+    import moekit.merging.engine as engine
+
+    def compute(self, *args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(engine.MergeRunner, "compute", compute)
+    config = write_yaml(tmp_path / "c.yaml", linear_config(micro_models["ft1"], micro_models["ft2"]))
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli_in_process("merge", str(config), "-o", str(tmp_path / "out"))
+
+
+def run_with_little_disk(models, root: Path, monkeypatch, *extra: str):
+    """`moekit merge` onto `root/out` where the disk has 10 kB free."""
+    from hostile_models import run_cli_in_process
+
+    import moekit.io.output_dir as output_dir
+
+    real = shutil.disk_usage
+    config = write_yaml(root / "c.yaml", linear_config(models["ft1"], models["ft2"]))
+    with monkeypatch.context() as m:
+        m.setattr(output_dir.shutil, "disk_usage", lambda p: real(p)._replace(free=10_000))
+        return run_cli_in_process("merge", str(config), "-o", str(root / "out"), *extra)
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+def test_an_output_bigger_than_the_free_disk_is_refused(dry_run, micro_models, tmp_path, monkeypatch):
+    result = run_with_little_disk(micro_models, tmp_path, monkeypatch, *(["--dry-run"] if dry_run else []))
+    assert_failed_cleanly(
+        result, tmp_path / "out", f"output '{tmp_path / 'out'}' needs ", "KiB but", "has 9.77 KiB free"
+    )
+
+
+def test_a_long_plan_is_summarised(micro_models, tmp_path):
+    """An upcycle of 1000 experts is 6000 expert tensors: the dry run lists a few and counts the rest."""
+    lines: list[str] = []
+    cfg = {"merge_method": "moe", "base_model": str(micro_models["base"]), "gate_mode": "random"}
+    cfg["upcycle"] = {"num_experts": 1000}
+    assert moekit.merge(cfg, tmp_path / "moe", dry_run=True, print_fn=lines.append) is None
+    assert len(lines) < 80, len(lines)
+    skipped = [ln for ln in lines if "more tensors like these" in ln]
+    listed = [ln for ln in lines if " <- " in ln]
+    assert len(skipped) == 1 and int(skipped[0].split()[1]) + len(listed) == 2 * (6 + 1 + 3 * 1000) + 3
+    assert "output: 6017 tensors" in "\n".join(lines)
+
+
+def test_a_million_expert_upcycle_is_refused_at_once(micro_models, tmp_path):
+    from hostile_models import run_cli_in_process
+
+    cfg = {"merge_method": "moe", "base_model": str(micro_models["base"]), "gate_mode": "random"}
+    config = write_yaml(tmp_path / "c.yaml", cfg | {"upcycle": {"num_experts": 1_000_000}})
+    result = run_cli_in_process("merge", str(config), "-o", str(tmp_path / "out"), "--dry-run")
+    assert_failed_cleanly(result, tmp_path / "out", "upcycle.num_experts is 1000000, more than any MoE has")

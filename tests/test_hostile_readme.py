@@ -14,7 +14,7 @@ from pathlib import Path
 from hostile_models import INTERRUPTED, linear_config, micro_models, run_case, run_cli_in_process, write_yaml
 from test_hostile_checkpoints import CHECKPOINT_CASES, LIED, poison
 from test_hostile_configs import CONFIG_CASES
-from test_hostile_merges import MERGE_CASES
+from test_hostile_merges import MERGE_CASES, run_with_little_disk
 from test_hostile_outputs import OUTPUT_CASES, run_on_locked_output, run_while_output_appears
 
 import moekit
@@ -86,6 +86,11 @@ def _output_rows(models, root: Path, names: dict[str, str], monkeypatch) -> list
             "output-appeared",
             "the output is created by another program while the merge runs",
             lambda m, d: run_while_output_appears(m, d, monkeypatch),
+        ),
+        (
+            "output-too-big",
+            "the output needs more than the free disk space (dry run or not)",
+            lambda m, d: run_with_little_disk(m, d, monkeypatch, "--dry-run"),
         ),
     ):
         case_dir = root / case

@@ -99,6 +99,27 @@ def check_output_spares_inputs(out: Path, inputs: list[Path]) -> None:
             )
 
 
+def check_free_space(out: Path, needed: int) -> None:
+    """Refuse an output bigger than the free space where it will be written (dry runs included), before any
+    byte is written. The old output of --force stays until the new one is whole, so it does not count as free."""
+    where = Path(out).absolute()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if needed > free:
+        raise UserError(
+            f"output '{out}' needs {_size(needed)} but {where} has {_size(free)} free; free some space or choose an "
+            "--out on a bigger disk"
+        )
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
+
+
 @contextmanager
 def output_lock(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on output path `out` for the block; another run holding it is a one-line error.

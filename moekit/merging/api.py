@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from moekit.allocator import return_freed_memory_promptly
 from moekit.config import is_moe_config, parse_merge_config, read_yaml
 from moekit.errors import UserError
 from moekit.io.checkpoint import pickle_allowed
-from moekit.io.output_dir import check_output_free, check_output_spares_inputs, output_lock
+from moekit.io.output_dir import check_free_space, check_output_free, check_output_spares_inputs, output_lock
 from moekit.io.output_files import (
     copy_generation_config,
     copy_tokenizer,
@@ -54,6 +55,7 @@ def open_plan(cfg, build, out, force: bool, dry_run: bool):
         plan = build(cfg)
         try:
             check_output_spares_inputs(out_path, [m.path for m in plan.models])
+            check_free_space(out_path, plan.output_bytes)
             yield out_path, plan
         finally:
             plan.close()
@@ -216,7 +218,7 @@ def describe_plan(plan: Plan, out: Path, print_fn=print) -> None:
         print_fn(
             f"  input: {m.path} ({m.family.name}, {m.num_layers} layers, {len(m.tensors.infos)} tensors)"
         )
-    for job in plan.jobs:
+    for job in summarised(plan.jobs, print_fn):
         srcs = ", ".join(f"{plan.models[r.model].ref}:{r.name}" for r in job.inputs)
         base = f" base={plan.models[job.base.model].ref}" if job.base else ""
         dtype = str(job.out.dtype).removeprefix("torch.")
@@ -229,3 +231,18 @@ def describe_plan(plan: Plan, out: Path, print_fn=print) -> None:
         "process baseline"
     )
     print_fn("dry run: nothing was written")
+
+
+PLAN_LINES = 60  # a dry run lists this many output tensors at most: the first ones, a count, the last ones
+
+
+def summarised(jobs: list, print_fn) -> Iterator:
+    """The jobs a dry run lists one by one; for a long plan, the first and last few, with one line saying how
+    many are left out in between (a million-tensor plan must not print a million lines)."""
+    if len(jobs) <= PLAN_LINES:
+        yield from jobs
+        return
+    head, tail = jobs[: PLAN_LINES - 10], jobs[-10:]
+    yield from head
+    print_fn(f"  ... {len(jobs) - len(head) - len(tail)} more tensors like these ...")
+    yield from tail

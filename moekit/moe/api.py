@@ -130,6 +130,8 @@ def summary_lines(plan: MoEPlan) -> list[str]:
 
 def describe_plan(plan: MoEPlan, out: Path, print_fn=print) -> None:
     """The dry-run report: each output tensor and its source, the output size, and the memory estimate."""
+    from moekit.merging.api import summarised
+
     cfg = plan.config
     print_fn(
         f"plan: {plan.layout.display} MoE ({plan.layout.hf_class}) with {len(plan.experts)} experts, "
@@ -137,7 +139,7 @@ def describe_plan(plan: MoEPlan, out: Path, print_fn=print) -> None:
     )
     for line in summary_lines(plan)[1:]:
         print_fn(f"  {line}")
-    for job in plan.jobs:
+    for job in summarised(plan.jobs, print_fn):
         dtype = str(job.out.dtype).removeprefix("torch.")
         if job.kind == "copy":
             src = f"{plan.models[job.model].ref}:{job.name}"

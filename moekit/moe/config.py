@@ -32,6 +32,9 @@ MOE_KEYS = {
     "out": "output directory (moekit)",
     "name": "a name for the model card (moekit)",
 }
+MAX_EXPERTS = (
+    4096  # real MoEs have 8 to 512; a plan of millions of experts would only exhaust memory and disk
+)
 EXPERT_KEYS = {"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"}
 UPCYCLE_KEYS = {"num_experts", "noise_scale", "prompts"}
 UPCYCLE_PROMPT_KEYS = {"positive_prompts", "negative_prompts"}
@@ -233,6 +236,10 @@ def _parse_upcycle(entry: object, base_model: str, mode: str, where: str) -> lis
     n = entry.get("num_experts")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise UserError(f"{where}.num_experts must be an integer >= 1, got {n!r}")
+    if n > MAX_EXPERTS:
+        raise UserError(
+            f"{where}.num_experts is {n}, more than any MoE has (moekit builds at most {MAX_EXPERTS} experts)"
+        )
     noise = _number(entry.get("noise_scale"), f"{where}.noise_scale", nonnegative=True)
     prompts_raw = entry.get("prompts")
     if mode in PROMPT_GATE_MODES:
