@@ -9,6 +9,7 @@ computation up to summation order (<= 1e-5).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,12 +46,10 @@ def _prompts(i: int) -> list[str]:
     return [topics[i % 4] + " " * (i // 4), topics[(i + 1) % 4][: 5 + 3 * i]]
 
 
-def _load(path: Path):
+def _load(path: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=torch.float32, output_loading_info=True
-    )
+    model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     return model.eval()
 
@@ -61,9 +60,9 @@ _PROMPT_MASK[0, :5] = 0  # one left-padded row
 _DENSE_LOGITS: dict[Path, torch.Tensor] = {}
 
 
-def _logits(path: Path) -> torch.Tensor:
+def _logits(path: Path, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     with torch.no_grad():
-        return _load(path)(input_ids=_PROMPT_IDS, attention_mask=_PROMPT_MASK).logits
+        return _load(path, dtype)(input_ids=_PROMPT_IDS, attention_mask=_PROMPT_MASK).logits
 
 
 def _max_logit_diff(dense: Path, moe: Path) -> float:
@@ -120,8 +119,31 @@ def test_clown_of_base_experts_is_the_dense_qwen2_moe(qwen_models, tmp_path, mod
     tensors = load_tensors(out)
     shared_gate = tensors["model.layers.0.mlp.shared_expert_gate.weight"]
     assert shared_gate.shape == (1, 64)
-    assert (shared_gate == 0).all() == prompt_mode
+    # a prompt-less shared expert gets the constant gate 1e-30 (weight 1/2; never 0, which llama.cpp turns into NaN)
+    assert (shared_gate == 1e-30).all() == prompt_mode and (shared_gate != 0).all()
     assert _max_logit_diff(qwen_models["qwen2"], out) <= LOGIT_TOL
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_qwen2_moe_constant_shared_gate_is_exactly_one_half(qwen_models, tmp_path, dtype):
+    """The 1e-30 gate gives the same logits, bit for bit, as the zero gate (sigmoid(0) = 1/2) it replaces: the same
+    file with the gate zeroed computes identical logits in transformers, in float32 and in bfloat16."""
+    from safetensors.torch import save_file
+
+    base = str(qwen_models["qwen2"])
+    cfg = {"base_model": base, "gate_mode": "random", "upcycle": {"num_experts": 4}, "dtype": dtype}
+    out = moekit.merge(cfg, tmp_path / "moe", seed=2)
+    zeroed = tmp_path / "zero_gate"
+    shutil.copytree(out, zeroed)
+    tensors = load_tensors(out)
+    gates = [k for k in tensors if k.endswith("shared_expert_gate.weight")]
+    assert len(gates) == 4 and all((tensors[k] != 0).all() for k in gates)
+    save_file(
+        {k: torch.zeros_like(v) if k in gates else v for k, v in tensors.items()},
+        zeroed / "model.safetensors",
+    )
+    torch_dtype = getattr(torch, dtype)
+    assert torch.equal(_logits(out, torch_dtype), _logits(zeroed, torch_dtype))
 
 
 @pytest.mark.parametrize(

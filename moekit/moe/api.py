@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -11,8 +12,10 @@ from moekit.io.writer import check_shard_size, streaming_output
 from moekit.moe.build import MoEPlan, build_plan, write_plan
 from moekit.moe.config import PROMPT_GATE_MODES, parse_moe_config
 from moekit.moe.gates import EMBED_NAME, PromptSet, prompt_gates, random_gates
+from moekit.moe.layouts import shared_gate_value
 from moekit.progress import tensor_progress
 
+log = logging.getLogger("moekit")
 PROCESS_BASELINE_BYTES = 350 * 1024 * 1024  # python + torch imported (as in moekit.merging.api)
 
 
@@ -43,6 +46,8 @@ def build_moe(
     check_shard_size(shard_size)
     cfg = parse_moe_config(raw, path)
     with open_plan(cfg, build_plan, out, force, dry_run) as (out_path, plan):
+        for warning in plan.warnings:
+            log.warning(warning)
         if dry_run:
             describe_plan(plan, out_path, print_fn)
             return None
@@ -125,7 +130,7 @@ def summary_lines(plan: MoEPlan) -> list[str]:
         lines.append("experts: " + ", ".join(f"`{e.source}`" for e in plan.experts))
         if plan.shared:
             lines.append(f"shared expert: `{plan.shared[0].source}`")
-    return lines + plan.notes
+    return lines + plan.notes + [f"**warning**: {w}" for w in plan.warnings]
 
 
 def describe_plan(plan: MoEPlan, out: Path, print_fn=print) -> None:
@@ -152,6 +157,8 @@ def describe_plan(plan: MoEPlan, out: Path, print_fn=print) -> None:
             src = f"{plan.models[job.model].ref}:{job.name}{extra}"
         elif job.kind == "router":
             src = f"gate vectors {job.rows[0]}..{job.rows[1] - 1} of layer {job.layer} ({cfg.gate_mode})"
+        elif job.kind == "constant_gate":
+            src = f"constant {shared_gate_value(job.out.dtype):.3g} (weight 1/2)"
         else:
             src = "zeros"
         print_fn(f"  {job.out.name} {list(job.out.shape)} {dtype} <- {src}")

@@ -27,8 +27,10 @@ from moekit.moe.layouts import (
     ROLES,
     MoELayout,
     choose_layout,
+    llama_cpp_differs,
     moe_config,
     not_built_sibling,
+    shared_gate_value,
     supported_sources,
 )  # fmt: skip
 
@@ -37,12 +39,14 @@ CHUNK_ELEMENTS = (
     2 * 1024 * 1024
 )  # base tensors are copied, and all tensors checked for NaN/Inf, in pieces this big
 NOISE_SEED_OFFSET = 0x6E6F697365  # keeps the noise stream apart from the random-gate stream drawn with `seed`
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 @dataclass(frozen=True)
 class Job:
     """One output tensor and how it is made. kind: copy (a base tensor), expert (an MLP projection, with its
-    expert's noise and residual scale), router (rows of the gate vectors), zeros (a bias the source lacks)."""
+    expert's noise and residual scale), router (rows of the gate vectors), zeros (a bias the source lacks),
+    constant_gate (a shared-expert gate of weight 1/2, see layouts.shared_gate_value)."""
 
     out: OutputTensor
     kind: str
@@ -67,6 +71,7 @@ class MoEPlan(PlannedOutputs):
     hidden: int
     output_config: dict
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # printed on stderr and kept in the model card
 
     @property
     def base(self) -> Checkpoint:
@@ -163,12 +168,10 @@ def _plan(cfg: MoEConfig, models: list[Checkpoint], index: dict[str, int]) -> Mo
         experts = [replace(e, residual_scale=0.5) for e in experts]
         shared = [ExpertSpec(cfg.base_model, (), (), None, None, f"{name}: upcycle (shared expert)")]
         notes.append(
-            "shared expert: the base MLP with a zero gate (weight 1/2); routed experts carry the other half"
+            "shared expert: the base MLP with a ~0 gate (weight 1/2); routed experts carry the other half"
         )
     elif cfg.shared_gate_is_zero(shared):
-        notes.append(
-            "shared expert without prompts: zero gate, so its weight is sigmoid(0) = 1/2 for every token"
-        )
+        notes.append("shared expert without prompts: a ~0 gate, so its weight is 1/2 for every token")
 
     hidden = _int_key(base, "hidden_size")
     num_layers = base.num_layers
@@ -204,7 +207,13 @@ def _plan(cfg: MoEConfig, models: list[Checkpoint], index: dict[str, int]) -> Mo
         layout, base.config, len(experts), cfg.experts_per_token, expert_shapes["gate"][0],
         shared_shapes["gate"][0] if shared_shapes else None, dtype,
     )  # fmt: skip
-    return MoEPlan(cfg, layout, models, experts, shared, jobs, dtype, num_layers, hidden, out_cfg, notes)
+    if layout.own_lm_head and not any(j.out.name == LM_HEAD for j in jobs):
+        notes.append("lm_head: a copy of the base's tied embedding (llama.cpp needs it for Qwen2-MoE)")
+    differs = llama_cpp_differs(layout, len(experts), cfg.experts_per_token)
+    warnings = [differs] if differs else []
+    return MoEPlan(
+        cfg, layout, models, experts, shared, jobs, dtype, num_layers, hidden, out_cfg, notes, warnings
+    )
 
 
 def _no_layout_reason(cfg: MoEConfig, family: str) -> str:
@@ -350,7 +359,7 @@ def _jobs(
                         shared_shapes,
                     )
                 )
-            gate_kind = "zeros" if zero_gate else "router"
+            gate_kind = "constant_gate" if zero_gate else "router"
             jobs.append(
                 Job(
                     OutputTensor(layout.shared_gate(layer), dtype, (1, hidden)),
@@ -359,6 +368,9 @@ def _jobs(
                     rows=(n_routed, n_routed + 1),
                 )
             )
+    if layout.own_lm_head and not any(j.out.name == LM_HEAD for j in back):
+        embed = base.tensors.infos[EMBED]
+        back.append(Job(OutputTensor(LM_HEAD, dtype, embed.shape), "copy", 0, EMBED))
     return jobs + back
 
 
@@ -438,6 +450,8 @@ def write_plan(
             tensor = _expert_weights(held, job, noise)
         elif job.kind == "router":
             tensor = gates[job.layer, job.rows[0] : job.rows[1]]
+        elif job.kind == "constant_gate":
+            tensor = torch.full(job.out.shape, shared_gate_value(job.out.dtype))
         else:
             tensor = torch.zeros(job.out.shape)
         tensor = tensor.to(job.out.dtype)

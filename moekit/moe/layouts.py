@@ -7,9 +7,13 @@ without an error but with random experts. We never write them.
 
 Shared expert (Qwen2-MoE): the layer computes  sum_k w_k E_k(x) + sigmoid(g . x) S(x).  With norm_topk_prob the
 w_k sum to 1, so identical routed experts reproduce their MLP exactly; the shared term is exact only when it is
-constant: g = 0 gives sigmoid(0) = 1/2 for every token. Upcycling therefore writes g = 0, the base MLP as the
+constant: g ~ 0 gives sigmoid = 1/2 for every token. Upcycling therefore writes such a g, the base MLP as the
 shared expert, and every routed expert with its down_proj halved: 1/2 MLP + 1/2 MLP = MLP (halving is exact in
-binary floating point).
+binary floating point). g is tiny but not zero (`shared_gate_value`): llama.cpp computes the sigmoid as
+silu(t) / t, which is NaN at t = 0.
+
+llama.cpp's Qwen2-MoE also has no fallback from `output.weight` to the token embedding and never renormalises the
+top-k weights (it ignores norm_topk_prob); `own_lm_head` and `llama_cpp_differs` hold those two facts.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class MoELayout:
     shared: bool = False  # Qwen2-MoE: one shared expert with a sigmoid gate
     zero_qkv_bias: bool = False  # q/k/v biases the architecture always has; zeros when the source has none
     attention_biases: bool = False  # whether the architecture can take the source's attention biases
+    own_lm_head: bool = False  # llama.cpp needs lm_head.weight even when the base ties it to the embedding
 
     def router(self, layer: int) -> str:
         return f"model.layers.{layer}.{self.block}.gate.weight"
@@ -83,7 +88,7 @@ LAYOUTS: tuple[MoELayout, ...] = (
     MoELayout(
         "qwen2_moe", "Qwen2-MoE", "qwen2_moe", "Qwen2MoeForCausalLM", ("llama", "mistral", "qwen2"), "mlp",
         _QWEN_EXPERT, "num_experts", settings=_QWEN_SETTINGS, defaults={"router_aux_loss_coef": 0.001},
-        aliases=("qwen", "qwen moe"), shared=True, zero_qkv_bias=True,
+        aliases=("qwen", "qwen moe"), shared=True, zero_qkv_bias=True, own_lm_head=True,
     ),
     MoELayout(
         "qwen3_moe", "Qwen3-MoE", "qwen3_moe", "Qwen3MoeForCausalLM", ("qwen3",), "mlp",
@@ -124,6 +129,28 @@ def not_built_sibling(family: str) -> str | None:
 
 
 BY_NAME = {layout.name: layout for layout in LAYOUTS}
+
+# sigmoid(t) rounds to exactly 1/2 in float32 for |t| < 2**-25, and |g . x| <= 1e-30 * sum|x| is far below that for
+# any finite hidden state; float16 cannot hold 1e-30, so there its smallest subnormal (2**-24) stands in: then
+# |t| stays below float16's half-ulp at 1/2 (2**-12) while sum|x| < 2**10.
+SHARED_GATE_VALUE = 1e-30
+
+
+def shared_gate_value(dtype: torch.dtype) -> float:
+    """The entries of a constant shared-expert gate: sigmoid(g . x) = 1/2 to working precision, yet g != 0."""
+    subnormal = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    return max(SHARED_GATE_VALUE, subnormal)
+
+
+def llama_cpp_differs(layout: MoELayout, num_experts: int, experts_per_token: int) -> str | None:
+    """A one-line warning when llama.cpp computes something else than transformers for this output, else None."""
+    if layout.name == "qwen2_moe" and experts_per_token < num_experts:
+        return (
+            f"llama.cpp ignores norm_topk_prob for Qwen2-MoE: with {experts_per_token} of {num_experts} experts per "
+            "token its outputs (GGUF, Ollama, LM Studio) will differ from transformers'; use Mixtral for llama.cpp, "
+            "or experts_per_token = num_experts"
+        )
+    return None
 
 
 def architecture_names() -> dict[str, tuple[str, ...]]:
@@ -193,6 +220,8 @@ def moe_config(
     if layout.shared:
         cfg["shared_expert_intermediate_size"] = shared_intermediate
         cfg["qkv_bias"] = True
+    if layout.own_lm_head:
+        cfg["tie_word_embeddings"] = False  # lm_head.weight is written (build.py), a copy of a tied embedding
     for key in ("torch_dtype", "dtype"):
         cfg.setdefault(key, None)
     return set_config_dtype(cfg, dtype)
