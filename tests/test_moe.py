@@ -290,6 +290,42 @@ def test_qwen2_moe_from_llama_gets_zero_qkv_biases(tiny_llama, tmp_path):
     assert _max_logit_diff(tiny_llama["base"], out) <= LOGIT_TOL
 
 
+def test_qwen2_moe_from_a_tied_base_writes_its_own_lm_head(tmp_path):
+    """llama.cpp's Qwen2-MoE loader needs output.weight: from a tied base the MoE gets lm_head = the embedding and
+    tie_word_embeddings false, and transformers computes the dense logits (<= 1e-5) with no missing keys."""
+    tied = make_base(tmp_path / "tied", seed=8, tie_word_embeddings=True)
+    assert "lm_head.weight" not in load_tensors(tied)
+    cfg = {
+        "base_model": str(tied),
+        "gate_mode": "random",
+        "architecture": "qwen",
+        "upcycle": {"num_experts": 2},
+    }
+    out = moekit.merge(cfg, tmp_path / "moe")
+    tensors = load_tensors(out)
+    assert torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert _max_logit_diff(tied, out) <= LOGIT_TOL
+
+
+@pytest.mark.parametrize(
+    ("arch", "k", "warned"), [("qwen", 1, True), ("qwen", 2, False), ("mixtral", 1, False)]
+)
+def test_llama_cpp_difference_is_warned_on_stderr_and_in_the_card(
+    tiny_llama, tmp_path, caplog, arch, k, warned
+):
+    """llama.cpp never renormalises Qwen2-MoE's top-k weights: with k < E it computes something else."""
+    base = str(tiny_llama["base"])
+    cfg = {
+        "base_model": base, "gate_mode": "random", "architecture": arch, "experts_per_token": k,
+        "upcycle": {"num_experts": 2},
+    }  # fmt: skip
+    out = moekit.merge(cfg, tmp_path / "moe")
+    logged = [r.getMessage() for r in caplog.records if "llama.cpp ignores norm_topk_prob" in r.getMessage()]
+    assert len(logged) == int(warned)
+    assert ("llama.cpp ignores norm_topk_prob" in (out / "README.md").read_text()) == warned
+
+
 def test_clown_experts_are_the_sources_mlps_and_the_rest_is_the_base(tiny_llama, tmp_path, monkeypatch):
     import moekit.moe.build
 
