@@ -5,7 +5,7 @@ from __future__ import annotations
 from moekit._version import __version__
 from moekit.errors import UserError
 
-__all__ = ["UserError", "merge", "route_stats", "moe_forward", "MoELayer", "__version__"]
+__all__ = ["UserError", "merge", "route_stats", "calibrate_router", "moe_forward", "MoELayer", "__version__"]
 
 
 def merge(config, out, **options):
@@ -20,6 +20,13 @@ def route_stats(model_or_path, prompts, **options):
     from moekit.stats import route_stats as _route_stats
 
     return _route_stats(model_or_path, prompts, **options)
+
+
+def calibrate_router(moe_dir, data, out, **options):
+    """Train only the routers of an MoE on labelled text, with before/after routing stats. See moekit.calibrate."""
+    from moekit.calibrate import calibrate_router as _calibrate_router
+
+    return _calibrate_router(moe_dir, data, out, **options)
 
 
 def __getattr__(name):

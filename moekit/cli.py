@@ -372,3 +372,64 @@ def inspect_command(model_dir, no_compare) -> None:
 
     for line in describe_model(model_dir, compare_with_inference=not no_compare):
         click.echo(line)
+
+
+# --- calibrate-router (moekit.calibrate) ---
+@cli.command("calibrate-router")
+@click.argument("moe_dir", type=click.Path())
+@click.option(
+    "--data", "data", multiple=True, required=True, metavar="LABEL=FILE", help="Training text; repeat it."
+)
+@click.option("--heldout", "heldout", multiple=True, metavar="LABEL=FILE", help="Held-out text per label.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output model directory.")
+@click.option("--steps", type=int, default=40, show_default=True, help="Optimiser steps (0: copy the model).")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate of the routers.")
+@click.option("--objective", default="label", show_default=True, help="lm, label or both.")
+@click.option(
+    "--balance-coef", type=float, default=0.01, show_default=True, help="Load-balancing loss weight."
+)
+@click.option("--z-coef", type=float, default=1e-3, show_default=True, help="Router z-loss weight.")
+@click.option("--train-shared-gate", is_flag=True, help="Also train Qwen2-MoE's shared-expert gate.")
+@click.option("--window", type=int, default=128, show_default=True, help="Tokens per training window.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per step.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report.")
+def calibrate_router_command(moe_dir, data, heldout, out, quiet, **options):
+    """Train only the routers of a clown-MoE on labelled text, and show routing before and after.
+
+    The label objective pushes the tokens of LABEL to the expert built from LABEL's source model (the label
+    names the source's directory, or a word of it: 'code' for models/smollm2-code); lm trains on next-token
+    loss; both adds them. A load-balancing loss and the router z-loss are always added. Without --heldout,
+    the last 10% of each label's windows are held out.
+
+    \b
+    Example:
+      moekit calibrate-router out/clown --data code=train.py --data legal=LICENSE \\
+          --heldout code=held.py --heldout legal=GPL -o out/clown-cal --steps 40
+    """
+    from moekit.calibrate import calibrate_router, comparison_rows
+    from moekit.stats.prompts import parse_prompts_option
+
+    def labelled(values, flag):
+        parsed = {}
+        for value in values:
+            label, path = parse_prompts_option(value)
+            if label is None:
+                raise UserError(f"{flag} {value}: give LABEL=FILE")
+            if label in parsed:
+                raise UserError(f"{flag} {value}: label '{label}' is given twice")
+            parsed[label] = path
+        return parsed
+
+    result = calibrate_router(
+        moe_dir, labelled(data, "--data"), out, heldout=labelled(heldout, "--heldout") or None,
+        progress=not quiet and sys.stderr.isatty(), print_fn=lambda line: click.echo(line, err=True), **options,
+    )  # fmt: skip
+    if not quiet:
+        rows = [("held-out", "before", "after"), *comparison_rows(result.before, result.after)]
+        width = max(len(r[0]) for r in rows)
+        for metric, before, after in rows:
+            click.echo(f"{metric:<{width}}  {before:>9}  {after:>9}")
+        click.echo(f"calibrated {result.steps} steps in {result.seconds:.0f} s; wrote {result.out}")
