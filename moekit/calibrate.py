@@ -33,6 +33,7 @@ from moekit.errors import UserError, did_you_mean
 from moekit.io.output_dir import check_output_free, check_output_spares_inputs
 from moekit.io.safetensors_reader import checkpoint_infos
 from moekit.io.writer import OutputTensor, streaming_output
+from moekit.progress import transformers_bars
 from moekit.runtime.routing import load_balancing_loss, router_z_loss
 from moekit.stats.accumulate import RoutingAccumulator
 from moekit.stats.collect import batches, moe_shape
@@ -97,7 +98,10 @@ def calibrate_router(
     moe_dir = Path(moe_dir)
     out = Path(out)
     _check_options(steps, lr, objective, balance_coef, z_coef, window, batch_size, heldout_fraction)
-    model, tokenizer, num_experts, top_k = _load(moe_dir, device)
+    for label, value in [*data.items(), *(heldout or {}).items()]:
+        _texts(label, value)  # a bad file is reported before the model is loaded
+    with transformers_bars(progress):
+        model, tokenizer, num_experts, top_k = _load(moe_dir, device)
     labels = list(data)
     targets = expert_targets(moe_dir, labels, num_experts) if objective != "lm" else {}
     check_output_free(out, force)  # before minutes of training, not after

@@ -53,15 +53,15 @@ def _top1_shares(model_dir: Path, texts: list[str], expert: int) -> float:
 
 def test_label_objective_routes_labelled_tokens_to_their_experts(clown, tmp_path):
     """Hand-built target: digits -> expert 0 (ft1), letters -> expert 1 (ft2). Before: the random router's split;
-    after 20 steps: >= 90% of held-out top-1 choices where asked, and every non-router tensor byte-identical."""
+    after 40 steps: >= 85% of held-out top-1 choices where asked, and every non-router tensor byte-identical."""
     data = {"ft1": DIGITS[:9], "ft2": LETTERS[:9]}
     heldout = {"ft1": DIGITS[9:], "ft2": LETTERS[9:]}
     result = moekit.calibrate_router(
-        clown, data, tmp_path / "cal", heldout=heldout, steps=20, lr=0.05, objective="label", window=32
+        clown, data, tmp_path / "cal", heldout=heldout, steps=40, lr=0.03, objective="label", window=32
     )
     assert result.targets == {"ft1": [0], "ft2": [1]}
     out = result.out
-    assert _top1_shares(out, heldout["ft1"], 0) >= 0.9 and _top1_shares(out, heldout["ft2"], 1) >= 0.9
+    assert _top1_shares(out, heldout["ft1"], 0) >= 0.85 and _top1_shares(out, heldout["ft2"], 1) >= 0.85
     # moekit's own held-out report (windows of 32 tokens, BOS first) agrees: up from the random router's split
     share_before, share_after = result.before.intended_share, result.after.intended_share
     assert min(share_after.values()) >= 0.8 and min(share_before.values()) < 0.5
@@ -76,7 +76,7 @@ def test_label_objective_routes_labelled_tokens_to_their_experts(clown, tmp_path
     assert json.loads((out / "config.json").read_text()) == json.loads((clown / "config.json").read_text())
     card = (out / "README.md").read_text()
     assert "Router calibration" in card and "ft1 tokens to the ft1 expert" in card
-    assert json.loads((out / "moekit_calibration.json").read_text())["settings"]["steps"] == 20
+    assert json.loads((out / "moekit_calibration.json").read_text())["settings"]["steps"] == 40
 
 
 def test_zero_steps_reproduces_the_input_exactly(clown, tmp_path):
