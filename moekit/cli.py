@@ -433,3 +433,105 @@ def calibrate_router_command(moe_dir, data, heldout, out, quiet, **options):
         for metric, before, after in rows:
             click.echo(f"{metric:<{width}}  {before:>9}  {after:>9}")
         click.echo(f"calibrated {result.steps} steps in {result.seconds:.0f} s; wrote {result.out}")
+
+
+# --- extract-lora (moekit.lora) ---
+@cli.command("extract-lora")
+@click.option(
+    "--base", "--base-model", "base", required=True, help="Base model directory (MODEL+LORA works too)."
+)
+@click.option("--model", required=True, help="Fine-tuned model directory.")
+@click.option(
+    "-o",
+    "--out",
+    "--out-path",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Adapter directory to write.",
+)
+@click.option(
+    "--rank",
+    "--max-rank",
+    "rank",
+    type=int,
+    default=128,
+    show_default=True,
+    help="Largest rank of a module's LoRA.",
+)
+@click.option(
+    "--sv-epsilon", type=float, default=0.0, show_default=True, help="Drop singular values <= this."
+)
+@click.option(
+    "--sv-relative",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Drop singular values <= this x the largest.",
+)
+@click.option(
+    "--distribute-scale/--no-distribute-scale",
+    default=True,
+    show_default=True,
+    help="Split sqrt(S) over A and B (else S goes into A).",
+)
+@click.option(
+    "--embed-lora/--no-embed-lora",
+    default=False,
+    show_default=True,
+    help="LoRA on embeddings (else saved whole in modules_to_save).",
+)
+@click.option(
+    "--save-module",
+    "modules_to_save",
+    multiple=True,
+    help="Save this module (name or last name part) at full rank.",
+)
+@click.option(
+    "-i", "--include-regex", "include", multiple=True, help="Only modules whose name matches (re.search)."
+)
+@click.option("-e", "--exclude-regex", "exclude", multiple=True, help="Leave out modules whose name matches.")
+@click.option(
+    "--skip-undecomposable",
+    is_flag=True,
+    help="Leave out non-2-D weights (norms) instead of saving them whole.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--allow-pickle", is_flag=True, help="Load models that only have pickled .bin/.pt weights.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no per-module table.")
+def extract_lora_command(
+    base, model, out, rank, sv_epsilon, sv_relative, distribute_scale, embed_lora, modules_to_save, include, exclude,
+    skip_undecomposable, force, allow_pickle, quiet,
+) -> None:  # fmt: skip
+    """Extract a PEFT LoRA adapter (BASE + adapter ~ MODEL) by truncated SVD of each weight's delta.
+
+    Options follow mergekit-extract-lora. Prints each module's rank and relative error ||dW - BA|| / ||dW||.
+
+    \b
+    Example:
+      moekit extract-lora --base ./base --model ./finetune -o ./lora --rank 32
+    """
+    from moekit.lora.extract import ExtractOptions, extract_lora
+
+    options = ExtractOptions(
+        max_rank=rank, sv_epsilon=sv_epsilon, sv_relative=sv_relative, distribute_scale=distribute_scale,
+        embed_lora=embed_lora, modules_to_save=tuple(modules_to_save), include=tuple(include),
+        exclude=tuple(exclude), skip_undecomposable=skip_undecomposable,
+    )  # fmt: skip
+    result = extract_lora(
+        base,
+        model,
+        out,
+        options,
+        force=force,
+        allow_pickle=allow_pickle,
+        progress=not quiet and sys.stderr.isatty(),
+    )
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    if not quiet:
+        click.echo(f"{'module':<50} {'kind':<9} {'rank':>5} {'rel. error':>11}")
+        for m in result.modules:
+            error = f"{m.relative_error:11.3e}" if m.kind == "lora" else f"{'-':>11}"
+            click.echo(f"{m.module:<50} {m.kind:<9} {m.rank or '-':>5} {error}")
+        click.echo(f"wrote {result.out} (largest relative error {result.max_relative_error:.3e})")

@@ -14,6 +14,7 @@ from moekit.architectures import Family, check_implied_shapes, family_for_config
 from moekit.errors import UserError
 from moekit.io.pickle_reader import PickleReader, holds_pickled_weights_only, pickled_files, pickled_index
 from moekit.io.safetensors_reader import TensorReader, checkpoint_infos
+from moekit.lora.reference import split_adapter_ref, with_adapter
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -116,7 +117,8 @@ class Checkpoint:
 
     @classmethod
     def open(cls, ref: str, base_dir: Path | None = None, where: str = "config") -> Checkpoint:
-        path = resolve_model_dir(ref, base_dir, where)
+        model_ref, adapter = split_adapter_ref(ref, base_dir, where)  # mergekit's 'model+lora'
+        path = resolve_model_dir(model_ref, base_dir, where)
         config_path = path / "config.json"
         if not config_path.is_file():
             raise UserError(f"{where}: model '{ref}' has no config.json")
@@ -133,6 +135,8 @@ class Checkpoint:
         except UserError:
             tensors.close()
             raise
+        if adapter is not None:
+            tensors = with_adapter(tensors, adapter)
         return cls(ref, path, config, family, tensors)
 
     @property

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
+from moekit.errors import UserError
 from moekit.io.output_files import copy_generation_config, copy_tokenizer, write_json, write_recipe
 from moekit.io.writer import check_shard_size, streaming_output
+from moekit.lora.reference import AdaptedTensors
 from moekit.moe.build import MoEPlan, build_plan, write_plan
 from moekit.moe.config import PROMPT_GATE_MODES, parse_moe_config
 from moekit.moe.gates import EMBED_NAME, PromptSet, prompt_gates, random_gates
@@ -73,6 +75,11 @@ def compute_gates(
     n = plan.gate_vectors_needed()
     if cfg.gate_mode not in PROMPT_GATE_MODES:
         return random_gates(cfg.gate_mode, plan.num_layers, n, plan.hidden, seed)
+    if cfg.gate_mode != "cheap_embed" and isinstance(plan.base.tensors, AdaptedTensors):
+        raise UserError(
+            f"gate_mode {cfg.gate_mode}: hidden states of a base_model given as MODEL+LORA are not implemented; "
+            "merge the adapter into the base first (a passthrough merge of 'MODEL+LORA'), or use cheap_embed"
+        )
     specs = (plan.experts + plan.shared)[:n]
     sets = [PromptSet(s.positive_prompts, s.negative_prompts) for s in specs]
     return prompt_gates(

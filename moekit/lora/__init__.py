@@ -1,0 +1,1 @@
+"""LoRA in and out: `model+adapter` references applied while tensors stream, `extract-lora`, and adapter merges."""
