@@ -22,15 +22,39 @@ EXAMPLES = sorted(
 )
 
 
-def _point_at(config: dict, models: dict[str, Path]) -> dict:
-    """Replace every model reference by a tiny model: base_model -> base, the others -> ft1, ft2, ft3 in order."""
+@pytest.fixture(scope="module")
+def tiny_loras(tiny_llama, tmp_path_factory) -> list[Path]:
+    """Rank-4 LoRA adapters of the tiny base, extracted from its three fine-tunes."""
+    from moekit.lora.extract import ExtractOptions, extract_lora
+
+    root = tmp_path_factory.mktemp("example_loras")
+    only_lora = ExtractOptions(max_rank=4, exclude=("embed_tokens", "lm_head"), skip_undecomposable=True)
+    return [
+        extract_lora(str(tiny_llama["base"]), str(tiny_llama[ft]), root / ft, only_lora).out
+        for ft in ("ft1", "ft2", "ft3")
+    ]
+
+
+def _point_at(config: dict, models: dict[str, Path], loras: list[Path] = ()) -> dict:
+    """Replace every model reference by a tiny model: base_model -> base, the others -> ft1, ft2, ft3 in order;
+    the adapters of MODEL+ADAPTER references and of `adapters:` lists -> the tiny LoRAs in order."""
     mapping: dict[str, str] = {}
     spares = iter(["ft1", "ft2", "ft3", "ft1", "ft2", "ft3"])
+    adapters = iter(list(loras) * 2)
 
     def sub(ref: str) -> str:
         if ref not in mapping:
-            mapping[ref] = str(models["base"] if ref == config.get("base_model") else models[next(spares)])
+            if "+" in ref:
+                model, _ = ref.split("+")
+                mapping[ref] = f"{sub(model)}+{next(adapters)}"
+            else:
+                mapping[ref] = str(
+                    models["base"] if ref == config.get("base_model") else models[next(spares)]
+                )
         return mapping[ref]
+
+    for entry in config.get("adapters") or []:
+        entry["adapter"] = str(next(adapters))
 
     if config.get("base_model"):
         sub(config["base_model"])
@@ -59,10 +83,11 @@ def test_every_method_has_an_example():
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
-def test_example_runs(example, tiny_llama, tmp_path):
-    config = _point_at(yaml.safe_load(example.read_text()), tiny_llama)
+def test_example_runs(example, tiny_llama, tiny_loras, tmp_path):
+    config = _point_at(yaml.safe_load(example.read_text()), tiny_llama, tiny_loras)
     out = moekit.merge(config, tmp_path / "out", seed=1)
     tensors = load_tensors(out)
     assert tensors, example.name
     assert all(torch.isfinite(t.float()).all() for t in tensors.values()), example.name
-    assert (out / "config.json").is_file() and (out / "moekit_config.yaml").is_file()
+    made = "adapter_config.json" if "adapters" in config else "config.json"
+    assert (out / made).is_file() and (out / "moekit_config.yaml").is_file()

@@ -150,8 +150,10 @@ def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
-def open_adapter(adapter_dir: Path, base_names: set[str]) -> LoraAdapter:
-    """Read an adapter and map every tensor in it to the base tensor it changes; errors name the tensor."""
+def open_adapter(adapter_dir: Path, base_names: set[str] | None = None) -> LoraAdapter:
+    """Read an adapter and map every tensor in it to the base tensor it changes; errors name the tensor.
+
+    Without `base_names` (merging adapters, no base model at hand) the names are taken as they are."""
     config = read_adapter_config(adapter_dir)
     weights = adapter_dir / WEIGHTS_NAME
     if not weights.is_file():
@@ -172,7 +174,7 @@ def open_adapter(adapter_dir: Path, base_names: set[str]) -> LoraAdapter:
         part = next((s for s in _FACTOR_SUFFIXES if inner.endswith(s)), None)
         if part is None:
             target = inner.replace(".base_layer.", ".")
-            if target not in base_names:
+            if base_names is not None and target not in base_names:
                 raise UserError(f"{where}: the base model has no tensor '{target}' for it to replace")
             replacements[target] = name
             continue
@@ -186,12 +188,12 @@ def open_adapter(adapter_dir: Path, base_names: set[str]) -> LoraAdapter:
     return adapter
 
 
-def _complete(adapter: LoraAdapter, f: LoraFactors, base_names: set[str]) -> None:
+def _complete(adapter: LoraAdapter, f: LoraFactors, base_names: set[str] | None) -> None:
     """Check one module's factors against each other and the config, and set its rank and scale."""
     where = f"{adapter.path / WEIGHTS_NAME}: module '{f.module}'"
     if f.a is None or f.b is None:
         raise UserError(f"{where} has {'lora_B' if f.a is None else 'lora_A'} but not its partner")
-    if f.weight_name not in base_names:
+    if base_names is not None and f.weight_name not in base_names:
         raise UserError(
             f"{where}: the base model has no tensor '{f.weight_name}'; is this adapter for another model?"
         )

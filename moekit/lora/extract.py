@@ -14,15 +14,18 @@ is measured on the factors as saved, ‖ΔW − B·A‖ / ‖ΔW‖.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from moekit.errors import UserError
 from moekit.io.checkpoint import Checkpoint, pickle_allowed
-from moekit.io.writer import atomic_output_dir, check_output_free, check_output_spares_inputs
+from moekit.io.output_dir import atomic_output_dir, check_output_free, check_output_spares_inputs
+from moekit.io.output_files import MARKER_NAME
 from moekit.lora.adapter import PREFIX
 from moekit.lora.adapter_writer import AdapterWriter
 from moekit.progress import tensor_progress
@@ -209,6 +212,8 @@ def extract_lora(
                 writer.abort()
                 raise
             _write_card(tmp, base, model, options, result)
+            recipe = {"extract_lora": {"base": base, "model": model, **dataclasses.asdict(options)}}
+            (tmp / MARKER_NAME).write_text(yaml.safe_dump(recipe, sort_keys=False))  # lets --force replace it
     finally:
         base_ckpt.close()
         model_ckpt.close()

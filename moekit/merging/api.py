@@ -25,6 +25,7 @@ from moekit.io.output_files import (
     write_recipe,
 )
 from moekit.io.writer import check_shard_size, streaming_output
+from moekit.lora.combine import is_adapter_merge_config, merge_adapters_config
 from moekit.merging.engine import MergeRunner
 from moekit.merging.plan import Plan, build_plan
 from moekit.progress import tensor_progress
@@ -107,6 +108,10 @@ def _merge(
 ):
     return_freed_memory_promptly()
     raw, path = read_yaml(config)
+    if is_adapter_merge_config(raw):
+        return merge_adapters_config(
+            raw, path, out, force=force, dry_run=dry_run, seed=seed, print_fn=print_fn
+        )
     if is_moe_config(raw):
         from moekit.moe.api import build_moe
 
