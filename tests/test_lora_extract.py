@@ -154,6 +154,8 @@ def test_cli_table_errors_and_no_clobber(tiny_llama, tmp_path):
     again = run_cli("extract-lora", "--base", base, "--model", ft, "-o", str(out), "--rank", "4")
     assert_one_line_error(again, str(out), "--force")
     assert (out / "adapter_model.safetensors").read_bytes() == before
+    extract_lora(base, ft, out, ExtractOptions(max_rank=2), force=True)  # moekit's own output: --force replaces it
+    assert load_tensors(out)["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape[0] == 2
     bad = run_cli("extract-lora", "--base", base, "--model", ft, "-o", str(tmp_path / "x"), "-i", "(")
     assert_one_line_error(bad, "--include-regex", "not a valid regular expression")
     assert not (tmp_path / "x").exists()

@@ -212,7 +212,10 @@ def extract_lora(
                 writer.abort()
                 raise
             _write_card(tmp, base, model, options, result)
-            recipe = {"extract_lora": {"base": base, "model": model, **dataclasses.asdict(options)}}
+            settings = {
+                k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(options).items()
+            }
+            recipe = {"extract_lora": {"base": base, "model": model, **settings}}
             (tmp / MARKER_NAME).write_text(yaml.safe_dump(recipe, sort_keys=False))  # lets --force replace it
     finally:
         base_ckpt.close()
