@@ -154,7 +154,9 @@ def test_cli_table_errors_and_no_clobber(tiny_llama, tmp_path):
     again = run_cli("extract-lora", "--base", base, "--model", ft, "-o", str(out), "--rank", "4")
     assert_one_line_error(again, str(out), "--force")
     assert (out / "adapter_model.safetensors").read_bytes() == before
-    extract_lora(base, ft, out, ExtractOptions(max_rank=2), force=True)  # moekit's own output: --force replaces it
+    extract_lora(
+        base, ft, out, ExtractOptions(max_rank=2), force=True
+    )  # moekit's own output: --force replaces it
     assert load_tensors(out)["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape[0] == 2
     bad = run_cli("extract-lora", "--base", base, "--model", ft, "-o", str(tmp_path / "x"), "-i", "(")
     assert_one_line_error(bad, "--include-regex", "not a valid regular expression")
@@ -168,3 +170,19 @@ def test_shape_mismatch_is_refused_before_writing(tiny_llama, tmp_path):
     with pytest.raises(UserError, match="exclude it"):
         extract_lora(str(tiny_llama["base"]), str(wider), tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
+
+
+def test_biases_of_a_qwen2_finetune_survive_in_peft_and_moekit(tmp_path):
+    """Qwen2's q/k/v biases: saved whole (bias: all), since PEFT's lora_bias cannot merge into bias-less layers."""
+    from moekit.demo.tiny_models import make_base, make_finetune
+
+    base = make_base(tmp_path / "q2", seed=0, model_type="qwen2", num_layers=2, tokenizer=False)
+    ft = make_finetune(base, tmp_path / "q2ft", seed=1)
+    extract_lora(str(base), str(ft), tmp_path / "lora", ExtractOptions(max_rank=512))
+    want = load_tensors(ft)
+    assert not torch.equal(
+        want["model.layers.0.self_attn.q_proj.bias"],
+        load_tensors(base)["model.layers.0.self_attn.q_proj.bias"],
+    )
+    assert max_diff(merged_by_peft(base, tmp_path / "lora"), want) <= FULL_TOL
+    assert max_diff(_adapted(base, tmp_path / "lora", tmp_path), want) <= FULL_TOL

@@ -258,11 +258,9 @@ def _extract_module(job: _Job, base: Checkpoint, model: Checkpoint, options, wri
         writer.add(f"{PREFIX}{job.module}.lora_B.weight", b)
         bias = f"{job.module}.bias"
         if bias in job.params:
-            tuned = model.tensors.read(bias)
-            writer.add(
-                f"{PREFIX}{job.module}.lora_B.bias",
-                (tuned.float() - base.tensors.read(bias).float()).to(tuned.dtype),
-            )
+            # PEFT's lora_bias holds for every targeted layer and cannot merge into one without a bias, so the
+            # fine-tune's bias is saved whole, as PEFT saves trained biases (bias: all).
+            writer.add(f"{PREFIX}{job.module}.base_layer.bias", model.tensors.read(bias))
     return ModuleResult(job.module, "lora", int(a.shape[0]), error, shape)
 
 
@@ -277,7 +275,7 @@ def _adapter_config(base_ref: str, jobs: list[_Job], result: ExtractResult, mode
         if n.endswith(".weight") and len(i.shape) == 2
     ]
     full = sorted({j.module.rsplit(".", 1)[-1] for j in jobs if j.kind == "full"})
-    has_bias = any(f"{m}.bias" in model.tensors.infos for m in ranks)
+    has_bias = any(f"{m}.bias" in model.tensors.infos for m in ranks)  # saved whole: see _extract_module
     return {
         "base_model_name_or_path": base_ref,
         "peft_type": "LORA",
@@ -288,11 +286,11 @@ def _adapter_config(base_ref: str, jobs: list[_Job], result: ExtractResult, mode
         "alpha_pattern": odd,
         "target_modules": _target_modules(list(ranks), weights),
         "modules_to_save": full or None,
-        "lora_bias": has_bias,
+        "lora_bias": False,
         "use_rslora": False,
         "use_dora": False,
         "lora_dropout": 0.0,
-        "bias": "none",
+        "bias": "all" if has_bias else "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
     }
