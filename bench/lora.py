@@ -1,6 +1,6 @@
 """LoRA in and out, side by side with mergekit 0.1.5: `extract-lora` and applying `base+lora` in a merge.
 
-    python bench/lora.py            # bf16 models of 8 and 16 layers (hidden 512), rank 16
+    python bench/lora.py            # bf16 models of 8 and 16 layers (hidden 1024), rank 16
     python bench/lora.py --quick    # small models, to check the script end to end
 
 For each model size: `moekit extract-lora` and `mergekit-extract-lora` on the same base and fine-tune (wall time
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
 import shutil
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ from _peer import PEER_ENV, bench_dir, mergekit_venv, timed_run  # noqa: E402
 
 from moekit.io.safetensors_reader import TensorReader, read_header  # noqa: E402
 
-SMALL = Shape(vocab=8192, hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=4)
+SMALL = Shape(vocab=8192, hidden=1024, intermediate=2816, layers=8, heads=8, kv_heads=4)
 RANK = 16
 
 
@@ -52,16 +53,24 @@ def mergekit_apply(cfg: Path, out: Path, cache: Path) -> list[str]:
     return [str(mergekit_venv() / "mergekit-yaml"), str(cfg), str(out), "--lora-merge-cache", str(cache)]
 
 
-def measure(cmd, out: Path, runs: int, cache: Path | None = None) -> tuple[float, int]:
-    times, rss = [], []
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(cmd, out: Path, runs: int, cache: Path | None = None) -> tuple[float, float, int]:
+    """Medians of wall seconds, CPU seconds (user + system of the child tree) and peak RSS."""
+    times, cpu, rss = [], [], []
     for _ in range(runs):
         shutil.rmtree(out, ignore_errors=True)
         if cache is not None:
             shutil.rmtree(cache, ignore_errors=True)  # mergekit would reuse its merged copy otherwise
+        before = _children_cpu()
         r = timed_run(cmd, PEER_ENV)
+        cpu.append(_children_cpu() - before)
         times.append(r.seconds)
         rss.append(r.peak_rss_bytes)
-    return median(times), int(median(rss))
+    return median(times), median(cpu), int(median(rss))
 
 
 def largest_update_difference(a: Path, b: Path) -> float:
@@ -115,9 +124,9 @@ def main() -> None:
         size = f"{shape.layers} layers, {dir_bytes(base) / 1e6:.0f} MB"
         for what, mine, theirs in (("extract-lora", ext, mk_ext), ("base+lora merge", app, mk_app)):
             rows.append([
-                size, what, f"{mine[0]:.2f}", f"{theirs[0]:.2f}" if theirs else "-",
-                f"{theirs[0] / mine[0]:.2f}x" if theirs else "-", gb(mine[1]), gb(theirs[1]) if theirs else "-",
-                diff if what == "extract-lora" else "-",
+                size, what, f"{mine[0]:.1f}", f"{theirs[0]:.1f}" if theirs else "-", f"{mine[1]:.1f}",
+                f"{theirs[1]:.1f}" if theirs else "-", f"{theirs[1] / mine[1]:.2f}x" if theirs else "-",
+                gb(mine[2]), gb(theirs[2]) if theirs else "-", diff if what == "extract-lora" else "-",
             ])  # fmt: skip
         print(f"  {label}: done", flush=True)
     header = [
@@ -130,7 +139,10 @@ def main() -> None:
         "mergekit RSS",
         "max |dBA|",
     ]
-    print(f"\nrank {RANK}, CPU, medians of {args.runs} runs\n")
+    print(
+        f"\nrank {RANK}, CPU, medians of {args.runs} runs; CPU s = user + system time of the tool's process"
+    )
+    print("(wall time is only meaningful on an idle machine; CPU time holds up on a shared one)\n")
     print(table(header, rows))
 
 
