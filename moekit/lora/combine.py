@@ -254,12 +254,10 @@ def merge_adapters(
                 f"LoRA adapters merged with `{options.combination_type}` (PEFT add_weighted_adapter semantics)"
             ]
             summary += [f"`{a.path}` weight {w}" for a, w in zip(opened, weights)]
-            write_recipe(
-                tmp,
-                recipe if recipe is not None else {"adapters": [str(p) for p, _ in adapters]},
-                "merged LoRA adapter",
-                summary,
-            )
+            recipe = recipe if recipe is not None else {"adapters": [str(p) for p, _ in adapters]}
+            write_recipe(tmp, recipe, "merged LoRA adapter", summary, [], moe=False, model_card=False)
+            card = "---\nlibrary_name: peft\ntags:\n- moekit\n- lora\n---\n# merged LoRA adapter\n\n"
+            (tmp / "README.md").write_text(card + "\n".join(f"- {line}" for line in summary) + "\n")
     finally:
         for a in opened:
             a.close()
