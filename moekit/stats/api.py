@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-import moekit
+from moekit._version import __version__
 from moekit.errors import UserError
 from moekit.progress import transformers_bars
 from moekit.stats.collect import collect, find_routers, load_config, load_model, moe_shape
@@ -103,7 +103,7 @@ def route_stats(
             "torch": torch.__version__,
             "transformers": _transformers_version(),
         },
-        moekit_version=moekit.__version__,
+        moekit_version=__version__,
         expert_names=names,
     )
 
