@@ -162,7 +162,7 @@ def forward(
         return _forward_decode(hidden, top_k_index, top_k_weights, w, dtype), None
     rows = sort_by_expert(top_k_index, w.gate_up_proj.shape[0])
     row_weights = top_k_weights.reshape(-1).to(dtype)[rows.order]
-    if _small_low_precision_batch(hidden, w.gate_up_proj, rows):
+    if _small_low_precision_batch(hidden, w.gate_up_proj, w.down_proj, rows):
         out = _forward_grouped(hidden, rows, row_weights, w)
     elif _rows_per_hit_expert(rows) >= _PER_EXPERT_ROWS:
         out = _forward_per_expert(hidden.to(dtype), rows, row_weights, w, dtype)
@@ -284,7 +284,9 @@ def _forward_per_expert(hidden, rows: ExpertRows, row_weights, w: ExpertWeights,
     return _combine(sorted_out, rows)
 
 
-def _small_low_precision_batch(hidden: torch.Tensor, gate_up_proj: torch.Tensor, rows: ExpertRows) -> bool:
+def _small_low_precision_batch(
+    hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, rows: ExpertRows
+) -> bool:
     """bf16/fp16 activations and weights on a CPU, and few rows on every expert (see the module docstring)."""
     busiest = max(b - a for a, b in zip(rows.bounds, rows.bounds[1:]))
     return (
@@ -293,7 +295,15 @@ def _small_low_precision_batch(hidden: torch.Tensor, gate_up_proj: torch.Tensor,
         and hidden.dtype in (torch.bfloat16, torch.float16)
         and 0 < busiest <= _SMALL_BATCH_ROWS
         and hasattr(torch, "_grouped_mm")
+        and all(_rows_16_byte_aligned(t) for t in (gate_up_proj, down_proj))
     )
+
+
+def _rows_16_byte_aligned(weight: torch.Tensor) -> bool:
+    """torch._grouped_mm refuses operands whose rows are not whole multiples of 16 bytes.
+
+    Real models' sizes are multiples of 8, but a tiny model (I = 6 in bf16) is not, and must take another path."""
+    return all((n * weight.element_size()) % 16 == 0 for n in weight.shape[1:])
 
 
 def _forward_grouped(hidden, rows: ExpertRows, row_weights, w: ExpertWeights) -> torch.Tensor:
