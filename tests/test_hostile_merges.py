@@ -83,6 +83,12 @@ def moe(**expert_changes):
     return build
 
 
+def moe_quantised(m, d):
+    bad = shutil.copytree(m["ft2"], d / "bad")
+    edit_config(quantization_config={"quant_method": "gptq", "bits": 4})(bad)
+    return moe()(m, d) | {"experts": [{"source_model": str(m["ft1"])}, {"source_model": str(bad)}]}
+
+
 def moe_prompts(m, d):
     return {
         "base_model": str(m["base"]),
@@ -184,6 +190,12 @@ MERGE_CASES: list[Case] = [
         "a linear weight of .nan",
         weights(float("nan"), 1.0),
         ("models[0].parameters.weight: nan is not a finite number",),
+    ),
+    Case(
+        "moe-quantised-expert",
+        "MoE: an expert source with quantization_config (GPTQ)",
+        moe_quantised,
+        (f"{BAD}/config.json", "is quantised (gptq", "an MoE build needs full-precision models"),
     ),
     Case(
         "moe-noise-nan",
