@@ -170,9 +170,22 @@ def test_bf16_inference_matches_eager(tokens, grouped):
     hidden = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
     r = random_routing(tokens, 8, 2, seed=tokens, router=routing.softmax_topk_renorm, allowed=[0, 1, 2, 4, 6])
     rows = torch_backend.sort_by_expert(r.indices, 8)
-    assert torch_backend._small_low_precision_batch(hidden, experts.gate_up_proj, rows) == grouped
+    small = torch_backend._small_low_precision_batch(hidden, experts.gate_up_proj, experts.down_proj, rows)
+    assert small == grouped
     out, expected = inference_and_eager(experts, hidden, r.indices, r.weights)
     assert out.dtype == torch.bfloat16
+    assert_close_scaled(out, expected, 2e-2)
+
+
+@pytest.mark.parametrize("inter", [6, 12])
+def test_bf16_sizes_grouped_mm_refuses_take_another_path(inter):
+    """torch._grouped_mm needs 16-byte rows: I = 6 (12 bytes), or I = 12 (2I fits, I does not), must still run."""
+    experts = mixtral_experts(inter=inter, seed=inter).to(torch.bfloat16)
+    hidden = torch.randn(12, 32, generator=torch.Generator().manual_seed(inter)).to(torch.bfloat16)
+    r = random_routing(12, 8, 2, seed=inter, router=routing.softmax_topk_renorm)
+    rows = torch_backend.sort_by_expert(r.indices, 8)
+    assert not torch_backend._small_low_precision_batch(hidden, experts.gate_up_proj, experts.down_proj, rows)
+    out, expected = inference_and_eager(experts, hidden, r.indices, r.weights)
     assert_close_scaled(out, expected, 2e-2)
 
 
