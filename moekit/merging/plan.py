@@ -263,12 +263,20 @@ def check_not_quantised(models: list[Checkpoint], method: MergeMethod, name: str
     (passthrough) may take them, and it keeps them (and their quantization_config) as they are."""
     if method.name == "passthrough":
         return
+    refuse_quantised(
+        models,
+        f"'{method.name}' would do arithmetic on its packed integers: merge the full-precision model and quantise "
+        "the result",
+    )
+
+
+def refuse_quantised(models: list[Checkpoint], why: str) -> None:
+    """One line naming the first quantised model's config.json, then `why` (what would go wrong, and the fix)."""
     for m in models:
         q = quantisation(m.config)
         if q is not None:
             raise UserError(
-                f"{m.path / 'config.json'}: model '{m.ref}' is quantised ({q}, quantization_config); '{method.name}' "
-                "would do arithmetic on its packed integers: merge the full-precision model and quantise the result"
+                f"{m.path / 'config.json'}: model '{m.ref}' is quantised ({q}, quantization_config); {why}"
             )
 
 

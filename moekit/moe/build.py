@@ -20,7 +20,7 @@ from moekit.errors import UserError
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.writer import OutputTensor, PlannedOutputs
 from moekit.merging.engine import all_finite
-from moekit.merging.plan import quantisation
+from moekit.merging.plan import refuse_quantised
 from moekit.moe.config import ExpertSpec, MoEConfig
 from moekit.moe.layouts import (
     LAYOUTS,
@@ -120,24 +120,17 @@ def build_plan(cfg: MoEConfig) -> MoEPlan:
         open_model(cfg.base_model, f"{_name(cfg)}: base_model")
         for spec in cfg.experts + cfg.shared_experts:
             open_model(spec.source, f"{spec.where}.source_model")
-        _check_not_quantised(models)
+        # An MoE build copies MLPs into a new config and runs the base for hidden gates: packed integers and
+        # their scales mean nothing there.
+        refuse_quantised(
+            models,
+            "an MoE build needs full-precision models: build from the unquantised checkpoints and quantise the result",
+        )
         return _plan(cfg, models, index)
     except BaseException:
         for m in models:
             m.close()
         raise
-
-
-def _check_not_quantised(models: list[Checkpoint]) -> None:
-    """An MoE build copies MLPs into a new config and runs the base for hidden gates: packed integer weights
-    and their scales mean nothing there (and the output's config would not say how to unpack them)."""
-    for m in models:
-        q = quantisation(m.config)
-        if q is not None:
-            raise UserError(
-                f"{m.path / 'config.json'}: model '{m.ref}' is quantised ({q}, quantization_config); an MoE build "
-                "needs full-precision models: build from the unquantised checkpoints and quantise the result"
-            )
 
 
 def _name(cfg: MoEConfig) -> str:
