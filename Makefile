@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 LINT_PATHS := moekit kernels tests bench
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo examples test lint bench clean
 
 # The plain set-up is what the demo needs; the test extras (triton, about 1 GB) come only with `make test`.
 # One stamp per extra, so `make demo` then `make test` (or the reverse) installs each once.
@@ -31,6 +31,19 @@ $(VENV)/.installed-test: pyproject.toml
 
 demo: setup
 	$(BIN)/python -m moekit.demo
+
+# Every config in merge_configs/, on the tiny models `moekit example-models` writes beside them; outputs go to
+# out/examples/NAME. The demo_*.yaml configs need the demo's models under $$MOEKIT_CACHE: run `make demo` first.
+DEMO_MODELS = $${MOEKIT_CACHE:-$$HOME/.cache/moekit}/demo/models/smollm2-base
+examples: setup
+	$(BIN)/moekit example-models merge_configs
+	@set -e; for config in merge_configs/*.yaml; do \
+	  name=$$(basename $$config .yaml); \
+	  case $$name in demo_*) if [ ! -e "$(DEMO_MODELS)" ]; then \
+	    echo "not run: $$config (its models come from \`make demo\`)"; continue; fi;; esac; \
+	  echo "$$ moekit merge $$config -o out/examples/$$name --force -q"; \
+	  $(BIN)/moekit merge $$config -o out/examples/$$name --force -q; \
+	done
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check $(LINT_PATHS)

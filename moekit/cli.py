@@ -535,3 +535,25 @@ def extract_lora_command(
             error = f"{m.relative_error:11.3e}" if m.kind == "lora" else f"{'-':>11}"
             click.echo(f"{m.module:<50} {m.kind:<9} {m.rank or '-':>5} {error}")
         click.echo(f"wrote {result.out} (largest relative error {result.max_relative_error:.3e})")
+
+
+# --- example-models (moekit.examples) ---
+@cli.command("example-models")
+@click.argument("config_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--force", is_flag=True, help="Remake example models that exist, and replace other directories."
+)
+def example_models_command(config_dir, force) -> None:
+    """Write the small local models the example configs name into CONFIG_DIR/models and CONFIG_DIR/loras.
+
+    Paths in a config are relative to the config's folder, so with CONFIG_DIR = merge_configs every example
+    there runs unchanged. The models are random stand-ins (4-layer Llama and Qwen2 bases, noisy fine-tunes,
+    rank-4 LoRAs), made locally in seconds; the demo_*.yaml configs need `make demo` instead.
+
+    \b
+    Example:
+      moekit example-models merge_configs && moekit merge merge_configs/ties.yaml -o out/ties
+    """
+    from moekit.examples import make_example_models
+
+    make_example_models(config_dir, force=force, print_fn=click.echo)

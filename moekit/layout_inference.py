@@ -26,6 +26,7 @@ from pathlib import Path
 
 from moekit.architectures import Family
 from moekit.errors import UserError
+from moekit.paths import moekit_cache
 
 CACHE_FORMAT = 1
 
@@ -51,8 +52,7 @@ def transformers_version() -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MOEKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "moekit")
-    return Path(root) / "layouts"
+    return moekit_cache() / "layouts"
 
 
 def cache_key(config: dict) -> str:

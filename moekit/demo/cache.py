@@ -17,10 +17,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from moekit.paths import moekit_cache
+
 
 def cache_root() -> Path:
     """The demo cache directory: $MOEKIT_CACHE, else ~/.cache/moekit."""
-    return Path(os.environ.get("MOEKIT_CACHE") or Path.home() / ".cache" / "moekit").expanduser()
+    return moekit_cache()
 
 
 def cache_key(**inputs: object) -> str:

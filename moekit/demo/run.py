@@ -26,10 +26,12 @@ from moekit.demo.domains import DomainWindows, domain_windows
 from moekit.demo.perplexity import perplexity
 from moekit.demo.smollm2 import smollm2_checkpoint
 from moekit.demo.specialists import specialist
+from moekit.paths import expand_path
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "merge_configs"
-# The configs name the models where a default demo run links them, so that they also run by hand.
-CONFIG_MODELS_DIR = "~/.cache/moekit/demo/models"
+# The configs name the models where a default demo run links them, so that they also run by hand (moekit
+# expands ${MOEKIT_CACHE} in model paths to the same directory the demo caches in).
+CONFIG_MODELS_DIR = "${MOEKIT_CACHE}/demo/models"
 MERGES = {
     "linear": "demo_linear.yaml",
     "task_arithmetic": "demo_task_arithmetic.yaml",
@@ -57,7 +59,7 @@ def link_models(models_dir: Path, checkpoints: dict[str, Path]) -> None:
 def demo_config(name: str, models_dir: Path, work: Path) -> Path:
     """The demo config `name`, rewritten into `work` when the models live elsewhere than the configs say."""
     source = CONFIG_DIR / MERGES[name]
-    if models_dir.resolve() == Path(CONFIG_MODELS_DIR).expanduser().resolve():
+    if models_dir.resolve() == expand_path(CONFIG_MODELS_DIR).resolve():
         return source
     rewritten = work / "configs" / source.name
     rewritten.parent.mkdir(parents=True, exist_ok=True)

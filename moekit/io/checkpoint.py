@@ -15,6 +15,7 @@ from moekit.errors import UserError
 from moekit.io.pickle_reader import PickleReader, holds_pickled_weights_only, pickled_files, pickled_index
 from moekit.io.safetensors_reader import TensorReader, checkpoint_infos
 from moekit.lora.reference import split_adapter_ref, with_adapter
+from moekit.paths import expand_path
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -88,7 +89,7 @@ def resolve_model_dir(ref: str, base_dir: Path | None = None, where: str = "conf
     """A model reference from a config, as a local directory. Hub ids are refused: we never download."""
     if not isinstance(ref, str) or not ref.strip():
         raise UserError(f"{where}: model reference {ref!r} must be a path to a local model directory")
-    path = Path(ref).expanduser()
+    path = expand_path(ref)
     if not path.is_absolute() and base_dir is not None:  # relative to the config file, wherever moekit runs
         path = base_dir / path
     path = path.absolute()

@@ -27,6 +27,7 @@ from moekit.io.output_dir import atomic_output_dir, check_output_free, check_out
 from moekit.io.output_files import write_recipe
 from moekit.lora.adapter import PREFIX, LoraAdapter, LoraFactors, open_adapter
 from moekit.lora.adapter_writer import AdapterWriter
+from moekit.paths import expand_path
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -315,7 +316,7 @@ def merge_adapters_config(
         weight = entry.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             raise UserError(f"{where}: weight must be a number, got {weight!r}")
-        ref = Path(str(entry["adapter"])).expanduser()
+        ref = expand_path(str(entry["adapter"]))
         if not ref.is_absolute() and base_dir is not None:
             ref = base_dir / ref
         if not ref.is_dir():

@@ -15,10 +15,11 @@ import torch
 from moekit.errors import UserError
 from moekit.io.safetensors_reader import CheckpointReader
 from moekit.lora.adapter import CONFIG_NAME, LoraAdapter, lora_delta, open_adapter
+from moekit.paths import expand_path
 
 
 def _exists(ref: str, base_dir: Path | None) -> bool:
-    path = Path(ref).expanduser()
+    path = expand_path(ref)
     return path.exists() or (not path.is_absolute() and base_dir is not None and (base_dir / path).exists())
 
 
@@ -35,7 +36,7 @@ def split_adapter_ref(
             f"{where}: model reference '{ref}' is not MODEL+ADAPTER (exactly one '+' between two paths)"
         )
     model, adapter = parts
-    adapter_path = Path(adapter).expanduser()
+    adapter_path = expand_path(adapter)
     if not adapter_path.is_absolute() and base_dir is not None and not adapter_path.exists():
         adapter_path = base_dir / adapter_path
     if not adapter_path.is_dir():

@@ -35,6 +35,7 @@ import torch
 
 from moekit.errors import UserError, did_you_mean
 from moekit.io.checkpoint import Checkpoint
+from moekit.paths import expand_path
 
 
 @dataclass
@@ -190,7 +191,7 @@ def build_vocabulary(
         out_tok = union_tokenizer(base_tok, pairs)
     else:
         match = next((m for m in models if m.ref == source), None)
-        path = match.path if match else Path(source).expanduser()
+        path = match.path if match else expand_path(source)
         if not path.is_absolute() and base_dir is not None:  # a path in a config is relative to the config
             path = base_dir / path
         if not path.is_dir():
