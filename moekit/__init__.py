@@ -5,7 +5,9 @@ from __future__ import annotations
 from moekit._version import __version__
 from moekit.errors import UserError
 
-__all__ = ["UserError", "merge", "route_stats", "calibrate_router", "moe_forward", "MoELayer", "__version__"]
+__all__ = [
+    "UserError", "merge", "verify", "route_stats", "calibrate_router", "moe_forward", "MoELayer", "__version__"
+]  # fmt: skip
 
 
 def merge(config, out, **options):
@@ -13,6 +15,14 @@ def merge(config, out, **options):
     from moekit.merging.api import merge as _merge
 
     return _merge(config, out, **options)
+
+
+def verify(out, **options):
+    """Check a merge output: shards, finite tensors, shapes, a transformers load, the recipe's rerun. See
+    moekit.verification."""
+    from moekit.verification import verify as _verify
+
+    return _verify(out, **options)
 
 
 def route_stats(model_or_path, prompts, **options):

@@ -557,3 +557,35 @@ def example_models_command(config_dir, force) -> None:
     from moekit.examples import make_example_models
 
     make_example_models(config_dir, force=force, print_fn=click.echo)
+
+
+# --- verify (moekit.verification) ---
+@cli.command("verify")
+@click.argument("out_dir", metavar="OUT", type=click.Path())
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    help="The config the merge ran from (it must equal the recipe): its relative paths resolve as they did.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="The merge's --seed, for the rerun.")
+@click.option("--no-rerun", is_flag=True, help="Do not merge the recipe again (it needs the input models).")
+@click.option("--no-load", is_flag=True, help="Do not load the model in transformers.")
+def verify_command(out_dir, config, seed, no_rerun, no_load) -> None:
+    """Check a merge output OUT: shards against the index, every tensor finite, shapes against config.json (the
+    per-expert layout transformers 4.x and 5.x load), a transformers load, and that moekit_config.yaml merged
+    again gives the same tensor bytes. Prints one line per problem and exits 1 if there is any; exit 0 when all
+    checks pass, 2 when OUT cannot be checked at all (no such directory).
+
+    \b
+    Example:
+      moekit verify out/ties --config merge_configs/ties.yaml --seed 1
+    """
+    from moekit.verification import verify
+
+    report = verify(
+        out_dir, config=config, seed=seed, rerun=not no_rerun, load=not no_load, print_fn=click.echo
+    )
+    if not report.ok:
+        click.echo(f"moekit: verify: {len(report.problems)} problem(s) in {out_dir}", err=True)
+        sys.exit(1)
+    click.echo(f"{out_dir}: all {len(report.passed)} checks passed")
