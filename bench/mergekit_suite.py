@@ -223,7 +223,11 @@ def _stored_half(raw: dict) -> bool:
     """True when the inputs are stored in half precision (mergekit then computes in it without `dtype`)."""
     for ref in _model_ids(raw):
         cfg = Path(ref) / "config.json"
-        if cfg.is_file() and json.loads(cfg.read_text()).get("torch_dtype") in ("bfloat16", "float16"):
+        if not cfg.is_file():
+            continue
+        stored = json.loads(cfg.read_text())
+        # transformers 5 writes `dtype`, 4.x wrote `torch_dtype`
+        if (stored.get("dtype") or stored.get("torch_dtype")) in ("bfloat16", "float16"):
             return True
     return False
 
