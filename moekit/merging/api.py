@@ -28,6 +28,7 @@ from moekit.io.writer import check_shard_size, streaming_output
 from moekit.lora.combine import is_adapter_merge_config, merge_adapters_config
 from moekit.merging.engine import MergeRunner
 from moekit.merging.plan import Plan, build_plan
+from moekit.merging.stacked_experts import Unstacking
 from moekit.progress import tensor_progress
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,8 @@ def _merge(
 def _write_all(
     plan: Plan, out: Path, force: bool, shard_size: int, seed: int, allow_nonfinite: bool, progress: bool
 ) -> None:
-    with streaming_output(out, force, plan.output_tensors, shard_size) as (tmp, writer):
+    unstack = Unstacking(plan.models[plan.reference])
+    with streaming_output(out, force, unstack.outputs(plan.output_tensors), shard_size) as (tmp, writer):
         with tensor_progress(len(plan.jobs), plan.output_bytes, progress) as advance:
             runner = MergeRunner(
                 plan,
@@ -150,7 +152,7 @@ def _write_all(
                 allow_nonfinite=allow_nonfinite,
                 on_progress=lambda job: advance(job.out.nbytes),
             )
-            runner.run(lambda job, tensor, last: writer.write(job.out.name, tensor, last))
+            runner.run(lambda job, tensor, last: unstack.write(writer, job.out, tensor, last))
         write_dense_metadata(plan, tmp)
 
 

@@ -19,6 +19,7 @@ from moekit.errors import UserError
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.writer import OutputTensor, PlannedOutputs
 from moekit.merging.registry import MergeMethod
+from moekit.merging.stacked_experts import mergekit_order, stack_experts
 from moekit.merging.tokenizer import Vocabulary, build_vocabulary
 
 
@@ -115,6 +116,7 @@ def open_models(config: MergeConfig, allow_crimes: bool = False) -> tuple[list[C
 def build_plan(config: MergeConfig, allow_crimes: bool = False) -> Plan:
     models, index = open_models(config, allow_crimes)
     try:
+        stack_experts(models, config.method.elementwise)  # merged as mergekit merges them
         return _build(config, models, index)
     except BaseException:
         for m in models:
@@ -203,8 +205,9 @@ def _build(config: MergeConfig, models: list[Checkpoint], index: dict[str, int])
     for t in sorted(post):
         jobs.append(planner.job(t, [(s, t) for s in slices[-1].sources], slices[-1], t_pos=0.0))
 
-    # Alphabetical order, as mergekit walks tensors: randomised methods then draw their masks in the same order.
-    jobs.sort(key=lambda j: j.out.name)
+    # The order mergekit walks tensors (alphabetical, save for MoE experts): random methods then draw as it does.
+    order = mergekit_order(ref_model)
+    jobs.sort(key=lambda j: order(j.out.name))
     vocab = _vocabulary(config, models, index, jobs, name)
     return Plan(config, method, models, reference, jobs, out_layer, layer_sources, vocab, untied_head)
 
