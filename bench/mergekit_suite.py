@@ -164,8 +164,13 @@ def _refusal(stderr: str) -> str:
     return "refused: " + (last[:90] + "..." if len(last) > 90 else last)
 
 
+# One thread per tool: no timing is taken here, and on a busy machine idle-spinning threads only slow both tools.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def run_tool(cmd: list[str], env: dict | None = None) -> Outcome:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **PEER_ENV, **(env or {})})
+    env = {**os.environ, **PEER_ENV, **ONE_THREAD, **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     return Outcome(True, "ok") if proc.returncode == 0 else Outcome(False, _refusal(proc.stderr))
 
 
@@ -185,16 +190,11 @@ def run_config(c: Config, work: Path) -> Row:
     done = d / "row.json"
     if done.is_file() and json.loads(done.read_text())["text"] == c.text:
         return _row_from(json.loads(done.read_text()))
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir(parents=True)
-    cfg_path = d / "config.yaml"
-    cfg_path.write_text(c.text)
+    mk = run_mergekit(c, d)
+    for stale in ("moekit", "moekit-mode"):
+        shutil.rmtree(d / stale, ignore_errors=True)
+    cfg_path, mode_path = d / "config.yaml", d / "config_mergekit_mode.yaml"
     raw = yaml.safe_load(c.text)
-    mode_path = d / "config_mergekit_mode.yaml"
-    mode_path.write_text(c.text.rstrip() + "\ncompute_dtype: mergekit\n")
-    mk = run_tool(
-        [str(mergekit_venv() / "mergekit-yaml"), str(cfg_path), str(d / "mergekit"), "--random-seed", "0"]
-    )
     moe_cmd = [sys.executable, "-m", "moekit", "merge"]
     ours = run_tool([*moe_cmd, str(cfg_path), str(d / "moekit"), "--seed", "0", "-q"])
     diff = diff_mode = None
@@ -210,6 +210,29 @@ def run_config(c: Config, work: Path) -> Row:
     record |= {"mergekit": mk.__dict__, "moekit": ours.__dict__}
     done.write_text(json.dumps(record))
     return row
+
+
+def run_mergekit(c: Config, d: Path) -> Outcome:
+    """mergekit-yaml on one config, its outcome kept in mergekit.json (with the config text) and its output in
+    mergekit/: a rerun after a moekit change merges only with moekit."""
+    record = d / "mergekit.json"
+    if record.is_file() and json.loads(record.read_text())["text"] == c.text:
+        return Outcome(**json.loads(record.read_text())["outcome"])
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(c.text)
+    (d / "config_mergekit_mode.yaml").write_text(c.text.rstrip() + "\ncompute_dtype: mergekit\n")
+    mk = run_tool(
+        [
+            str(mergekit_venv() / "mergekit-yaml"),
+            str(d / "config.yaml"),
+            str(d / "mergekit"),
+            "--random-seed",
+            "0",
+        ]
+    )
+    record.write_text(json.dumps({"text": c.text, "outcome": mk.__dict__}))
+    return mk
 
 
 def _row_from(record: dict) -> Row:
