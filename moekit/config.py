@@ -43,7 +43,7 @@ DENSE_KEYS = {
     "out_dtype": "dtype of the output tensors",
     "compute_dtype": "dtype of the arithmetic (moekit; default float32; `mergekit` = mergekit's, bit for bit)",
     "tokenizer_source": "base, union, or a model path",
-    "tokenizer": "{source, pad_to_multiple_of}",
+    "tokenizer": "{source, tokens, pad_to_multiple_of}",
     "chat_template": "chat template name or Jinja text for the output tokenizer",
     "out": "output directory (moekit)",
     "name": "a name for the model card (moekit)",
@@ -97,6 +97,7 @@ class MergeConfig:
     # mergekit's output switches (--no-copy-tokenizer, --no-write-model-card): options of the run, not YAML keys
     copy_tokenizer: bool = True
     write_model_card: bool = True
+    tokens: tuple[TokenSetting, ...] = ()  # tokenizer.tokens, in config order
 
 
 class _NoDuplicateKeysLoader(yaml.SafeLoader):
@@ -192,6 +193,71 @@ def is_moe_config(raw: dict) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class TokenSetting:
+    """One entry of `tokenizer.tokens` (mergekit's TokenEmbeddingConfig): where the token's embedding row comes
+    from where a model lacks the token, or for every model with `force`."""
+
+    token: str
+    force: bool
+    kind: str | None  # "model" (that model's row of this token), "model_token", "zero", or None (no source)
+    model: str | None = None
+    token_id: int | None = None  # model_token: a row of `model` by id...
+    source_token: str | None = None  # ...or by that model's token
+    where: str = ""
+
+
+TOKEN_KEYS = {"source", "force"}
+TOKEN_SOURCE_KEYS = {"kind", "model", "token_id", "token"}
+
+
+def parse_token_settings(raw: object, where: str) -> tuple[TokenSetting, ...]:
+    """`tokenizer.tokens` as mergekit's pydantic models accept it."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping of token -> {{source, force}}, got {_short(raw)}")
+    out = []
+    for token, entry in raw.items():
+        at = f"{where}.{token}"
+        if not isinstance(token, str):
+            raise UserError(f"{where}: token {_short(token)} must be a string (quote it)")
+        entry = check_keys({} if entry is None else entry, TOKEN_KEYS, at)
+        force = _coerced(bool, entry.get("force", False))
+        if force is None:
+            raise UserError(f"{at}.force: expected true or false, got {_short(entry.get('force'))}")
+        src = entry.get("source")
+        if src is None:
+            out.append(TokenSetting(token, force, None, where=at))
+        elif isinstance(src, str):
+            out.append(TokenSetting(token, force, "model", src, where=at))
+        elif isinstance(src, dict):
+            src = check_keys(src, TOKEN_SOURCE_KEYS, f"{at}.source")
+            kind = src.get("kind")
+            if kind == "zero" and set(src) == {"kind"}:
+                out.append(TokenSetting(token, force, "zero", where=at))
+                continue
+            if kind != "model_token":
+                raise UserError(
+                    f"{at}.source: kind must be 'model_token' (with model and token_id or token) or 'zero' "
+                    f"(alone), got {_short(kind)}{did_you_mean(str(kind), ['model_token', 'zero'])}"
+                )
+            model, token_id, source_token = src.get("model"), src.get("token_id"), src.get("token")
+            if not isinstance(model, str):
+                raise UserError(f"{at}.source.model: expected a model path, got {_short(model)}")
+            if (token_id is None) == (source_token is None):
+                raise UserError(f"{at}.source: give exactly one of token_id and token")
+            if token_id is not None and (_coerced(int, token_id) is None or isinstance(token_id, bool)):
+                raise UserError(f"{at}.source.token_id: expected an integer, got {_short(token_id)}")
+            if source_token is not None and not isinstance(source_token, str):
+                raise UserError(f"{at}.source.token: expected a string, got {_short(source_token)}")
+            tid = None if token_id is None else _coerced(int, token_id)
+            out.append(TokenSetting(token, force, "model_token", model, tid, source_token, at))
+        else:
+            raise UserError(f"{at}.source: expected a model path or a mapping with 'kind', got {_short(src)}")
+    return tuple(out)
+
+
 def check_keys(obj: object, allowed, where: str) -> dict:
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a mapping, got {type(obj).__name__} {_short(obj)}")
@@ -265,15 +331,13 @@ def parse_merge_config(raw: dict, path: Path | None = None) -> MergeConfig:
     cfg_tokenizer = raw.get("tokenizer")
     tokenizer_source = raw.get("tokenizer_source")
     pad_to = None
+    tokens: tuple[TokenSetting, ...] = ()
     if cfg_tokenizer is not None:
         check_keys(cfg_tokenizer, TOKENIZER_KEYS, f"{name}: tokenizer")
         if tokenizer_source is not None:
             raise UserError(f"{name}: give either 'tokenizer_source' or 'tokenizer', not both")
-        if cfg_tokenizer.get("tokens"):
-            raise UserError(
-                f"{name}: tokenizer.tokens is not supported yet; remove it and use tokenizer.source"
-            )
-        tokenizer_source = cfg_tokenizer.get("source")
+        tokens = parse_token_settings(cfg_tokenizer.get("tokens"), f"{name}: tokenizer.tokens")
+        tokenizer_source = cfg_tokenizer.get("source", "union")  # mergekit's TokenizerConfig default
         pad_to = cfg_tokenizer.get("pad_to_multiple_of")
         if pad_to is not None and (not isinstance(pad_to, int) or isinstance(pad_to, bool) or pad_to < 1):
             raise UserError(
@@ -304,6 +368,7 @@ def parse_merge_config(raw: dict, path: Path | None = None) -> MergeConfig:
         compute_dtype=parse_compute_dtype(raw.get("compute_dtype", "float32"), f"{name}: compute_dtype"),
         tokenizer_source=tokenizer_source,
         pad_to_multiple_of=pad_to,
+        tokens=tokens,
         chat_template=raw.get("chat_template"),
         out=raw.get("out"),
         name=raw.get("name"),

@@ -238,3 +238,96 @@ def test_misspelled_tokenizer_source_suggests_union(vocab_models, tmp_path):
     with pytest.raises(UserError, match="did you mean 'union'"):
         moekit.merge(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _configured_rows(
+    out_vocab: dict[str, int], models: list[Path], base: Path | None, name: str, tokens: dict
+) -> list[dict[int, torch.Tensor]]:
+    """mergekit's PermutedVocabulary with `tokenizer.tokens`, one token at a time: a configured token takes its
+    configured row (zeros, a model's own row of it, or a model's row by id or token) in every model that lacks it,
+    or in all models when forced; the other tokens follow the fallback rules of _reference_rows."""
+    rows = _reference_rows(out_vocab, models, base, name)
+    vocabs = [_vocab(m) for m in models]
+    tensors = [load_tensors(m)[name].float() for m in models]
+    for tok, (force, kind, model, ref) in tokens.items():
+        j = out_vocab[tok]
+        if kind == "zero":
+            row = torch.zeros(tensors[0].shape[1])
+        else:
+            i = models.index(model)
+            row_id = vocabs[i][tok] if kind == "model" else ref if isinstance(ref, int) else vocabs[i][ref]
+            row = tensors[i][row_id]
+        for i, v in enumerate(vocabs):
+            if force or tok not in v:
+                rows[i][j] = row
+    return rows
+
+
+def test_configured_tokens_take_their_rows_as_mergekit(vocab_models, tmp_path):
+    """tokenizer.tokens: a forced model row, a new token seeded from another token's row (added to the output
+    tokenizer), an unforced zero row (only where a model lacks the token), a row by id; the tokenizer block
+    without `source` is mergekit's default, union. Linear merge in fp32 against the per-token formula (1e-6)."""
+    m = vocab_models
+    models = [m["base"], m["tool_a"], m["tool_b"]]
+    weights = torch.rand(3).add(0.2).tolist()
+    row_id = int(torch.randint(0, 300, ()))
+    tokens = {
+        "<tool>": {"source": str(m["tool_b"]), "force": True},
+        "<brand_new>": {"source": {"kind": "model_token", "model": str(m["base"]), "token": "<x>"}},
+        "gamma": {"source": {"kind": "zero"}},
+        "<x>": {
+            "source": {"kind": "model_token", "model": str(m["tool_a"]), "token_id": row_id},
+            "force": "false",
+        },
+    }
+    cfg = {
+        "merge_method": "linear",
+        "base_model": str(m["base"]),
+        "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(models, weights)],
+        "tokenizer": {"tokens": tokens},
+        "dtype": "float32",
+    }
+    out = moekit.merge(cfg, tmp_path / "out")
+    out_vocab = _vocab(out)
+    assert set(out_vocab) == set(_vocab(m["base"])) | {"<tool>", "alpha", "gamma", "<brand_new>"}
+    assert out_vocab["<brand_new>"] == len(out_vocab) - 1  # added last, after the union
+    got = load_tensors(out)
+    expected = {
+        "<tool>": (True, "model", m["tool_b"], None),
+        "<brand_new>": (False, "model_token", m["base"], "<x>"),
+        "gamma": (False, "zero", None, None),
+        "<x>": (False, "model_token", m["tool_a"], row_id),
+    }
+    for name in VOCAB_TENSORS:
+        ref = _configured_rows(out_vocab, models, m["base"], name, expected)
+        want = torch.stack(
+            [sum(w * r[j] for w, r in zip(weights, ref)) / sum(weights) for j in range(len(out_vocab))]
+        )
+        assert (got[name] - want).abs().max().item() <= TOL, name
+        # the configured rows differ from the default fallbacks, so the check above can fail
+        default = _reference_rows(out_vocab, models, m["base"], name)
+        assert not torch.allclose(default[0][out_vocab["<tool>"]], ref[0][out_vocab["<tool>"]])
+
+
+@pytest.mark.parametrize(
+    "entry, needle",
+    [
+        ({"source": {"kind": "modle_token", "model": "x", "token": "a"}}, "did you mean 'model_token'"),
+        ({"source": {"kind": "model_token", "model": "x"}}, "exactly one of token_id and token"),
+        ({"sorce": "x"}, "did you mean 'source'"),
+        ({"force": True}, "needs a source"),
+        ({"source": "/not/merged"}, "is not one of the merged models"),
+    ],
+)
+def test_bad_token_settings_are_one_line_errors(vocab_models, tmp_path, entry, needle):
+    m = vocab_models
+    cfg = {
+        "merge_method": "linear",
+        "models": [{"model": str(m["tool_a"])}, {"model": str(m["tool_b"])}],
+        "parameters": {"weight": 1.0},
+        "tokenizer": {"source": "union", "tokens": {"<tool>": entry}},
+    }
+    with pytest.raises(UserError, match=needle) as e:
+        moekit.merge(cfg, tmp_path / "out")
+    assert "\n" not in str(e.value) and "tokenizer.tokens.<tool>" in str(e.value)
+    assert not (tmp_path / "out").exists()

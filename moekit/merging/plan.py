@@ -291,7 +291,7 @@ def _vocabulary(
         return None
     base = index[config.base_model] if config.base_model else None
     vocab = build_vocabulary(
-        config.tokenizer_source, models, base, config.pad_to_multiple_of, name, config.base_dir
+        config.tokenizer_source, models, base, config.pad_to_multiple_of, name, config.base_dir, config.tokens
     )
     for job in jobs:
         if not job.is_embedding:

@@ -1,4 +1,5 @@
-"""Merging models whose tokenizers differ: `tokenizer_source: base | union | MODEL_PATH`, with mergekit 0.1.5's rules.
+"""Merging models whose tokenizers differ: `tokenizer_source: base | union | MODEL_PATH` (or `tokenizer: {source,
+tokens, pad_to_multiple_of}`, whose source defaults to union), with mergekit 0.1.5's rules.
 
 The output vocabulary is the chosen tokenizer's:
 - `base`: the base model's tokenizer, stripped of tokens whose id is >= the base's `vocab_size` (mergekit's
@@ -14,7 +15,10 @@ output's token order. A token the model has keeps its own row. A token it lacks 
 model that lacks it: the row of the only model that has it; else the base model's row if the base is among the
 tensor's inputs and has it; else the mean of the rows of the models that have it; zeros if no model has it. Every
 model then takes part in every row with its configured weight (mergekit does not drop a model's weight where it
-lacks a token). Padding rows past the tokenizer's length get the mean of that model's real rows.
+lacks a token). `tokenizer.tokens` sets that row per token instead: another token's row of a model
+(`{kind: model_token, model, token_id | token}`), that model's own row of the token (`source: MODEL`) or zeros
+(`{kind: zero}`); with `force: true` every model takes it, even one that has the token. Configured tokens the output
+lacks are added to it. Padding rows past the tokenizer's length get the mean of that model's real rows.
 
 Known differences from mergekit 0.1.5, both in cases where its behaviour is not reproducible:
 - `union` adds each model's new tokens in token-id order, models in config order. mergekit walks its models as a
@@ -33,9 +37,22 @@ from typing import Any
 
 import torch
 
+from moekit.config import TokenSetting
 from moekit.errors import UserError, did_you_mean
 from moekit.io.checkpoint import Checkpoint
 from moekit.paths import expand_path
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """A configured token's row (`tokenizer.tokens`): for the models that lack the token, or all with `force`."""
+
+    token: str
+    out_id: int
+    force: bool
+    model: int | None  # Plan.models index of the model whose row it is; None: zeros
+    row: int  # that row, in the model's own token ids
+    where: str
 
 
 @dataclass
@@ -47,6 +64,7 @@ class Vocabulary:
     size: int  # output rows: n_tokens rounded up to pad_to_multiple_of
     source_rows: list[torch.Tensor]  # per Plan.models index: int64 [n_tokens], the model's row or -1
     base: int | None  # Plan.models index of base_model
+    token_rows: tuple[TokenRow, ...] = ()
 
     def permute(
         self, tensors: list[torch.Tensor], model_ids: list[int], hold_dtype: torch.dtype
@@ -68,14 +86,33 @@ class Vocabulary:
         if self.base in model_ids:
             i = model_ids.index(self.base)
             fallback = torch.where(_rows(present[i], fallback), gathered[i], fallback)
+        configured = [(t, self._configured_row(t, tensors, model_ids)) for t in self.token_rows]
         out = []
         for g, p in zip(gathered, present):
             full = torch.where(_rows(p, g), g, fallback)
+            for t, row in configured:
+                if t.force or not p[t.out_id]:
+                    full[t.out_id] = row
             if self.size > self.n_tokens:
                 pad = full.to(hold_dtype).mean(0).to(full.dtype)
                 full = torch.cat([full, pad.expand(self.size - self.n_tokens, *pad.shape)])
             out.append(full)
         return out
+
+    def _configured_row(self, t: TokenRow, tensors: list[torch.Tensor], model_ids: list[int]) -> torch.Tensor:
+        if t.model is None:
+            return tensors[0].new_zeros(tensors[0].shape[1:])
+        if t.model not in model_ids:
+            raise UserError(
+                f"{t.where}: its row comes from a model that is not an input of this vocabulary tensor; take the "
+                "row from one of the merged models"
+            )
+        source = tensors[model_ids.index(t.model)]
+        if t.row >= source.shape[0]:
+            raise UserError(
+                f"{t.where}: token id {t.row} is past the model's {source.shape[0]} embedding rows"
+            )
+        return source[t.row]
 
     def save(self, out_dir: Path) -> None:
         self.tokenizer.save_pretrained(str(out_dir))
@@ -164,8 +201,10 @@ def build_vocabulary(
     pad_to_multiple_of: int | None,
     where: str,
     base_dir: Path | None = None,
+    tokens: tuple[TokenSetting, ...] = (),
 ) -> Vocabulary:
-    """The output vocabulary for `tokenizer_source` = `source` and each model's row map into it."""
+    """The output vocabulary for `tokenizer_source` = `source` and each model's row map into it; `tokens` (from
+    tokenizer.tokens) are added when missing and take their rows as configured."""
     ref = base if base is not None else 0
     try:
         base_tok = stripped_tokenizer(models[ref])
@@ -205,6 +244,12 @@ def build_vocabulary(
             raise UserError(
                 f"{where}: tokenizer_source '{source}': cannot load a tokenizer there ({e})"
             ) from None
+    missing = [t.token for t in tokens if t.token not in out_tok.get_vocab()]
+    if missing:  # mergekit adds the configured tokens the output lacks, one by one, as plain tokens
+        out_tok = _fresh_copy(out_tok)
+        for t in missing:
+            if t not in out_tok.get_vocab():
+                out_tok.add_tokens(t)
     vocab = out_tok.get_vocab()
     n = len(vocab)
     size = n if not pad_to_multiple_of else -(-n // pad_to_multiple_of) * pad_to_multiple_of
@@ -218,7 +263,64 @@ def build_vocabulary(
             if i is not None and i < limit:
                 rows[j] = i
         source_rows.append(rows)
-    return Vocabulary(out_tok, n, size, source_rows, base)
+    token_rows = tuple(
+        _token_row(t, vocab[t.token], models, toks, base_tok, source_rows, base_dir) for t in tokens
+    )
+    return Vocabulary(out_tok, n, size, source_rows, base, tuple(r for r in token_rows if r is not None))
+
+
+def _token_row(
+    t: TokenSetting,
+    out_id: int,
+    models: list[Checkpoint],
+    toks: list[Any],
+    base_tok: Any,
+    source_rows: list[torch.Tensor],
+    base_dir: Path | None,
+) -> TokenRow | None:
+    """Where a configured token's row comes from, as mergekit's PermutedVocabulary takes it."""
+    if t.kind == "zero":
+        return TokenRow(t.token, out_id, t.force, None, 0, t.where)
+    if (
+        t.kind is None
+    ):  # no source: only a token every model has, unforced, needs none (mergekit fails otherwise)
+        if t.force or any(int(rows[out_id]) < 0 for rows in source_rows):
+            raise UserError(
+                f"{t.where}: needs a source (a model path, {{kind: model_token, model, token_id or token}} or "
+                "{kind: zero}): some model lacks the token, or force is set"
+            )
+        return None
+    i = _model_index(t.model, models, base_dir)
+    if i is None:
+        listing = ", ".join(f"'{m.ref}'" for m in models)
+        raise UserError(f"{t.where}: source model '{t.model}' is not one of the merged models ({listing})")
+    if t.kind == "model":
+        row = int(source_rows[i][out_id])
+        if row < 0:
+            raise UserError(
+                f"{t.where}: model '{models[i].ref}' has no token {t.token!r} to take its row from"
+            )
+        return TokenRow(t.token, out_id, t.force, i, row, t.where)
+    if t.token_id is not None:
+        if t.token_id < 0:
+            raise UserError(f"{t.where}: token_id {t.token_id} is negative")
+        return TokenRow(t.token, out_id, t.force, i, t.token_id, t.where)
+    own = (toks[i] or base_tok).get_vocab()
+    if t.source_token not in own:
+        raise UserError(f"{t.where}: model '{models[i].ref}' has no token {t.source_token!r}")
+    return TokenRow(t.token, out_id, t.force, i, own[t.source_token], t.where)
+
+
+def _model_index(ref: str, models: list[Checkpoint], base_dir: Path | None) -> int | None:
+    """The merged model a config reference names: by the reference itself, else by the directory it resolves to."""
+    for i, m in enumerate(models):
+        if m.ref == ref:
+            return i
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    resolved = path.resolve() if path.exists() else None
+    return next((i for i, m in enumerate(models) if resolved and m.path.resolve() == resolved), None)
 
 
 # Chat templates by name (mergekit's names; the Jinja here is written for moekit from each format's published
