@@ -96,6 +96,38 @@ def test_ties_bits_with_ties_at_the_threshold(dtype):
     assert torch.equal(got, want)
 
 
+def test_default_fp32_top_k_ties_are_chosen_by_mergekits_sort():
+    """Quantised fp32 deltas (many equal magnitudes at the top-k threshold), default compute: the kept elements
+    are those of mergekit's descending argsort (TIES) and ascending sort (breadcrumbs), so the result is
+    mergekit's exactly (torch.equal), not only the kept count."""
+    base = torch.randn(41, 37)
+    models = [base + torch.randint(-4, 5, base.shape) / 64 for _ in range(3)]
+    weight = torch.rand(3).add(0.1).tolist()
+    density = [0.3, 0.55, 0.45]
+    keep = []
+    for m, d in zip(models, density):
+        w = (m - base).abs().reshape(-1)
+        mask = torch.zeros(w.numel())
+        mask[torch.argsort(w, descending=True)[: int(d * w.numel())]] = 1
+        keep.append(mask.view(base.shape))
+    got = call("ties", models, base, False, weight=weight, density=density)
+    assert torch.equal(got, mergekit_task_arithmetic(base, models, weight, 1.0, True, keep, consensus=True))
+
+    gamma, density = 0.05, [0.6, 0.5, 0.7]
+    keep = []
+    for m, d in zip(models, density):
+        w = (m - base).abs().reshape(-1)
+        n, target = w.numel(), int(d * w.numel())
+        n_bot = max(0, n - target - int(gamma * n))
+        mask = torch.zeros(n)
+        mask[torch.sort(w).indices[n_bot : n_bot + target]] = 1
+        keep.append(mask.view(base.shape))
+    got = call("breadcrumbs", models, base, False, weight=weight, density=density, gamma=[gamma] * 3)
+    assert torch.equal(
+        got, mergekit_task_arithmetic(base, models, weight, 1.0, False, keep)
+    )  # normalize: false
+
+
 def test_ties_default_fp32_sign_vote_order():
     """The default (streaming) TIES vote with three models in fp32 adds the weighted deltas in mergekit's order:
     exactly mergekit's numbers where no magnitude ties at the threshold (continuous random inputs)."""
@@ -179,7 +211,7 @@ def test_mergekit_mode_end_to_end_bf16(tmp_path):
         want = mergekit_task_arithmetic(b[k], [f1[k], f2[k]], [0.7, 0.45], 0.8, False)
         assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], want), k
         exact64 = b[k].double() + 0.8 * (
-            0.7 * (f1[k].double() - b[k].double()) + 0.45 * (f2[k] - b[k]).double()
+            0.7 * (f1[k].double() - b[k].double()) + 0.45 * (f2[k].double() - b[k].double())
         )
         assert (default[k].double() - exact64).abs().max() <= 2**-8 * exact64.abs().max(), k
 

@@ -441,7 +441,11 @@ def test_kth_smallest_is_exact_on_large_tensors(layout):
     ordered = torch.sort(values).values
     for r in (1, n // 3, n // 2 + 7, n - 1):
         assert kth_smallest(values, r) == ordered[r - 1]
-    keep = top_k_mask(values.clone(), n // 4).bool()
+    keep = top_k_mask(values.clone(), n // 4)
+    if layout == "tied":  # equal entries straddle the threshold: the caller's sort (mergekit's) chooses
+        assert keep is None
+        return
+    keep = keep.bool()
     assert int(keep.sum()) == n // 4
     assert values[keep].min() >= values[~keep].max()
 

@@ -14,9 +14,9 @@ The rescale (when on) makes the sparse delta's L1 norm equal the dense one's (me
 linf are mergekit's other norms; `inverse_density` divides each survivor by its keep probability (the DARE and
 DELLA papers' 1/(1−p)).
 
-Top-k selection uses `torch.kthvalue` plus a tie fix, never a full sort. Ties at the threshold are broken by
-lower flat index first; mergekit's unstable argsort breaks them arbitrarily, so on tensors with many equal
-magnitudes at the threshold (bf16 deltas) the chosen elements can differ there while the kept count is the same.
+Top-k selection uses `torch.kthvalue`, not a full sort. Only when several entries equal the threshold and just
+some of them are kept does the choice need mergekit's own rule: its (unstable, deterministic) full sort picks them,
+so the kept set is mergekit's. That sort runs only for such tensors (quantised or half-precision deltas).
 """
 
 from __future__ import annotations
@@ -80,8 +80,9 @@ def kth_smallest(values: torch.Tensor, r: int) -> torch.Tensor:
     return torch.kthvalue(values, r).values
 
 
-def rank_below(values: torch.Tensor, r: int) -> torch.Tensor:
-    """Bool mask of the r smallest entries of a flat tensor (ties broken by lower index first)."""
+def rank_below(values: torch.Tensor, r: int) -> torch.Tensor | None:
+    """Bool mask of the r smallest entries of a flat tensor; None when entries equal at the r-th must be chosen
+    among (the caller then sorts, as mergekit does)."""
     n = values.numel()
     if r <= 0:
         return torch.zeros(n, dtype=torch.bool)
@@ -90,41 +91,44 @@ def rank_below(values: torch.Tensor, r: int) -> torch.Tensor:
     threshold = kth_smallest(values, r)
     mask = values < threshold
     missing = r - int(torch.count_nonzero(mask))
-    if missing > 0:  # take `missing` of the entries equal to the threshold, lowest index first
-        ties = (values == threshold).nonzero().squeeze(1)[:missing]
-        mask[ties] = True
+    if missing > 0:
+        ties = values == threshold
+        if missing < int(torch.count_nonzero(ties)):
+            return None
+        mask |= ties
     return mask
 
 
-def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k largest entries of a flat float tensor as a 1.0/0.0 mask, written over `values` (ties broken by
-    lower index first). A float mask multiplies a float tensor several times faster than a bool one."""
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The k largest entries of a flat float tensor as a 1.0/0.0 mask, written over `values`; None (and
+    `values` untouched) when entries equal at the threshold must be chosen among. A float mask multiplies a float
+    tensor several times faster than a bool one."""
     n = values.numel()
     if k >= n:
         return values.fill_(1)
     threshold = kth_smallest(values, n - k + 1)
     ties = (values == threshold).nonzero().squeeze(1)
+    missing = k - int(torch.count_nonzero(values > threshold))
+    if 0 < missing < ties.numel():
+        return None
     mask = values.gt_(threshold)
-    missing = k - int(torch.count_nonzero(mask))
-    if missing > 0:  # take `missing` of the entries equal to the threshold, lowest index first
-        mask[ties[:missing]] = 1
+    mask[ties] = 1  # all of them are kept when any is
     return mask
 
 
 def magnitude(
     delta: torch.Tensor, density: float, rescale_norm: str | None, by_sort: bool = False
 ) -> torch.Tensor:
-    """TIES trimming: keep the top max(1, int(density·numel)) by |δ| over the whole tensor. `by_sort` picks
-    among equal magnitudes at the threshold as mergekit's full descending argsort does."""
+    """TIES trimming: keep the top max(1, int(density·numel)) by |δ| over the whole tensor. Among equal
+    magnitudes at the threshold mergekit's full descending argsort picks (always, with `by_sort`)."""
     if density >= 1:
         return delta
     k = max(1, int(density * delta.numel()))
     w = delta.abs().reshape(-1).float()
-    if by_sort:
+    keep = None if by_sort else top_k_mask(w, k)
+    if keep is None:
         keep = torch.zeros(w.numel(), dtype=delta.dtype)
         keep[torch.argsort(w, descending=True)[:k]] = 1
-    else:
-        keep = top_k_mask(w, k)
     keep = keep.reshape(delta.shape)
     return _sparse(delta, keep, rescale_norm, density)
 
@@ -143,12 +147,13 @@ def magnitude_outliers(
     target, n_top = int(density * n), int(gamma * n)
     n_bot = max(0, n - target - n_top)
     w = delta.abs().reshape(-1).float()
-    if by_sort:  # mergekit's ascending sort decides among equal magnitudes at either bound
+    upper = None if by_sort else rank_below(w, n_bot + target)
+    lower = None if upper is None else rank_below(w, n_bot)
+    if lower is None:  # mergekit's ascending sort decides among equal magnitudes at either bound
         keep = torch.zeros(n, dtype=torch.bool)
         keep[torch.sort(w).indices[n_bot : n_bot + target]] = True
     else:
-        keep = rank_below(w, n_bot + target)
-        keep &= ~rank_below(w, n_bot)
+        keep = upper & ~lower
     return _sparse(delta, keep.reshape(delta.shape), rescale_norm, density)
 
 
