@@ -7,6 +7,8 @@ in one line that says why. Clown-MoEs of two different experts and TIES merges o
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import load_tensors
@@ -72,8 +74,10 @@ def test_not_built_source_refused(tmp_path):
 
 @pytest.mark.parametrize("moe_type", ["mixtral", "qwen3_moe"])
 def test_ties_of_two_moe_checkpoints(moe_type, tmp_path):
-    """TIES of two MoE fine-tunes over their base: per tensor, the formula (trim to density by magnitude, elect
-    the sign by summed mass, disjoint mean), against the safetensors tensors; the output loads and runs."""
+    """TIES of two MoE fine-tunes over their base: the formula (trim to density by magnitude, elect the sign by
+    summed mass, disjoint mean), against the safetensors tensors; the experts of a layer are trimmed together, as
+    mergekit trims transformers 5's stacked gate_up / down tensors (every element once, so the order of the
+    concatenation does not matter); the output loads and runs."""
     base = make_family_model(tmp_path / "base", moe_type, seed=1)
     fts = []
     for i in (2, 3):
@@ -94,10 +98,21 @@ def test_ties_of_two_moe_checkpoints(moe_type, tmp_path):
     tb, t1, t2, tm = (load_tensors(p) for p in (base, *fts, out))
     assert set(tm) == set(tb)
     assert any(".experts." in n for n in tm)
-    for name in tb:
+    groups: dict[str, list[str]] = {}
+    for name in sorted(tb):
+        m = re.match(
+            r"(model\.layers\.\d+)\..*experts\.\d+\.(w1|w3|gate_proj|up_proj|w2|down_proj)\.weight$", name
+        )
+        key = (
+            name
+            if m is None
+            else f"{m.group(1)}:{'down' if m.group(2) in ('w2', 'down_proj') else 'gate_up'}"
+        )
+        groups.setdefault(key, []).append(name)
+    for names in groups.values():
         deltas = []
         for t in (t1, t2):
-            d = (t[name] - tb[name]).flatten()
+            d = torch.cat([(t[n] - tb[n]).flatten() for n in names])
             k = int(0.5 * d.numel())
             keep = torch.zeros_like(d, dtype=torch.bool)
             if k > 0:
@@ -108,7 +123,8 @@ def test_ties_of_two_moe_checkpoints(moe_type, tmp_path):
         agree = (torch.sign(stack) == sign) & (stack != 0)
         total = (stack * agree).sum(0)
         count = agree.sum(0).clamp(min=1)
-        want = tb[name].flatten() + total / count
-        torch.testing.assert_close(tm[name].flatten(), want, atol=1e-6, rtol=0, msg=name)
+        want = torch.cat([tb[n].flatten() for n in names]) + total / count
+        got = torch.cat([tm[n].flatten() for n in names])
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=names[0])
     ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(1))
     assert torch.isfinite(_logits(out, ids)).all()
