@@ -160,6 +160,12 @@ def merge_command(
     Example:
       moekit merge merge_configs/ties.yaml -o out/ties --seed 1
     """
+    from moekit.preflight import check_merge_config
+
+    # The user errors that need no torch come before its import, which takes seconds.
+    check_merge_config(
+        config, out or out_dir, force=force, dry_run=dry_run, allow_pickle=allow_pickle or lazy_unpickle
+    )
     gc.disable()  # importing torch makes ~170k objects; collecting while they appear only walks them again
     try:
         from moekit.merging.api import merge

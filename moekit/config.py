@@ -11,27 +11,32 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from moekit.errors import UserError, did_you_mean
 from moekit.merging.registry import MergeMethod, Param, get_method
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
 
+# The dtype spellings a config may use, each the name of a torch dtype. Kept as names so that a config can be
+# read and checked before anything imports torch (a user error then takes a fraction of a second).
 DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float64": "float64",
 }
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 DENSE_KEYS = {
     "merge_method": "the method, e.g. linear, ties, slerp",
@@ -281,7 +286,14 @@ def parse_dtype(value: object, where: str) -> torch.dtype | None:
         raise UserError(
             f"{where}: unknown dtype {value!r}{did_you_mean(str(value), DTYPES)}; use float32, float16 or bfloat16"
         )
-    return DTYPES[value]
+    return torch_dtype(value)
+
+
+def torch_dtype(spelling: str) -> torch.dtype:
+    """The torch dtype a config's dtype spelling (a key of DTYPES) names."""
+    import torch
+
+    return getattr(torch, DTYPES[spelling])
 
 
 MERGEKIT_ARITHMETIC = "mergekit"
@@ -532,7 +544,7 @@ def coerce_setting(p: Param, setting: object, where: str) -> Any:
 def fits_float32(value: int | float) -> bool:
     """A finite number float32 can hold: merges compute in float32, where a bigger one is Inf (or an error)."""
     try:
-        return math.isfinite(float(value)) and abs(float(value)) <= torch.finfo(torch.float32).max
+        return math.isfinite(float(value)) and abs(float(value)) <= FLOAT32_MAX
     except OverflowError:  # an int with hundreds of digits
         return False
 

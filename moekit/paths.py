@@ -1,4 +1,6 @@
-"""Where moekit keeps its cache, and how a path written in a config becomes a local path.
+"""Where moekit keeps its cache, how a path written in a config becomes a local path, and the two paths of a
+`model+adapter` reference (mergekit's syntax for a model with a LoRA applied). Nothing here imports torch: the
+CLI checks a config's paths before it pays for that import.
 
 A config may name a model under the moekit cache as `${MOEKIT_CACHE}/...` (or `$MOEKIT_CACHE/...`): the demo's
 configs do, so they run by hand wherever `$MOEKIT_CACHE` puts the demo. Only that one variable is expanded,
@@ -10,6 +12,8 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+
+from moekit.errors import UserError
 
 CACHE_VARIABLE = "MOEKIT_CACHE"
 _CACHE_PREFIX = re.compile(r"^\$(\{MOEKIT_CACHE\}|MOEKIT_CACHE)(?=/|$)")
@@ -25,3 +29,32 @@ def expand_path(ref: str) -> Path:
     return Path(
         _CACHE_PREFIX.sub(lambda _: str(moekit_cache()).replace("\\", "\\\\"), ref, count=1)
     ).expanduser()
+
+
+def _exists(ref: str, base_dir: Path | None) -> bool:
+    path = expand_path(ref)
+    return path.exists() or (not path.is_absolute() and base_dir is not None and (base_dir / path).exists())
+
+
+def split_adapter_ref(
+    ref: str, base_dir: Path | None = None, where: str = "config"
+) -> tuple[str, str | None]:
+    """(model, adapter or None) for a reference. 'a+b' names base `a` and adapter `b` unless 'a+b' itself exists,
+    so a directory whose name holds a '+' still works."""
+    if not isinstance(ref, str) or "+" not in ref or _exists(ref, base_dir):
+        return ref, None
+    parts = ref.split("+")
+    if len(parts) != 2 or not all(p.strip() for p in parts):
+        raise UserError(
+            f"{where}: model reference '{ref}' is not MODEL+ADAPTER (exactly one '+' between two paths)"
+        )
+    model, adapter = parts
+    adapter_path = expand_path(adapter)
+    if not adapter_path.is_absolute() and base_dir is not None and not adapter_path.exists():
+        adapter_path = base_dir / adapter_path
+    if not adapter_path.is_dir():
+        raise UserError(
+            f"{where}: LoRA adapter '{adapter}' (in '{ref}') is not a local directory; it needs adapter_config.json "
+            "and adapter_model.safetensors"
+        )
+    return model, str(adapter_path)

@@ -9,13 +9,15 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moekit.architectures import Family, check_implied_shapes, family_for_config
 from moekit.errors import UserError
-from moekit.io.pickle_reader import PickleReader, holds_pickled_weights_only, pickled_files, pickled_index
 from moekit.io.safetensors_reader import TensorReader, checkpoint_infos
-from moekit.lora.reference import split_adapter_ref, with_adapter
-from moekit.paths import expand_path
+from moekit.paths import expand_path, split_adapter_ref
+
+if TYPE_CHECKING:  # the torch-backed readers are imported when used: reading headers needs no torch
+    from moekit.io.pickle_reader import PickleReader
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -36,8 +38,16 @@ def pickle_allowed(allowed: bool) -> Iterator[None]:
 
 def open_tensors(model_dir: Path) -> TensorReader | PickleReader:
     """A lazy reader over the weights of `model_dir`: safetensors, or pickled weights when the user allowed them."""
-    if _PICKLE_ALLOWED.get() and holds_pickled_weights_only(model_dir):
-        return PickleReader(pickled_files(model_dir, pickled_index(model_dir)))
+    if _PICKLE_ALLOWED.get():
+        from moekit.io.pickle_reader import (
+            PickleReader,
+            holds_pickled_weights_only,
+            pickled_files,
+            pickled_index,
+        )
+
+        if holds_pickled_weights_only(model_dir):
+            return PickleReader(pickled_files(model_dir, pickled_index(model_dir)))
     return TensorReader(checkpoint_infos(model_dir))
 
 
@@ -137,6 +147,8 @@ class Checkpoint:
             tensors.close()
             raise
         if adapter is not None:
+            from moekit.lora.reference import with_adapter
+
             tensors = with_adapter(tensors, adapter)
         return cls(ref, path, config, family, tensors)
 

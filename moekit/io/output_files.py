@@ -8,12 +8,13 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 import yaml
 
 from moekit._version import __version__
 
 if TYPE_CHECKING:
+    import torch
+
     from moekit.io.checkpoint import Checkpoint
 
 TOKENIZER_FILES = (
@@ -32,18 +33,13 @@ MARKER_NAME = (
     "moekit_config.yaml"  # the recipe: it also marks a directory as moekit's, which --force may replace
 )
 
-DTYPE_CONFIG_NAMES = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float64: "float64",
-}
+CONFIG_DTYPES = ("float32", "float16", "bfloat16", "float64")  # the dtypes config.json may name
 
 
 def set_config_dtype(config: dict, dtype: torch.dtype) -> dict:
     """Record the weights' dtype under the key(s) the source used (`torch_dtype` in 4.x, `dtype` in 5.x)."""
-    name = DTYPE_CONFIG_NAMES.get(dtype)
-    if name is None:
+    name = str(dtype).removeprefix("torch.")  # without importing torch: the CLI imports this module before it
+    if name not in CONFIG_DTYPES:
         return config
     keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
     for k in keys:

@@ -17,6 +17,7 @@ import torch
 
 from moekit.errors import UserError
 from moekit.io.safetensors_reader import (
+    DTYPE_NAMES,
     INDEX_NAME,
     PICKLED_SUFFIXES,
     CheckpointReader,
@@ -127,8 +128,12 @@ class PickleReader(CheckpointReader):
                     )
             for name in expected if expected is not None else list(state):
                 t = state[name]
+                if t.dtype not in DTYPE_NAMES:
+                    raise UserError(
+                        f"{path}: tensor '{name}' is {t.dtype}, which no safetensors file can hold"
+                    )
                 nbytes = math.prod(t.shape) * t.dtype.itemsize
-                self.infos[name] = TensorInfo(name, t.dtype, tuple(t.shape), path, 0, nbytes)
+                self.infos[name] = TensorInfo(name, DTYPE_NAMES[t.dtype], tuple(t.shape), path, 0, nbytes)
                 self._tensors[name] = t
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:

@@ -8,34 +8,48 @@ and lets us check every offset against the file size and explain a broken file i
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from moekit.errors import UserError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+# The header's dtype names and their element sizes. torch is imported only when a tensor is read or its torch
+# dtype is asked for, so that checking a checkpoint's headers (before a merge imports torch) needs no torch.
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}  # fmt: skip
+_TORCH_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+}  # fmt: skip
+
+
+@functools.cache
+def _dtype_tables() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    import torch
+
+    dtypes = {name: getattr(torch, attr) for name, attr in _TORCH_DTYPES.items()}
+    return dtypes, {v: k for k, v in dtypes.items()}
+
+
+def __getattr__(name: str):
+    # DTYPES (header name -> torch dtype) and DTYPE_NAMES (the reverse), made on first use: they import torch.
+    if name == "DTYPES":
+        return _dtype_tables()[0]
+    if name == "DTYPE_NAMES":
+        return _dtype_tables()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -50,14 +64,18 @@ PICKLE_REFUSAL = (
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives: file, absolute byte range, dtype and shape."""
+    """Where one tensor lives: file, absolute byte range, dtype (the header's name for it) and shape."""
 
     name: str
-    dtype: torch.dtype
+    dtype_name: str
     shape: tuple[int, ...]
     path: Path
     start: int
     end: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _dtype_tables()[0][self.dtype_name]
 
     @property
     def nbytes(self) -> int:
@@ -125,8 +143,8 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len
     if not isinstance(entry, dict):
         raise UserError(f"{where}: header entry is not an object; the file is corrupt")
     dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype_name not in DTYPES:
-        raise UserError(f"{where}: unknown dtype {dtype_name!r}; known: {', '.join(DTYPES)}")
+    if dtype_name not in DTYPE_SIZES:
+        raise UserError(f"{where}: unknown dtype {dtype_name!r}; known: {', '.join(DTYPE_SIZES)}")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
@@ -138,8 +156,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len
     ):
         raise UserError(f"{where}: bad data_offsets {offsets!r} in the header; the file is corrupt")
     begin, end = offsets
-    dtype = DTYPES[dtype_name]
-    expected = math.prod(shape) * dtype.itemsize
+    expected = math.prod(shape) * DTYPE_SIZES[dtype_name]
     if not 0 <= begin <= end:
         raise UserError(f"{where}: data_offsets {offsets} are not ordered; the file is corrupt")
     if end - begin != expected:
@@ -152,7 +169,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len
             f"{where}: data ends at byte {end} but the file holds only {data_len} data bytes; the file is "
             "truncated: re-download it"
         )
-    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+    return TensorInfo(name, dtype_name, tuple(shape), path, data_start + begin, data_start + end)
 
 
 def _check_no_overlap(path: Path, infos: dict[str, TensorInfo]) -> None:
@@ -203,6 +220,8 @@ class TensorReader(CheckpointReader):
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor `name` in its stored dtype; with `rows=(a, b)`, only rows a..b of dimension 0."""
+        import torch
+
         info = self.infos[name]
         start, shape = info.start, list(info.shape)
         if rows is not None:

@@ -1,4 +1,5 @@
-"""`model+adapter` references (mergekit's syntax) and the reader that applies the adapter as tensors are read.
+"""The reader that applies the adapter of a `model+adapter` reference (mergekit's syntax; moekit.paths splits
+the reference) as tensors are read.
 
 The adapted model is never built: each tensor the merge asks for is read from the base, and when the adapter
 changes it, the update is added then (for the requested rows only). Peak memory stays at one tensor plus its
@@ -14,37 +15,7 @@ import torch
 
 from moekit.errors import UserError
 from moekit.io.safetensors_reader import CheckpointReader
-from moekit.lora.adapter import CONFIG_NAME, LoraAdapter, lora_delta, open_adapter
-from moekit.paths import expand_path
-
-
-def _exists(ref: str, base_dir: Path | None) -> bool:
-    path = expand_path(ref)
-    return path.exists() or (not path.is_absolute() and base_dir is not None and (base_dir / path).exists())
-
-
-def split_adapter_ref(
-    ref: str, base_dir: Path | None = None, where: str = "config"
-) -> tuple[str, str | None]:
-    """(model, adapter or None) for a reference. 'a+b' names base `a` and adapter `b` unless 'a+b' itself exists,
-    so a directory whose name holds a '+' still works."""
-    if not isinstance(ref, str) or "+" not in ref or _exists(ref, base_dir):
-        return ref, None
-    parts = ref.split("+")
-    if len(parts) != 2 or not all(p.strip() for p in parts):
-        raise UserError(
-            f"{where}: model reference '{ref}' is not MODEL+ADAPTER (exactly one '+' between two paths)"
-        )
-    model, adapter = parts
-    adapter_path = expand_path(adapter)
-    if not adapter_path.is_absolute() and base_dir is not None and not adapter_path.exists():
-        adapter_path = base_dir / adapter_path
-    if not adapter_path.is_dir():
-        raise UserError(
-            f"{where}: LoRA adapter '{adapter}' (in '{ref}') is not a local directory; it needs {CONFIG_NAME} and "
-            "adapter_model.safetensors"
-        )
-    return model, str(adapter_path)
+from moekit.lora.adapter import LoraAdapter, lora_delta, open_adapter
 
 
 class AdaptedTensors(CheckpointReader):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from moekit.config import DTYPES
+from moekit.config import DTYPES, torch_dtype
 from moekit.errors import UserError
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.writer import OutputTensor, PlannedOutputs
@@ -264,7 +264,7 @@ def _base_dtype(base: Checkpoint) -> torch.dtype:
     for key in ("dtype", "torch_dtype"):
         value = base.config.get(key)
         if isinstance(value, str) and value in DTYPES:
-            return DTYPES[value]
+            return torch_dtype(value)
     return next(iter(base.tensors.infos.values())).dtype
 
 

@@ -1,0 +1,96 @@
+"""What `moekit merge` checks before it imports torch, so that a user error comes back in a fraction of a second.
+
+Importing torch costs about 2 s of CPU (far more on a loaded machine), and every user error used to pay it
+first. These checks need none of it: the YAML (its syntax, a mapping), a dense config's keys and its models'
+and slices' keys (with a "did you mean"), and every model the config names: its directory (after
+${MOEKIT_CACHE}, ~ and the config's folder), the adapter directory of a MODEL+ADAPTER reference, the model's
+config.json and family, and its safetensors index and headers checked against config.json. Each is the check
+the merge itself makes, called earlier, so the message is the same. The rest (the method and its parameters,
+shapes across models, MoE settings, LoRA adapters' contents) is checked after the import, as before.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moekit.config import (
+    DENSE_KEYS,
+    MODEL_KEYS,
+    SLICE_KEYS,
+    SOURCE_KEYS,
+    check_keys,
+    is_moe_config,
+    read_yaml,
+)
+from moekit.io.checkpoint import Checkpoint, pickle_allowed
+from moekit.io.output_dir import check_output_free
+from moekit.paths import split_adapter_ref
+
+
+def check_merge_config(
+    config: str | Path | dict,
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    allow_pickle: bool = False,
+) -> None:
+    """Raise the first user error in `config`, or in the output `out` a real run would replace, that can be
+    found without torch; return quietly otherwise: the merge's own validation then finds the rest."""
+    if out is not None and not dry_run:
+        check_output_free(Path(out), force)
+    raw, path = read_yaml(config)
+    if "adapters" in raw:  # an adapter merge: its checks live with the adapters (moekit.lora.combine)
+        return
+    name = str(path) if path else "<config>"
+    base_dir = path.parent if path else None
+    refs = _moe_refs(raw, name) if is_moe_config(raw) else _dense_refs(raw, name)
+    with pickle_allowed(allow_pickle):
+        first_seen: dict[str, str] = {}
+        for ref, where in refs:
+            first_seen.setdefault(ref, where)
+        for ref, where in first_seen.items():  # each model once, named where it first appears
+            model, _ = split_adapter_ref(ref, base_dir, where)
+            Checkpoint.open(model, base_dir, where).close()
+
+
+def _dense_refs(raw: dict, name: str) -> list[tuple[str, str]]:
+    """(model reference, where) for each model a dense config names, checking the keys on the way. Anything of
+    the wrong type is left for the full validation to word."""
+    check_keys(raw, DENSE_KEYS, name)
+    refs = []
+    if isinstance(raw.get("base_model"), str):
+        refs.append((raw["base_model"], f"{name}: base_model"))
+    for i, entry in enumerate(_entries(raw.get("models"))):
+        where = f"{name}: models[{i}]"
+        if isinstance(entry, str):
+            refs.append((entry, where))
+        elif isinstance(entry, dict):
+            check_keys(entry, MODEL_KEYS, where)
+            if isinstance(entry.get("model"), str):
+                refs.append((entry["model"], where))
+    for i, entry in enumerate(_entries(raw.get("slices"))):
+        where = f"{name}: slices[{i}]"
+        check_keys(entry, SLICE_KEYS, where)
+        for j, source in enumerate(_entries(entry.get("sources"))):
+            check_keys(source, SOURCE_KEYS, f"{where}.sources[{j}]")
+            if isinstance(source.get("model"), str):
+                refs.append((source["model"], f"{where}.sources[{j}]"))
+        if isinstance(entry.get("base_model"), str):
+            refs.append((entry["base_model"], f"{where}.base_model"))
+    return refs
+
+
+def _moe_refs(raw: dict, name: str) -> list[tuple[str, str]]:
+    refs = []
+    if isinstance(raw.get("base_model"), str):
+        refs.append((raw["base_model"], f"{name}: base_model"))
+    for key in ("experts", "shared_experts"):
+        for i, entry in enumerate(_entries(raw.get(key))):
+            if isinstance(entry, dict) and isinstance(entry.get("source_model"), str):
+                refs.append((entry["source_model"], f"{name}: {key}[{i}].source_model"))
+    return refs
+
+
+def _entries(value: object) -> list:
+    return value if isinstance(value, list) else []
