@@ -5,8 +5,9 @@
 
 "Before" is REV checked out in a temporary `git worktree` and imported through PYTHONPATH, with this checkout's
 interpreter and packages; "after" is this checkout. The runs alternate (before, after, before, ...) so that load
-on the machine falls on both alike, and the table gives the median wall time of each, the ratio, and whether the
-run imported torch (`python -X importtime` in one extra run of each). Every command runs from an empty folder
+on the machine falls on both alike, and the table gives the median wall and CPU time of each, the ratios, and
+whether the run imported torch (`python -X importtime` in one extra run of each). On a shared machine the wall
+time follows the load; the CPU time much less. Every command runs from an empty folder
 holding copies of the example configs and the models `moekit example-models` makes for them.
 
 Cases: a config file that does not exist; a YAML syntax error; an unknown key (a did-you-mean); a model
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -51,11 +53,17 @@ def prepare(work: Path) -> None:
     (work / "missing_model.yaml").write_text(ties.replace("./models/code", "./models/cdoe"))
 
 
-def run_once(tree: Path, args: list[str], work: Path) -> tuple[float, int]:
+def child_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_once(tree: Path, args: list[str], work: Path) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, exit code) of one `python -m moekit ARGS` from `tree`."""
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
-    start = time.perf_counter()
+    cpu, start = child_cpu_seconds(), time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "moekit", *args], cwd=work, env=env, capture_output=True)
-    return time.perf_counter() - start, done.returncode
+    return time.perf_counter() - start, child_cpu_seconds() - cpu, done.returncode
 
 
 def imports_torch(tree: Path, args: list[str], work: Path) -> bool:
@@ -88,17 +96,17 @@ def main() -> None:
             work.mkdir()
             prepare(work)
             trees = {"before": before, "after": REPO}
-            times: dict[tuple[str, str], list[float]] = {}
+            times: dict[tuple[str, str], list[tuple[float, float]]] = {}
             for case, cli_args in CASES.items():
                 want = EXPECTED_EXIT.get(case, 2)
                 for _ in range(args.repeats):
                     for side, tree in trees.items():
-                        seconds, code = run_once(tree, cli_args, work)
+                        wall, cpu, code = run_once(tree, cli_args, work)
                         if code != want:
                             raise SystemExit(
                                 f"{side}: `moekit {' '.join(cli_args)}` exited {code}, expected {want}"
                             )
-                        times.setdefault((case, side), []).append(seconds)
+                        times.setdefault((case, side), []).append((wall, cpu))
             torch_used = {
                 (c, s): imports_torch(t, a, work) for c, a in CASES.items() for s, t in trees.items()
             }
@@ -106,13 +114,22 @@ def main() -> None:
             subprocess.run(
                 ["git", "-C", str(REPO), "worktree", "remove", "--force", str(before)], check=False
             )
-    print(f"moekit CLI start-up, median of {args.repeats} runs each (wall seconds; before = {args.before})\n")
-    print("| case | before | after | after / before | torch imported (before, after) |")
-    print("|---|---:|---:|---:|---|")
+    load = os.getloadavg()[0]
+    print(
+        f"moekit CLI start-up, median of {args.repeats} runs each; before = {args.before}, after = this checkout;"
+    )
+    print(f"seconds of wall time and of CPU time (user + system); load average {load:.1f} at the end\n")
+    print(
+        "| case | wall before | wall after | after / before | CPU before | CPU after | after / before | torch |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     for case in CASES:
-        b, a = (statistics.median(times[(case, s)]) for s in ("before", "after"))
-        used = ", ".join("yes" if torch_used[(case, s)] else "no" for s in ("before", "after"))
-        print(f"| {case} | {b:.3f} | {a:.3f} | {a / b:.2f} | {used} |")
+        row = f"| {case} "
+        for kind in (0, 1):
+            b, a = (statistics.median(t[kind] for t in times[(case, s)]) for s in ("before", "after"))
+            row += f"| {b:.3f} | {a:.3f} | {a / b:.2f} "
+        used = " -> ".join("yes" if torch_used[(case, s)] else "no" for s in ("before", "after"))
+        print(row + f"| {used} |")
 
 
 if __name__ == "__main__":

@@ -302,19 +302,23 @@ def route_stats_command(
       moekit route-stats out/moe --prompts code=code.txt --prompts legal=licence.txt \\
           --max-tokens 4000 --json stats.json --csv stats.csv --plot load.png
     """
-    from moekit.stats.outputs import check_target, resolved_outputs, write_files
+    from moekit.stats.outputs import check_model_dir, check_target, resolved_outputs, write_files
+    from moekit.stats.prompts import parse_prompts_option, read_prompts_file
 
+    # Every argument is checked before torch and transformers are imported (seconds) and the model loaded.
     outputs = {"--json": json_out, "--csv": csv_out, "--plot": plot_out}
     targets = resolved_outputs(outputs, model_dir, force)  # before the run, which can take hours
-    from moekit.stats import route_stats
-    from moekit.stats.prompts import parse_prompts_option
-    from moekit.stats.report import print_report, render_plot
-
+    check_model_dir(model_dir)
     parsed = [parse_prompts_option(value) for value in prompts]
     if all(label is None for label, _ in parsed):
+        if len(parsed) == 1:  # a missing or empty file is refused now; route_stats reads it again
+            read_prompts_file(parsed[0][1])
         sources = str(parsed[0][1]) if len(parsed) == 1 else _unlabelled_sources(parsed)
     else:
         sources = _labelled_sources(parsed)
+    from moekit.stats import route_stats
+    from moekit.stats.report import print_report, render_plot
+
     stats = route_stats(
         model_dir, sources, max_tokens=max_tokens, window=window, batch_size=batch_size, device=device,
         progress=not quiet and sys.stderr.isatty(), allow_pickle=allow_pickle,

@@ -1,4 +1,4 @@
-"""User errors of `moekit merge` are reported before torch (or transformers) is imported.
+"""User errors of `moekit merge` and `moekit route-stats` are reported before torch (or transformers) is imported.
 
 A behaviour test, not a timing one: each case runs the CLI in a fresh interpreter, which then reports the exit
 code and whether torch and transformers were imported. A valid --dry-run, which must import torch to plan,
@@ -73,6 +73,22 @@ CASES = {
     "missing model": (["merge", "missing_model.yaml", "-o", "out"], "models[0]: model directory 'ft9'"),
     "truncated weights": (["merge", "truncated.yaml", "-o", "out"], "cut/model.safetensors: tensor '"),
     "output exists": (["merge", "good.yaml", "-o", "taken"], "output 'taken' already exists; pass --force"),
+    "route-stats: missing model": (
+        ["route-stats", "nothere", "--prompts", "good.yaml"],
+        "model directory not found",
+    ),
+    "route-stats: no config.json": (
+        ["route-stats", "taken", "--prompts", "good.yaml"],
+        "taken has no config.json",
+    ),
+    "route-stats: missing prompts": (
+        ["route-stats", "base", "--prompts", "nofile.txt"],
+        "prompts file not found",
+    ),
+    "route-stats: missing labelled prompts": (
+        ["route-stats", "base", "--prompts", "a=good.yaml", "--prompts", "b=nofile.txt"],
+        "prompts file not found: nofile.txt",
+    ),
 }
 
 

@@ -6,9 +6,29 @@ functions of `metrics.py`. `report.py` draws the terminal table and the PNG. `sp
 label-vs-expert summary the clown-MoE demo prints.
 """
 
-from moekit.stats.api import route_stats
-from moekit.stats.metrics import Specialisation
-from moekit.stats.result import RouteStats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moekit.stats.api import route_stats
+    from moekit.stats.metrics import Specialisation
+    from moekit.stats.result import RouteStats
+
+# Imported on first use: they import torch, and the CLI checks route-stats' arguments (moekit.stats.outputs,
+# moekit.stats.prompts, which import this package) before it pays for that.
+_LAZY = {
+    "route_stats": "moekit.stats.api",
+    "Specialisation": "moekit.stats.metrics",
+    "RouteStats": "moekit.stats.result",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def specialisation_report(stats: RouteStats) -> Specialisation:

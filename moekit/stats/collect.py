@@ -18,6 +18,7 @@ import torch
 
 from moekit.errors import UserError
 from moekit.stats.accumulate import NonFiniteRouting, RoutingAccumulator
+from moekit.stats.outputs import check_model_dir
 
 # The router of MoE layer N: `block_sparse_moe.gate` (Mixtral on disk and in transformers 4.x, PhiMoE),
 # `mlp.gate` (transformers 5 Mixtral, Qwen-MoE, OLMoE, DeepSeek, ERNIE), `mlp.router` (GPT-OSS),
@@ -98,11 +99,7 @@ def router_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor 
 
 def load_config(path: str | Path):
     """The transformers config of a local model directory, checked to be an MoE route-stats can model."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"model directory not found: {path} (route-stats takes a local model directory)")
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} has no config.json: pass a transformers model directory")
+    path = check_model_dir(path)
     from transformers import AutoConfig
 
     try:

@@ -19,6 +19,17 @@ from pathlib import Path
 
 from moekit.errors import UserError
 
+
+def check_model_dir(path: str | Path) -> Path:
+    """The model directory route-stats reads, refused in one line when it is missing or has no config.json."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"model directory not found: {path} (route-stats takes a local model directory)")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json: pass a transformers model directory")
+    return path
+
+
 PLOT_FORMATS = ("png", "pdf", "svg")
 
 
