@@ -140,6 +140,8 @@ def test_config_form_through_moekit_merge_and_into_a_full_model(tiny_llama, lora
     }
     out = moekit.merge(cfg, tmp_path / "m")
     assert (out / "moekit_config.yaml").is_file() and (out / "adapter_config.json").is_file()
+    card = (out / "README.md").read_text()
+    assert f"`{loras['a'].name}` weight 0.6" in card and str(loras["a"].parent) not in card  # names, no paths
     base = tiny_llama["base"]
     full = moekit.merge(
         {"merge_method": "passthrough", "models": [{"model": f"{base}+{out}"}]}, tmp_path / "full"

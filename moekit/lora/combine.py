@@ -254,7 +254,8 @@ def merge_adapters(
             summary = [
                 f"LoRA adapters merged with `{options.combination_type}` (PEFT add_weighted_adapter semantics)"
             ]
-            summary += [f"`{a.path}` weight {w}" for a, w in zip(opened, weights)]
+            # names, not local paths: the card is for a hub page (the recipe keeps the paths)
+            summary += [f"`{a.path.resolve().name}` weight {w}" for a, w in zip(opened, weights)]
             recipe = recipe if recipe is not None else {"adapters": [str(p) for p, _ in adapters]}
             write_recipe(tmp, recipe, "merged LoRA adapter", summary, [], moe=False, model_card=False)
             card = "---\nlibrary_name: peft\ntags:\n- moekit\n- lora\n---\n# merged LoRA adapter\n\n"
