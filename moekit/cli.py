@@ -145,10 +145,17 @@ def cli() -> None:
 @click.option("--cuda", is_flag=True, help="mergekit's GPU switch: taken as --device cuda (MoE gates).")
 @click.option("--random-seed", type=int, help="mergekit's name for --seed.")
 @click.option("--trust-remote-code", is_flag=True, hidden=True)
+@click.option("--unsafe-truncate-embeddings", is_flag=True, hidden=True)
+@click.option(
+    "-I",
+    "--intermediate-dir",
+    type=click.Path(file_okay=False),
+    help="Multi-document configs: where the named merges go (default: OUT-intermediate).",
+)
 def merge_command(
     config, out_dir, out, force, dry_run, device, shard_size, seed, allow_nonfinite, allow_pickle, quiet, verbose,
     out_shard_size, copy_tokenizer, write_model_card, allow_crimes, lazy_unpickle, cuda, random_seed,
-    trust_remote_code,
+    trust_remote_code, unsafe_truncate_embeddings, intermediate_dir,
 ) -> None:  # fmt: skip
     """Merge models as described by a YAML CONFIG (mergekit's format is accepted unchanged).
 
@@ -178,6 +185,11 @@ def merge_command(
             "--trust-remote-code: moekit never runs code shipped with a model; merging needs only the weights and "
             "config.json, so drop the flag (an architecture moekit lacks is refused by name)"
         )
+    if unsafe_truncate_embeddings:
+        raise UserError(
+            "--unsafe-truncate-embeddings: set tokenizer_source: base in the config instead; it keeps the base "
+            "model's tokens and one embedding row per token, matching rows by token rather than assuming equal ids"
+        )
     if out_dir is not None and out is not None and out_dir != out:
         raise UserError(f"two output directories: OUT '{out_dir}' and -o '{out}'; give one")
     if lazy_unpickle and not allow_pickle:
@@ -192,7 +204,7 @@ def merge_command(
         seed=seed if random_seed is None else random_seed, allow_nonfinite=allow_nonfinite,
         allow_pickle=allow_pickle or lazy_unpickle, progress=not quiet and sys.stderr.isatty(),
         device="cuda" if cuda else device, print_fn=click.echo, copy_tokenizer=copy_tokenizer,
-        write_model_card=write_model_card, allow_crimes=allow_crimes,
+        write_model_card=write_model_card, allow_crimes=allow_crimes, intermediate_dir=intermediate_dir,
     )  # fmt: skip
     if result is not None and not quiet:
         click.echo(f"wrote {result}")

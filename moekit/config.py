@@ -127,9 +127,21 @@ class _NoDuplicateKeysLoader(yaml.SafeLoader):
 
 def read_yaml(source: str | Path | dict) -> tuple[dict, Path | None]:
     """The config as a dict, and the file it came from. YAML errors name the line and column."""
+    docs, path = read_yaml_documents(source)
+    if len(docs) > 1:
+        raise UserError(
+            f"{path or '<config>'}: several YAML documents (a mergekit-multi config) are merged by `moekit merge`, "
+            "not here; pass one document"
+        )
+    return docs[0], path
+
+
+def read_yaml_documents(source: str | Path | dict) -> tuple[list[dict], Path | None]:
+    """Every YAML document of the config (one for a plain config; several for a mergekit-multi one), and the
+    file it came from. YAML errors name the line and column."""
     if isinstance(source, dict):
         check_config_size(source, "<config>")
-        return source, None
+        return [source], None
     path = Path(source)
     text = None
     if isinstance(source, Path) or ("\n" not in str(source) and len(str(source)) < 4096):
@@ -149,25 +161,24 @@ def read_yaml(source: str | Path | dict) -> tuple[dict, Path | None]:
         text, path = str(source), None
     name = str(path) if path else "<config>"
     try:
-        raw = yaml.load(text, Loader=_NoDuplicateKeysLoader)  # noqa: S506 - a SafeLoader subclass
+        docs = [d for d in yaml.load_all(text, Loader=_NoDuplicateKeysLoader) if d is not None]  # noqa: S506
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        if "expected a single document" in str(e):
-            raise UserError(
-                f"{name}{at}: several YAML documents (a mergekit-multi config) are not supported yet; merge each "
-                "document as its own config, pointing the later ones at the earlier outputs"
-            ) from None
         raise UserError(f"{name}{at}: YAML syntax error: {problem}") from None
     except RecursionError:
         raise UserError(f"{name}: the YAML is nested too deeply to be a merge config") from None
-    if raw is None:
+    if not docs:
         raise UserError(f"{name}: the config is empty")
-    if not isinstance(raw, dict):
-        raise UserError(f"{name}: the config must be a YAML mapping (key: value), not {type(raw).__name__}")
-    check_config_size(raw, name)
-    return raw, path
+    for i, raw in enumerate(docs):
+        doc = f"{name}" if len(docs) == 1 else f"{name}: document {i + 1}"
+        if not isinstance(raw, dict):
+            raise UserError(
+                f"{doc}: the config must be a YAML mapping (key: value), not {type(raw).__name__}"
+            )
+        check_config_size(raw, doc)
+    return docs, path
 
 
 MAX_CONFIG_VALUES = 100_000  # a real config holds hundreds; YAML aliases can make billions out of a few lines

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moekit.allocator import return_freed_memory_promptly
-from moekit.config import is_moe_config, parse_merge_config, read_yaml
+from moekit.config import is_moe_config, parse_merge_config, read_yaml_documents
 from moekit.errors import UserError
 from moekit.io.checkpoint import pickle_allowed
 from moekit.io.output_dir import check_free_space, check_output_free, check_output_spares_inputs, output_lock
@@ -79,8 +79,12 @@ def merge(
     copy_tokenizer: bool = True,
     write_model_card: bool = True,
     allow_crimes: bool = False,
+    intermediate_dir: str | Path | None = None,
 ) -> Path | None:
     """Merge the models described by `config` into the directory `out` (or the config's `out:`).
+
+    A config of several YAML documents (mergekit-multi) runs each named merge into `intermediate_dir/NAME`
+    (default: OUT-intermediate beside OUT) and the unnamed one into `out`; see moekit.merging.multi.
 
     Everything is validated before the first byte is written; the output appears atomically. Returns the output
     path, or None for a dry run (which prints the plan instead). `allow_pickle` lets models that hold only pickled
@@ -91,8 +95,9 @@ def merge(
     extras = OutputExtras(copy_tokenizer, write_model_card, allow_crimes)
     with pickle_allowed(allow_pickle):
         return _merge(
-            config, out, force, dry_run, shard_size, seed, allow_nonfinite, progress, device, print_fn, extras
-        )
+            config, out, force, dry_run, shard_size, seed, allow_nonfinite, progress, device, print_fn, extras,
+            intermediate_dir,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -105,10 +110,22 @@ class OutputExtras:
 
 
 def _merge(
-    config, out, force, dry_run, shard_size, seed, allow_nonfinite, progress, device, print_fn, extras
-):
+    config, out, force, dry_run, shard_size, seed, allow_nonfinite, progress, device, print_fn, extras, intermediate_dir
+):  # fmt: skip
     return_freed_memory_promptly()
-    raw, path = read_yaml(config)
+    docs, path = read_yaml_documents(config)
+    rest = (shard_size, seed, allow_nonfinite, progress, device, print_fn, extras)
+    if len(docs) > 1:  # mergekit-multi: named merges that later documents merge
+        from moekit.merging.multi import merge_documents
+
+        one = lambda raw, p, o, f, d: _merge_one(raw, p, o, f, d, *rest)  # noqa: E731
+        return merge_documents(docs, path, out, intermediate_dir, force, dry_run, one, print_fn)
+    return _merge_one(docs[0], path, out, force, dry_run, *rest)
+
+
+def _merge_one(
+    raw, path, out, force, dry_run, shard_size, seed, allow_nonfinite, progress, device, print_fn, extras
+):
     if is_adapter_merge_config(raw):
         return merge_adapters_config(
             raw, path, out, force=force, dry_run=dry_run, seed=seed, print_fn=print_fn
