@@ -24,6 +24,7 @@ inverse_density` is the DARE/DELLA papers' 1/keep-probability rescale instead of
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -229,6 +230,94 @@ def one_draw_per_sparsified_model(params: dict, shape: tuple[int, ...]) -> list[
     return [shape for density in params["density"] if density < 1]
 
 
+class Sparsification(NamedTuple):
+    """How a family member trims each delta: `fn(delta, density, *extra, rescale_norm, rng | by_sort)`."""
+
+    fn: Callable[..., torch.Tensor]
+    extra: tuple[Param, ...]  # the per-model parameters fn takes besides density
+    random: bool  # draws its masks from the run's generator (`rng`); else `by_sort` breaks top-k ties
+
+
+MAGNITUDE = Sparsification(magnitude, (), random=False)
+OUTLIERS = Sparsification(magnitude_outliers, (GAMMA,), random=False)
+BERNOULLI = Sparsification(bernoulli, (), random=True)
+MAGPRUNE = Sparsification(della_magprune, (EPSILON,), random=True)
+
+
+class Member(NamedTuple):
+    """One method of the family, as mergekit 0.1.5 registers its generalised task arithmetic."""
+
+    sparsification: Sparsification
+    consensus: bool  # the TIES sign vote (declares `sign_vote`); else the plain weighted sum
+    normalize: bool  # the default of `normalize`
+    rescale: bool  # the default of `rescale`
+    doc: str
+
+
+FAMILY = {
+    "ties": Member(
+        MAGNITUDE, consensus=True, normalize=True, rescale=False,
+        doc="TIES: keep each delta's top-k by magnitude, elect a sign per element, average the agreeing deltas.",
+    ),
+    "dare_ties": Member(
+        BERNOULLI, consensus=True, normalize=False, rescale=True,
+        doc="DARE + TIES: drop each delta element with probability 1 − density, rescale, then the TIES sign vote.",
+    ),
+    "dare_linear": Member(
+        BERNOULLI, consensus=False, normalize=False, rescale=True,
+        doc="DARE: drop each delta element with probability 1 − density, rescale, and add the weighted deltas.",
+    ),
+    "breadcrumbs": Member(
+        OUTLIERS, consensus=False, normalize=False, rescale=False,
+        doc="Model Breadcrumbs: drop the largest (outliers) and the smallest deltas, add the weighted rest.",
+    ),
+    "breadcrumbs_ties": Member(
+        OUTLIERS, consensus=True, normalize=False, rescale=False,
+        doc="Model Breadcrumbs with the TIES sign vote.",
+    ),
+    "della": Member(
+        MAGPRUNE, consensus=True, normalize=True, rescale=True,
+        doc="DELLA: magnitude-ranked random drop (MagPrune), rescale, the TIES sign vote, then the agreeing average.",
+    ),
+    "della_linear": Member(
+        MAGPRUNE, consensus=False, normalize=False, rescale=True,
+        doc="DELLA without the sign vote: MagPrune, rescale, and add the weighted deltas.",
+    ),
+}  # fmt: skip
+
+
+def family_member(sparsification: Sparsification, doc: str) -> Callable[..., torch.Tensor]:
+    """The merge function of a FAMILY member. `sign_vote` is declared only where the row has a consensus, so
+    its absence (None) is the plain weighted sum."""
+
+    def merge(
+        tensors: Tensors,
+        base: torch.Tensor,
+        *,
+        weight: list[float],
+        density: list[float],
+        lambda_: float,
+        normalize: bool,
+        rescale: bool,
+        rescale_norm: str,
+        int8_mask: bool,
+        sign_vote: str | None = None,
+        rng=None,
+        mergekit_order: bool = False,
+        **extra: list[float],
+    ) -> torch.Tensor:
+        options = {"rng": rng} if sparsification.random else {"by_sort": mergekit_order}
+        sparsify = per_model_sparsifier(
+            sparsification.fn, density, **extra, rescale_norm=rescale_norm if rescale else None, **options
+        )
+        return merge_task_vectors(
+            tensors, base, weight, sparsify, sign_vote, normalize, lambda_, mergekit_order
+        )
+
+    merge.__doc__ = doc
+    return merge
+
+
 def per_model_sparsifier(fn: Callable[..., torch.Tensor], density: list[float], **per_model) -> Sparsifier:
     """fn(delta, density[i], **per_model at i): list values are taken per model, scalars as they are."""
 
@@ -238,190 +327,16 @@ def per_model_sparsifier(fn: Callable[..., torch.Tensor], density: list[float], 
     return sparsify
 
 
-def _norm(rescale: bool, rescale_norm: str) -> str | None:
-    return rescale_norm if rescale else None
+def register_family() -> None:
+    for name, member in FAMILY.items():
+        params = [
+            *common_params(normalize=member.normalize, rescale=member.rescale),
+            *member.sparsification.extra,
+            *([VOTE] if member.consensus else []),
+        ]
+        draws = one_draw_per_sparsified_model if member.sparsification.random else None
+        fn = family_member(member.sparsification, member.doc)
+        merge_method(name, base="required", params=params, draws=draws)(fn)
 
 
-@merge_method("ties", base="required", params=[*common_params(normalize=True, rescale=False), VOTE])
-def ties(
-    tensors: Tensors,
-    base,
-    *,
-    weight,
-    density,
-    lambda_,
-    normalize,
-    rescale,
-    rescale_norm,
-    int8_mask,
-    sign_vote,
-    mergekit_order=False,
-):
-    """TIES: keep each delta's top-k by magnitude, elect a sign per element, average the agreeing deltas."""
-    sparsify = per_model_sparsifier(
-        magnitude, density, rescale_norm=_norm(rescale, rescale_norm), by_sort=mergekit_order
-    )
-    return merge_task_vectors(tensors, base, weight, sparsify, sign_vote, normalize, lambda_, mergekit_order)
-
-
-@merge_method(
-    "dare_ties",
-    base="required",
-    params=[*common_params(normalize=False, rescale=True), VOTE],
-    draws=one_draw_per_sparsified_model,
-)
-def dare_ties(
-    tensors,
-    base,
-    *,
-    weight,
-    density,
-    lambda_,
-    normalize,
-    rescale,
-    rescale_norm,
-    int8_mask,
-    sign_vote,
-    rng,
-    mergekit_order=False,
-):
-    """DARE + TIES: drop each delta element with probability 1 − density, rescale, then the TIES sign vote."""
-    sparsify = per_model_sparsifier(bernoulli, density, rescale_norm=_norm(rescale, rescale_norm), rng=rng)
-    return merge_task_vectors(tensors, base, weight, sparsify, sign_vote, normalize, lambda_, mergekit_order)
-
-
-@merge_method(
-    "dare_linear",
-    base="required",
-    params=common_params(normalize=False, rescale=True),
-    draws=one_draw_per_sparsified_model,
-)
-def dare_linear(
-    tensors,
-    base,
-    *,
-    weight,
-    density,
-    lambda_,
-    normalize,
-    rescale,
-    rescale_norm,
-    int8_mask,
-    rng,
-    mergekit_order=False,
-):
-    """DARE: drop each delta element with probability 1 − density, rescale, and add the weighted deltas."""
-    sparsify = per_model_sparsifier(bernoulli, density, rescale_norm=_norm(rescale, rescale_norm), rng=rng)
-    return merge_task_vectors(tensors, base, weight, sparsify, None, normalize, lambda_, mergekit_order)
-
-
-@merge_method("breadcrumbs", base="required", params=[*common_params(normalize=False, rescale=False), GAMMA])
-def breadcrumbs(
-    tensors,
-    base,
-    *,
-    weight,
-    density,
-    gamma,
-    lambda_,
-    normalize,
-    rescale,
-    rescale_norm,
-    int8_mask,
-    mergekit_order=False,
-):
-    """Model Breadcrumbs: drop the largest (outliers) and the smallest deltas, add the weighted rest."""
-    sparsify = per_model_sparsifier(
-        magnitude_outliers,
-        density,
-        gamma=gamma,
-        rescale_norm=_norm(rescale, rescale_norm),
-        by_sort=mergekit_order,
-    )
-    return merge_task_vectors(tensors, base, weight, sparsify, None, normalize, lambda_, mergekit_order)
-
-
-@merge_method(
-    "breadcrumbs_ties", base="required", params=[*common_params(normalize=False, rescale=False), GAMMA, VOTE]
-)
-def breadcrumbs_ties(
-    tensors,
-    base,
-    *,
-    weight,
-    density,
-    gamma,
-    lambda_,
-    normalize,
-    rescale,
-    rescale_norm,
-    int8_mask,
-    sign_vote,
-    mergekit_order=False,
-):
-    """Model Breadcrumbs with the TIES sign vote."""
-    sparsify = per_model_sparsifier(
-        magnitude_outliers,
-        density,
-        gamma=gamma,
-        rescale_norm=_norm(rescale, rescale_norm),
-        by_sort=mergekit_order,
-    )
-    return merge_task_vectors(tensors, base, weight, sparsify, sign_vote, normalize, lambda_, mergekit_order)
-
-
-@merge_method(
-    "della",
-    base="required",
-    params=[*common_params(normalize=True, rescale=True), EPSILON, VOTE],
-    draws=one_draw_per_sparsified_model,
-)
-def della(
-    tensors,
-    base,
-    *,
-    weight,
-    density,
-    epsilon,
-    lambda_,
-    normalize,
-    rescale,
-    rescale_norm,
-    int8_mask,
-    sign_vote,
-    rng,
-    mergekit_order=False,
-):
-    """DELLA: magnitude-ranked random drop (MagPrune), rescale, the TIES sign vote, then the agreeing average."""
-    sparsify = per_model_sparsifier(
-        della_magprune, density, epsilon=epsilon, rescale_norm=_norm(rescale, rescale_norm), rng=rng
-    )
-    return merge_task_vectors(tensors, base, weight, sparsify, sign_vote, normalize, lambda_, mergekit_order)
-
-
-@merge_method(
-    "della_linear",
-    base="required",
-    params=[*common_params(normalize=False, rescale=True), EPSILON],
-    draws=one_draw_per_sparsified_model,
-)
-def della_linear(
-    tensors,
-    base,
-    *,
-    weight,
-    density,
-    epsilon,
-    lambda_,
-    normalize,
-    rescale,
-    rescale_norm,
-    int8_mask,
-    rng,
-    mergekit_order=False,
-):
-    """DELLA without the sign vote: MagPrune, rescale, and add the weighted deltas."""
-    sparsify = per_model_sparsifier(
-        della_magprune, density, epsilon=epsilon, rescale_norm=_norm(rescale, rescale_norm), rng=rng
-    )
-    return merge_task_vectors(tensors, base, weight, sparsify, None, normalize, lambda_, mergekit_order)
+register_family()
