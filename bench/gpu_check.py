@@ -95,13 +95,13 @@ class Context:
 def make_problem(ctx: Context, tokens: int, H: int, I: int, E: int, k: int, dtype=None, seed: int = 0):
     """bf16 inputs on the device: hidden [T, H], routing (softmax top-k, renormalised), experts' weights."""
     torch = ctx.torch
-    from moekit.runtime.routing import softmax_topk_renorm
+    from moekit.runtime.routing import route
 
     dtype = dtype or torch.bfloat16
     gen = torch.Generator(device=ctx.device).manual_seed(seed)
     hidden = torch.randn(tokens, H, generator=gen, device=ctx.device).to(dtype)
     logits = torch.randn(tokens, E, generator=gen, device=ctx.device)
-    routing = softmax_topk_renorm(logits, k)
+    routing = route(logits, k)
     gate_up = (torch.randn(E, 2 * I, H, generator=gen, device=ctx.device) * H**-0.5).to(dtype)
     down = (torch.randn(E, H, I, generator=gen, device=ctx.device) * I**-0.5).to(dtype)
     return hidden, routing.indices, routing.weights.to(dtype), gate_up, down

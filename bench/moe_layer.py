@@ -28,7 +28,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 import moekit  # noqa: F401  (registers experts_implementation="moekit")
 from moekit.runtime.cpu_dtype import cpu_capability, native_low_precision
-from moekit.runtime.routing import softmax_topk_renorm
+from moekit.runtime.routing import route
 
 HIDDEN, INTER, EXPERTS, TOP_K = 1024, 3584, 8, 2
 CONTENDERS = ("moekit", "eager", "batched_mm", "grouped_mm", "floor", "floor_bf16")
@@ -71,7 +71,7 @@ def bench_case(experts, tokens: int, dtype: torch.dtype, args) -> dict[str, floa
     generator = torch.Generator().manual_seed(tokens)
     hidden = torch.randn(tokens, HIDDEN, generator=generator).to(dtype)
     logits = torch.randn(tokens, EXPERTS, generator=generator)
-    weights, index = softmax_topk_renorm(logits, TOP_K)
+    weights, index = route(logits, TOP_K)
     calls = {
         name: (lambda name=name: run_experts(experts, name, hidden, index, weights))
         for name in CONTENDERS

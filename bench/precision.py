@@ -21,7 +21,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 import moekit  # noqa: F401  (registers experts_implementation="moekit")
-from moekit.runtime.routing import softmax_topk_renorm
+from moekit.runtime.routing import route
 
 
 def experts_errors(dtype: torch.dtype) -> dict[str, tuple[float, float, float]]:
@@ -34,7 +34,7 @@ def experts_errors(dtype: torch.dtype) -> dict[str, tuple[float, float, float]]:
         experts.gate_up_proj.normal_(0, 1024**-0.5)
         experts.down_proj.normal_(0, 3584**-0.5)
     hidden = torch.randn(256, 1024).to(dtype)
-    weights, index = softmax_topk_renorm(torch.randn(256, 8), 2)
+    weights, index = route(torch.randn(256, 8), 2)
     weights = weights.to(dtype)
     experts = experts.to(dtype)
     reference_module = MixtralExperts(config).requires_grad_(False).double()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit import MoELayer, moe_forward
-from moekit.runtime import balancing, routing
+from moekit.runtime import balancing
 
 H, I, E, K, TOKENS, SEQ = 16, 16, 8, 2, 256, 16
 
@@ -50,7 +50,7 @@ def run(method: str, direction, batches) -> tuple[float, float, float]:
     )
     if method == "expert choice":
         router = "expert_choice"
-    layer = MoELayer(H, I, E, K, router=router, backend="torch")
+    layer = MoELayer.build(H, I, E, K, router=router, backend="torch")
     skewed_router(layer.router.weight, direction)
     gate = None
     if method == "noisy top-k":
@@ -60,20 +60,21 @@ def run(method: str, direction, batches) -> tuple[float, float, float]:
     optimizer = torch.optim.Adam(params, lr=1e-2)
     tracker = None
     if method == "aux-loss-free bias":
-        tracker = balancing.LoadTracker(layer.router_bias)
+        tracker = balancing.LoadTracker(layer.router.selection_bias)
         balancing.register_bias_update_hook(optimizer, [tracker], rate=0.01)
     cvs, losses = [], []
     for x, y in batches:
         if gate is not None:
             r, clean, std, noisy = gate(x)
-            out = moe_forward(x, r.indices, r.weights, layer.gate_up_proj, layer.down_proj, backend="torch")
+            out = moe_forward(
+                x, r.indices, r.weights, layer.experts.gate_up_proj, layer.experts.down_proj, backend="torch"
+            )
             importance, load = gate.losses(r, clean, std, noisy)
             indices, aux = r.indices, 0.1 * (importance + load)
         else:
             result = layer(x)
             out, logits = result.hidden, result.router_logits
-            options = {"bias": layer.router_bias} if router == "sigmoid_bias_topk" else {}
-            indices = routing.route(logits.detach(), K, router, **options).indices
+            indices = layer.router.select(logits.detach()).indices
             aux = torch.zeros(())
             if method == "switch aux loss":
                 aux = 0.01 * result.load_balancing_loss

@@ -32,14 +32,16 @@ def test_expert_choice_matches_per_expert_loop():
 
 
 def test_expert_choice_runs_in_moe_layer_and_moe_forward():
-    layer = MoELayer(8, 6, 4, 2, router="expert_choice", backend="torch")
+    layer = MoELayer.build(8, 6, 4, 2, router="expert_choice", backend="torch")
     x = torch.randn(10, 8, generator=torch.Generator().manual_seed(1))
     out = layer(x)
     r = routing.route(layer.router(x), 2, "expert_choice")
-    want = moe_forward(x, r.indices, r.weights, layer.gate_up_proj, layer.down_proj, backend="torch")
+    want = moe_forward(
+        x, r.indices, r.weights, layer.experts.gate_up_proj, layer.experts.down_proj, backend="torch"
+    )
     torch.testing.assert_close(out.hidden, want)
     with pytest.raises(UserError, match="capacity_factor"):
-        balancing.expert_choice(torch.randn(3, 4), 1, capacity_factor=0)
+        routing.ExpertChoice.choose(torch.randn(3, 4), 1, capacity_factor=0)
 
 
 def test_noisy_top_k_load_probability_matches_loop_formula():
@@ -107,18 +109,20 @@ def test_bias_update_and_optimizer_hook():
     balancing.update_selection_bias(bias, torch.tensor([5.0, 1.0, 3.0, 3.0]), rate=0.1)
     assert bias.tolist() == pytest.approx([-0.1, 0.1, 0.0, 0.0])  # sign(mean - load) · rate
 
-    layer = MoELayer(8, 6, 4, 2, router="sigmoid_bias_topk", backend="torch")
-    tracker = balancing.LoadTracker(layer.router_bias)
+    layer = MoELayer.build(8, 6, 4, 2, router="sigmoid_bias_topk", backend="torch")
+    tracker = balancing.LoadTracker(layer.router.selection_bias)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.0)
     handle = balancing.register_bias_update_hook(optimizer, [tracker], rate=0.01)
     x = torch.randn(16, 8, generator=torch.Generator().manual_seed(8))
     out = layer(x)
-    r = routing.sigmoid_bias_topk(out.router_logits, 2, torch.zeros(4))
+    r = routing.SigmoidBiasTopK.choose(out.router_logits, 2, torch.zeros(4))
     tracker.observe(r.indices)
     load = balancing.expert_load(r.indices, 4)
     out.hidden.sum().backward()
     optimizer.step()
-    assert layer.router_bias.tolist() == pytest.approx((0.01 * torch.sign(load.mean() - load)).tolist())
+    assert layer.router.selection_bias.tolist() == pytest.approx(
+        (0.01 * torch.sign(load.mean() - load)).tolist()
+    )
     assert tracker.load.sum() == 0  # forgotten after the update
     handle.remove()
 
@@ -137,18 +141,18 @@ def test_shared_expert_with_sigmoid_gate_matches_qwen2_moe_block():
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0, 0.5)
-    layer = MoELayer(
+    layer = MoELayer.build(
         8, 6, 4, 2, router="softmax_topk", shared_expert_size=10, shared_expert_gate=True, backend="torch"
     )
     with torch.no_grad():
         layer.router.weight.copy_(block.gate.weight)
-        layer.gate_up_proj.copy_(block.experts.gate_up_proj)
-        layer.down_proj.copy_(block.experts.down_proj)
+        layer.experts.gate_up_proj.copy_(block.experts.gate_up_proj)
+        layer.experts.down_proj.copy_(block.experts.down_proj)
         mlp = block.shared_expert
-        layer.shared_gate_up_proj.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
-        layer.shared_down_proj.copy_(mlp.down_proj.weight)
-        layer.shared_expert_gate.weight.copy_(block.shared_expert_gate.weight)
+        layer.shared_expert.gate_up_proj.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        layer.shared_expert.down_proj.copy_(mlp.down_proj.weight)
+        layer.shared_expert.gate.weight.copy_(block.shared_expert_gate.weight)
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(layer(x).hidden, block(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(UserError, match="shared_expert_size"):
-        MoELayer(8, 6, 4, 2, shared_expert_gate=True)
+        MoELayer.build(8, 6, 4, 2, shared_expert_gate=True)

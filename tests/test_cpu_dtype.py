@@ -40,7 +40,7 @@ def make_case(tokens: int, dtype: torch.dtype, seed: int):
     hidden = torch.randn(tokens, 32, generator=gen).to(dtype)
     logits = torch.randn(tokens, 8, generator=gen) * 2
     logits[:, 5] = float("-inf")  # one expert gets no tokens
-    return experts, hidden, routing.softmax_topk_renorm(logits, 2)
+    return experts, hidden, routing.SoftmaxTopKRenorm.choose(logits, 2)
 
 
 def upcasts_seen(monkeypatch) -> list:

@@ -53,11 +53,11 @@ def single_process_layer(case: dict):
     """moekit's own single-process `MoELayer` holding the case's weights."""
     from moekit.runtime import MoELayer
 
-    layer = MoELayer(H, I, E, case["top_k"], router=case["routing"], backend="torch")
+    layer = MoELayer.build(H, I, E, case["top_k"], router=case["routing"], backend="torch")
     with torch.no_grad():
         layer.router.weight.copy_(case["router_weight"])
-        layer.gate_up_proj.copy_(case["gate_up"])
-        layer.down_proj.copy_(case["down"])
+        layer.experts.gate_up_proj.copy_(case["gate_up"])
+        layer.experts.down_proj.copy_(case["down"])
     return layer
 
 
@@ -259,7 +259,9 @@ def check_case(what: str, case: dict, ranks: list[dict]) -> None:
         assert_rel_close(
             layer(case["x"]).hidden.detach(), expected.detach(), f"{what}: MoELayer vs reference"
         )
-        assert_rel_close(layer.gate_up_proj.grad, f64["gate_up"].grad, f"{what}: MoELayer grad vs reference")
+        assert_rel_close(
+            layer.experts.gate_up_proj.grad, f64["gate_up"].grad, f"{what}: MoELayer grad vs reference"
+        )
     counts, replicated = case["tokens_per_rank"], case["mode"] == "replicated"
     grad_router_sum = torch.zeros_like(f64["router_weight"])
     for rank, r in enumerate(ranks):

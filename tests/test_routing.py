@@ -45,13 +45,15 @@ def _assert_same(got: list[dict[int, float]], expected: list[dict[int, float]], 
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_softmax_topk_renorm_matches_loop(k):
     logits = _logits(k)
-    _assert_same(_as_sets(routing.softmax_topk_renorm(logits, k)), _loop_softmax_topk(logits, k, renorm=True))
+    _assert_same(
+        _as_sets(routing.SoftmaxTopKRenorm.choose(logits, k)), _loop_softmax_topk(logits, k, renorm=True)
+    )
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_softmax_topk_without_renorm_matches_loop(k):
     logits = _logits(10 + k)
-    _assert_same(_as_sets(routing.softmax_topk(logits, k)), _loop_softmax_topk(logits, k, renorm=False))
+    _assert_same(_as_sets(routing.SoftmaxTopK.choose(logits, k)), _loop_softmax_topk(logits, k, renorm=False))
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
@@ -62,7 +64,7 @@ def test_topk_softmax_matches_loop(k):
         best = sorted(range(len(row)), key=lambda e: -row[e])[:k]
         z = sum(math.exp(row[e]) for e in best)
         expected.append({e: math.exp(row[e]) / z for e in best})
-    _assert_same(_as_sets(routing.topk_softmax(logits, k)), expected)
+    _assert_same(_as_sets(routing.TopKSoftmax.choose(logits, k)), expected)
 
 
 @pytest.mark.parametrize("num_groups,groups_per_token,normalize", [(1, 1, True), (4, 2, True), (2, 1, False)])
@@ -84,7 +86,7 @@ def test_sigmoid_bias_topk_matches_transformers_deepseek_v3(num_groups, groups_p
         router.e_score_correction_bias.normal_(generator=gen)
     x = torch.randn(TOKENS, hidden, generator=gen)
     logits, expected_weights, expected_indices = router(x)
-    got = routing.sigmoid_bias_topk(
+    got = routing.SigmoidBiasTopK.choose(
         logits,
         2,
         router.e_score_correction_bias,
@@ -100,7 +102,7 @@ def test_sigmoid_bias_changes_choice_not_weights():
     logits = _logits(3)
     bias = torch.zeros(EXPERTS)
     bias[5] = 100.0  # expert 5 is always chosen, but its weight stays its own sigmoid score
-    got = routing.sigmoid_bias_topk(logits, 2, bias, normalize=False)
+    got = routing.SigmoidBiasTopK.choose(logits, 2, bias, normalize=False)
     assert (got.indices == 5).any(dim=-1).all()
     slot = (got.indices == 5).int().argmax(dim=-1)
     torch.testing.assert_close(got.weights.gather(1, slot[:, None])[:, 0], torch.sigmoid(logits[:, 5]))
@@ -124,7 +126,7 @@ def test_jitter_scales_within_bounds():
 
 def test_load_balancing_loss_matches_formula_and_transformers():
     logits = _logits(7)
-    r = routing.softmax_topk_renorm(logits, 2)
+    r = routing.SoftmaxTopKRenorm.choose(logits, 2)
     probs = torch.softmax(logits, -1)
     fraction = torch.tensor([(r.indices == e).sum().item() / TOKENS for e in range(EXPERTS)])
     expected = EXPERTS * (fraction * probs.mean(0)).sum()
@@ -135,7 +137,7 @@ def test_load_balancing_loss_matches_formula_and_transformers():
 
 def test_load_balancing_loss_mask_and_balance():
     logits = _logits(8)
-    r = routing.softmax_topk_renorm(logits, 2)
+    r = routing.SoftmaxTopKRenorm.choose(logits, 2)
     mask = torch.rand(TOKENS, generator=torch.Generator().manual_seed(1)) > 0.3
     masked = routing.load_balancing_loss(logits, r.indices, token_mask=mask)
     torch.testing.assert_close(masked, routing.load_balancing_loss(logits[mask], r.indices[mask]))
@@ -146,7 +148,7 @@ def test_load_balancing_loss_mask_and_balance():
 
 def test_load_balancing_loss_gradient_flows_to_logits():
     logits = _logits(9).requires_grad_()
-    r = routing.softmax_topk_renorm(logits, 2)
+    r = routing.SoftmaxTopKRenorm.choose(logits, 2)
     routing.load_balancing_loss(logits, r.indices).backward()
     assert logits.grad.abs().sum() > 0
 
@@ -175,7 +177,7 @@ def _loop_capacity(indices: torch.Tensor, weights: torch.Tensor, capacity: int, 
 def test_capacity_drops_like_priority_loop(factor, k):
     # Skewed logits so that some experts overflow.
     logits = _logits(30 + k) + torch.linspace(0, 3, EXPERTS)
-    r = routing.softmax_topk_renorm(logits, k)
+    r = routing.SoftmaxTopKRenorm.choose(logits, k)
     capacity = routing.expert_capacity(TOKENS, k, EXPERTS, factor)
     assert capacity == math.ceil(factor * TOKENS * k / EXPERTS)
     got = routing.drop_over_capacity(r, EXPERTS, factor)
@@ -189,7 +191,7 @@ def test_capacity_drops_like_priority_loop(factor, k):
 
 
 def test_capacity_none_is_dropless_and_bad_factor_is_user_error():
-    r = routing.softmax_topk_renorm(_logits(5), 2)
+    r = routing.SoftmaxTopKRenorm.choose(_logits(5), 2)
     assert routing.drop_over_capacity(r, EXPERTS, None) is r
     with pytest.raises(UserError, match="capacity_factor"):
         routing.drop_over_capacity(r, EXPERTS, 0.0)

@@ -89,8 +89,8 @@ def run_both(experts, hidden, routing_result, dtype):
 
 
 CASES = [
-    ("mixtral", mixtral_experts, routing.softmax_topk_renorm),
-    ("qwen2_moe", qwen2_moe_experts, routing.softmax_topk),  # norm_topk_prob=False, Qwen2-MoE's default
+    ("mixtral", mixtral_experts, routing.SoftmaxTopKRenorm.choose),
+    ("qwen2_moe", qwen2_moe_experts, routing.SoftmaxTopK.choose),  # norm_topk_prob=False, Qwen2-MoE's default
 ]
 
 
@@ -113,7 +113,7 @@ def test_forward_backward_match_eager(name, make_experts, router, tokens, k, dty
 def test_experts_without_tokens_get_zero_gradient(dtype):
     experts = mixtral_experts(seed=3)
     hidden = torch.randn(17, 32, generator=torch.Generator().manual_seed(2))
-    r = random_routing(17, 8, 2, seed=4, router=routing.softmax_topk_renorm, allowed=[0, 2, 5])
+    r = random_routing(17, 8, 2, seed=4, router=routing.SoftmaxTopKRenorm.choose, allowed=[0, 2, 5])
     eager, ours = run_both(experts, hidden, r, dtype)
     for key in eager:
         assert_close_scaled(ours[key], eager[key], TOL[dtype], key)
@@ -126,7 +126,7 @@ def test_dropped_assignments_match_eager_sentinel():
     """Capacity-dropped ids (== E) are skipped by moekit, as by eager's extra one-hot column."""
     experts = mixtral_experts(seed=5)
     hidden = torch.randn(40, 32, generator=torch.Generator().manual_seed(5))
-    r = random_routing(40, 8, 2, seed=6, router=routing.softmax_topk_renorm)
+    r = random_routing(40, 8, 2, seed=6, router=routing.SoftmaxTopKRenorm.choose)
     dropped = routing.drop_over_capacity(r, 8, capacity_factor=0.5)
     assert (dropped.indices == 8).sum() > 0
     eager, ours = run_both(experts, hidden, dropped, torch.float32)
@@ -140,7 +140,7 @@ def test_gradcheck_float64(k):
     tokens, hidden, inter, num_experts = 6, 4, 3, 5
     x = torch.randn(tokens, hidden, dtype=torch.float64, generator=gen, requires_grad=True)
     r = random_routing(
-        tokens, num_experts, k, seed=k, router=routing.softmax_topk_renorm, allowed=[0, 1, 3, 4]
+        tokens, num_experts, k, seed=k, router=routing.SoftmaxTopKRenorm.choose, allowed=[0, 1, 3, 4]
     )
     w = r.weights.double().requires_grad_()
     gate_up = torch.randn(
@@ -168,7 +168,9 @@ def test_bf16_inference_matches_eager(tokens, grouped):
     """Inference on bf16 models: few rows per expert take the bf16 grouped-GEMM path, more take the fp32 loop."""
     experts = mixtral_experts(seed=tokens).to(torch.bfloat16)
     hidden = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
-    r = random_routing(tokens, 8, 2, seed=tokens, router=routing.softmax_topk_renorm, allowed=[0, 1, 2, 4, 6])
+    r = random_routing(
+        tokens, 8, 2, seed=tokens, router=routing.SoftmaxTopKRenorm.choose, allowed=[0, 1, 2, 4, 6]
+    )
     rows = torch_backend.sort_by_expert(r.indices, 8)
     small = torch_backend._small_low_precision_batch(hidden, experts.gate_up_proj, experts.down_proj, rows)
     assert small == grouped
@@ -182,7 +184,7 @@ def test_bf16_sizes_grouped_mm_refuses_take_another_path(inter):
     """torch._grouped_mm needs 16-byte rows: I = 6 (12 bytes), or I = 12 (2I fits, I does not), must still run."""
     experts = mixtral_experts(inter=inter, seed=inter).to(torch.bfloat16)
     hidden = torch.randn(12, 32, generator=torch.Generator().manual_seed(inter)).to(torch.bfloat16)
-    r = random_routing(12, 8, 2, seed=inter, router=routing.softmax_topk_renorm)
+    r = random_routing(12, 8, 2, seed=inter, router=routing.SoftmaxTopKRenorm.choose)
     rows = torch_backend.sort_by_expert(r.indices, 8)
     assert not torch_backend._small_low_precision_batch(hidden, experts.gate_up_proj, experts.down_proj, rows)
     out, expected = inference_and_eager(experts, hidden, r.indices, r.weights)
@@ -197,7 +199,7 @@ def test_inference_with_many_rows_per_expert_matches_eager(dtype):
     experts = mixtral_experts(seed=seed % 1000).to(dtype)
     tokens = 700
     hidden = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    r = random_routing(tokens, 8, 2, seed=seed, router=routing.softmax_topk_renorm, allowed=[0, 2, 3, 5])
+    r = random_routing(tokens, 8, 2, seed=seed, router=routing.SoftmaxTopKRenorm.choose, allowed=[0, 2, 3, 5])
     rows = torch_backend.sort_by_expert(r.indices, 8)
     assert torch_backend._rows_per_hit_expert(rows) >= torch_backend._PER_EXPERT_ROWS
     counts = [b - a for a, b in zip(rows.bounds, rows.bounds[1:])]
@@ -214,7 +216,7 @@ def test_decode_rows_match_eager(tokens, k, dtype):
     seed = int(torch.randint(0, 2**31, ()))
     experts = mixtral_experts(seed=seed % 1000).to(dtype)
     hidden = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    r = random_routing(tokens, 8, k, seed=seed, router=routing.softmax_topk_renorm)
+    r = random_routing(tokens, 8, k, seed=seed, router=routing.SoftmaxTopKRenorm.choose)
     assert r.indices.numel() <= torch_backend._DECODE_ROWS
     out, expected = inference_and_eager(experts, hidden, r.indices, r.weights)
     assert out.dtype == dtype
@@ -231,7 +233,7 @@ def test_bf16_weights_with_fp32_activations():
     """Mixed dtypes (fp32 activations, bf16 weights) compute in fp32 and return fp32."""
     experts = mixtral_experts(seed=7).to(torch.bfloat16)
     hidden = torch.randn(9, 32, generator=torch.Generator().manual_seed(7))
-    r = random_routing(9, 8, 2, seed=7, router=routing.softmax_topk_renorm)
+    r = random_routing(9, 8, 2, seed=7, router=routing.SoftmaxTopKRenorm.choose)
     out = moe_forward(hidden, r.indices, r.weights, experts.gate_up_proj, experts.down_proj, backend="torch")
     assert out.dtype == torch.float32
     expected = moe_forward(
@@ -245,7 +247,7 @@ def test_moe_forward_from_logits_and_leading_dims():
     hidden = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(8))
     logits = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(9))
     out = moe_forward(hidden, logits, None, experts.gate_up_proj, experts.down_proj, top_k=2)
-    r = routing.softmax_topk_renorm(logits.reshape(10, 8), 2)
+    r = routing.SoftmaxTopKRenorm.choose(logits.reshape(10, 8), 2)
     expected = experts(hidden.reshape(10, 32), r.indices, r.weights).reshape(2, 5, 32)
     assert out.shape == (2, 5, 32)
     assert_close_scaled(out, expected, 1e-5)
@@ -274,17 +276,17 @@ def test_moe_layer_matches_transformers_block(router_name):
     config = MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2)
     config._experts_implementation = "eager"
     block = MixtralSparseMoeBlock(config)
-    layer = MoELayer(32, 48, 8, 2, router=router_name, backend="torch")
+    layer = MoELayer.build(32, 48, 8, 2, router=router_name, backend="torch")
     with torch.no_grad():
         block.gate.weight.copy_(layer.router.weight)
-        block.experts.gate_up_proj.copy_(layer.gate_up_proj)
-        block.experts.down_proj.copy_(layer.down_proj)
+        block.experts.gate_up_proj.copy_(layer.experts.gate_up_proj)
+        block.experts.down_proj.copy_(layer.experts.down_proj)
     x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(11))
     result = layer(x)
     if router_name == "softmax_topk_renorm":
         expected = block(x)
     else:
-        r = routing.softmax_topk(x.reshape(-1, 32) @ layer.router.weight.t(), 2)
+        r = routing.SoftmaxTopK.choose(x.reshape(-1, 32) @ layer.router.weight.t(), 2)
         expected = block.experts(x.reshape(-1, 32), r.indices, r.weights).reshape(x.shape)
     assert_close_scaled(result.hidden, expected, 1e-5)
     logits = x.reshape(-1, 32) @ layer.router.weight.t()
@@ -295,7 +297,7 @@ def test_moe_layer_matches_transformers_block(router_name):
 
     # Gradients reach the router through the routing weights, as in the transformers block.
     (result.hidden.sum() + 0.01 * result.load_balancing_loss + 0.001 * result.z_loss).backward()
-    assert layer.router.weight.grad.abs().sum() > 0 and layer.gate_up_proj.grad.abs().sum() > 0
+    assert layer.router.weight.grad.abs().sum() > 0 and layer.experts.gate_up_proj.grad.abs().sum() > 0
     if router_name == "softmax_topk_renorm":
         block_logits = x.reshape(-1, 32) @ block.gate.weight.t()
         block_loss = 0.01 * routing.load_balancing_loss(block_logits, r.indices)
@@ -304,30 +306,32 @@ def test_moe_layer_matches_transformers_block(router_name):
 
 
 def test_moe_layer_capacity_sigmoid_and_user_errors():
-    layer = MoELayer(16, 8, 4, 2, router="sigmoid_bias_topk", capacity_factor=0.5, backend="torch")
-    layer.router_bias[3] = (
+    layer = MoELayer.build(16, 8, 4, 2, router="sigmoid_bias_topk", capacity_factor=0.5, backend="torch")
+    layer.router.selection_bias[3] = (
         10.0  # every token picks expert 3; capacity lets only ceil(0.5 * 2 * 12 / 4) = 3 in
     )
     x = torch.randn(12, 16, generator=torch.Generator().manual_seed(12))
     result = layer(x)
     logits = x @ layer.router.weight.t()
-    kept = routing.drop_over_capacity(routing.sigmoid_bias_topk(logits, 2, layer.router_bias), 4, 0.5)
+    kept = routing.drop_over_capacity(
+        routing.SigmoidBiasTopK.choose(logits, 2, layer.router.selection_bias), 4, 0.5
+    )
     assert (kept.indices == 3).sum() == 3
     expected = moe_forward(
-        x, kept.indices, kept.weights, layer.gate_up_proj, layer.down_proj, backend="torch"
+        x, kept.indices, kept.weights, layer.experts.gate_up_proj, layer.experts.down_proj, backend="torch"
     )
     assert_close_scaled(result.hidden, expected, 1e-6)
     with pytest.raises(UserError, match="did you mean"):
-        MoELayer(16, 8, 4, 2, router="softmax_top_k")
+        MoELayer.build(16, 8, 4, 2, router="softmax_top_k")
     with pytest.raises(UserError, match="top_k=5"):
-        MoELayer(16, 8, 4, 5)
+        MoELayer.build(16, 8, 4, 5)
 
 
 def test_hf_experts_function_runs_gelu_and_names_what_it_does_not_run():
     config = MixtralConfig(hidden_size=16, intermediate_size=8, num_local_experts=4, hidden_act="gelu")
     experts = _randomised(MixtralExperts(config), 0)
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
-    r = random_routing(5, 4, 2, seed=0, router=routing.softmax_topk_renorm)
+    r = random_routing(5, 4, 2, seed=0, router=routing.SoftmaxTopKRenorm.choose)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no silent (or warned) fallback: moekit runs GELU itself
         out = hf.moekit_experts_forward(experts, x, r.indices, r.weights)

@@ -49,7 +49,7 @@ def make_inputs(dtype, tokens=7, hidden=16, inter=8, num_experts=4, k=2, seed=0)
     x = torch.randn(tokens, hidden, generator=gen).to(dtype)
     logits = torch.randn(tokens, num_experts, generator=gen)
     logits[:, num_experts - 1] = float("-inf")  # the last expert gets no tokens
-    r = routing.softmax_topk_renorm(logits, k)
+    r = routing.SoftmaxTopKRenorm.choose(logits, k)
     gate_up = (torch.randn(num_experts, 2 * inter, hidden, generator=gen) * 0.3).to(dtype)
     down = (torch.randn(num_experts, hidden, inter, generator=gen) * 0.3).to(dtype)
     return x, r, gate_up, down

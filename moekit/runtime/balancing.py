@@ -2,8 +2,8 @@
 losses, DeepSeek-V3's auxiliary-loss-free bias update (with an optimizer hook) and its sequence-level loss.
 
 Each is a plain function on router logits (or a small module holding its own router weights), so it works in
-`MoELayer`, in a training loop, or with `moe_forward` directly. Expert Choice is also the `expert_choice`
-router of `moekit.runtime.routing.ROUTERS`.
+`MoELayer`, in a training loop, or with `moe_forward` directly. Expert Choice is the `expert_choice` router
+of `moekit.runtime.routing.ROUTERS`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.errors import UserError
-from moekit.runtime.routing import Routing, expert_choice  # noqa: F401  (expert_choice: one of this family)
+from moekit.runtime.routing import Routing
 
 
 def _cv_squared(values: torch.Tensor) -> torch.Tensor:

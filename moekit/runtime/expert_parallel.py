@@ -22,6 +22,7 @@ whether the hidden states and expert weights require grad, and call backward.
 
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 import torch
@@ -30,8 +31,7 @@ import torch.distributed._functional_collectives as funcol
 
 from moekit.errors import UserError
 from moekit.runtime.experts import moe_forward
-from moekit.runtime.layer import MoELayer, MoEOutput
-from moekit.runtime.routing import drop_over_capacity, jitter, load_balancing_loss, route, router_z_loss
+from moekit.runtime.layer import MoELayer
 from moekit.runtime.sorting import sort_by_expert
 
 
@@ -230,43 +230,16 @@ class ExpertParallelExperts(torch.nn.Module):
         return f"experts {rank * held}..{(rank + 1) * held - 1} of {self.num_experts}, replicated_tokens={self.replicated_tokens}"
 
 
-class ExpertParallelMoE(torch.nn.Module):
-    """The expert-parallel twin of `moekit.runtime.MoELayer`: the router is replicated on every rank, the
-    experts are sharded, and forward returns the same `MoEOutput` (output, router logits, auxiliary losses).
+class ExpertParallelMoE(MoELayer):
+    """The expert-parallel `moekit.runtime.MoELayer`: the router (and any shared expert) is replicated on every
+    rank and the experts module is an `ExpertParallelExperts` holding this rank's block; forward is
+    `MoELayer.forward` and returns the same `MoEOutput` (output, router logits, auxiliary losses).
 
-    Build it from a layer with `from_layer`, or from this rank's weights directly (transformers' layout:
-    router_weight [E, H], gate_up_proj [E_local, 2I, H], down_proj [E_local, H, I]). With data-parallel tokens
-    the router's gradient, the auxiliary losses and the capacity limit are per rank (its own tokens), as in
-    any data-parallel MoE: all-reduce the router's gradient like any replicated parameter (DDP does).
+    Build it from a layer with `from_layer`, or as `ExpertParallelMoE(router, ExpertParallelExperts(...))` from
+    this rank's weights. With data-parallel tokens the router's gradient, the auxiliary losses and the capacity
+    limit are per rank (its own tokens), as in any data-parallel MoE: all-reduce the router's gradient like any
+    replicated parameter (DDP does).
     """
-
-    def __init__(
-        self,
-        router_weight: torch.Tensor,
-        gate_up_proj: torch.Tensor,
-        down_proj: torch.Tensor,
-        top_k: int,
-        *,
-        router: str = "softmax_topk_renorm",
-        router_bias: torch.Tensor | None = None,
-        jitter_noise: float = 0.0,
-        capacity_factor: float | None = None,
-        group: dist.ProcessGroup | None = None,
-        replicated_tokens: bool = False,
-        backend: str = "auto",
-    ):
-        super().__init__()
-        num_experts, hidden_size = router_weight.shape
-        self.num_experts, self.top_k = num_experts, top_k
-        self.router_name, self.jitter_noise, self.capacity_factor = router, jitter_noise, capacity_factor
-        self.router = torch.nn.Linear(hidden_size, num_experts, bias=False, device=router_weight.device)
-        with torch.no_grad():
-            self.router.weight.copy_(router_weight)
-        bias = torch.zeros(num_experts, device=router_weight.device) if router_bias is None else router_bias
-        self.register_buffer("router_bias", bias.float().clone())
-        self.experts = ExpertParallelExperts(
-            gate_up_proj, down_proj, num_experts, group, replicated_tokens, backend
-        )
 
     @classmethod
     def from_layer(
@@ -274,33 +247,20 @@ class ExpertParallelMoE(torch.nn.Module):
     ) -> ExpertParallelMoE:
         """This rank's share of `layer` (copied), with the same router, options and backend."""
         ids = local_experts(layer.num_experts, dist.get_rank(group), dist.get_world_size(group))
+        experts = ExpertParallelExperts(
+            layer.experts.gate_up_proj.detach()[ids.start : ids.stop].clone(),
+            layer.experts.down_proj.detach()[ids.start : ids.stop].clone(),
+            layer.num_experts,
+            group,
+            replicated_tokens,
+            layer.experts.backend,
+        )
         return cls(
-            layer.router.weight.detach(),
-            layer.gate_up_proj.detach()[ids.start : ids.stop].clone(),
-            layer.down_proj.detach()[ids.start : ids.stop].clone(),
-            layer.top_k,
-            router=layer.router_name,
-            router_bias=layer.router_bias,
+            copy.deepcopy(layer.router),
+            experts,
+            shared_expert=copy.deepcopy(layer.shared_expert),
             jitter_noise=layer.jitter_noise,
             capacity_factor=layer.capacity_factor,
-            group=group,
-            replicated_tokens=replicated_tokens,
-            backend=layer.backend,
-        )
-
-    def forward(self, hidden: torch.Tensor) -> MoEOutput:
-        """hidden [..., H] (this rank's tokens) -> MoEOutput, as `MoELayer.forward`."""
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        logits = self.router(jitter(flat, self.jitter_noise) if self.training else flat)
-        options = {"bias": self.router_bias} if self.router_name == "sigmoid_bias_topk" else {}
-        routing = route(logits, self.top_k, self.router_name, **options)
-        kept = drop_over_capacity(routing, self.num_experts, self.capacity_factor)
-        out = self.experts(flat, kept.indices, kept.weights)
-        return MoEOutput(
-            out.reshape(hidden.shape),
-            logits,
-            load_balancing_loss(logits, routing.indices),
-            router_z_loss(logits),
         )
 
 

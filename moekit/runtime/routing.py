@@ -1,6 +1,8 @@
-"""Router math: router logits -> (top-k weights, top-k expert ids), plus the training extras.
+"""Routers: a gate over the experts and a rule from its logits to (top-k weights, top-k expert ids), plus the
+training extras (jitter, the auxiliary losses, capacity).
 
-Every variant returns a `Routing(weights [T, k], indices [T, k])` with weights in float32 (the routers of
+Each variant is one `Router` subclass, registered in ROUTERS by its `name`; `route(logits, k, name)` applies a
+variant's rule without a module. Every variant returns a `Routing(weights [T, k], indices [T, k])` with weights in float32 (the routers of
 Mixtral, Qwen and DeepSeek all compute their probabilities in float32) and indices in int64.
 
 An index equal to `num_experts` marks an assignment that was dropped (capacity overflow). It carries weight 0
@@ -10,9 +12,10 @@ and every expert backend skips it; transformers' `eager` experts skip it too (it
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
+from torch import nn
 
 from moekit.errors import UserError, did_you_mean
 
@@ -24,102 +27,206 @@ class Routing(NamedTuple):
     indices: torch.Tensor
 
 
-def softmax_topk_renorm(logits: torch.Tensor, top_k: int) -> Routing:
+class Router(nn.Linear):
+    """A router: the gate `weight` [E, H] (transformers' `gate.weight`; `router(x)` gives the logits [T, E])
+    and a rule, `choose`, from logits to each token's experts. Subclasses name themselves and register in
+    ROUTERS by defining `name`: a new router is one class. State a rule needs (a bias, options) lives on the
+    instance and reaches `choose` through `select`."""
+
+    name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            if cls.name in ROUTERS:
+                raise RuntimeError(f"router {cls.name!r} registered twice")
+            ROUTERS[cls.name] = cls
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, *, device=None, dtype=None):
+        super().__init__(hidden_size, num_experts, bias=False, device=device, dtype=dtype)
+        check_top_k(top_k, num_experts)
+        self.top_k = top_k
+
+    @staticmethod
+    def choose(logits: torch.Tensor, top_k: int) -> Routing:
+        """The rule on its own: logits [T, E] -> Routing [T, k]."""
+        raise NotImplementedError
+
+    def select(self, logits: torch.Tensor) -> Routing:
+        """This router's choice for `logits` (self(x)), with its own top k and state."""
+        return self.choose(logits, self.top_k)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, hidden={self.in_features}, experts={self.out_features}, top_k={self.top_k}"
+
+
+ROUTERS: dict[str, type[Router]] = {}
+
+
+class SoftmaxTopKRenorm(Router):
     """Mixtral: softmax over all experts, keep the top k, renormalise the kept probabilities to sum to 1."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    weights, indices = torch.topk(probs, top_k, dim=-1)
-    return Routing(weights / weights.sum(dim=-1, keepdim=True), indices)
+
+    name = "softmax_topk_renorm"
+
+    @staticmethod
+    def choose(logits: torch.Tensor, top_k: int) -> Routing:
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, indices = torch.topk(probs, top_k, dim=-1)
+        return Routing(weights / weights.sum(dim=-1, keepdim=True), indices)
 
 
-def softmax_topk(logits: torch.Tensor, top_k: int) -> Routing:
+class SoftmaxTopK(Router):
     """Qwen2-MoE with `norm_topk_prob=False`: softmax over all experts, keep the top k as they are."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    weights, indices = torch.topk(probs, top_k, dim=-1)
-    return Routing(weights, indices)
+
+    name = "softmax_topk"
+
+    @staticmethod
+    def choose(logits: torch.Tensor, top_k: int) -> Routing:
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, indices = torch.topk(probs, top_k, dim=-1)
+        return Routing(weights, indices)
 
 
-def topk_softmax(logits: torch.Tensor, top_k: int) -> Routing:
+class TopKSoftmax(Router):
     """Top k of the logits first, then a softmax over those k only (Switch/GShard-style "top-k then normalise")."""
-    top_logits, indices = torch.topk(logits.float(), top_k, dim=-1)
-    return Routing(torch.softmax(top_logits, dim=-1), indices)
+
+    name = "topk_softmax"
+
+    @staticmethod
+    def choose(logits: torch.Tensor, top_k: int) -> Routing:
+        top_logits, indices = torch.topk(logits.float(), top_k, dim=-1)
+        return Routing(torch.softmax(top_logits, dim=-1), indices)
 
 
-def sigmoid_bias_topk(
-    logits: torch.Tensor,
-    top_k: int,
-    bias: torch.Tensor | None = None,
-    *,
-    num_groups: int = 1,
-    groups_per_token: int = 1,
-    normalize: bool = True,
-    scaling_factor: float = 1.0,
-) -> Routing:
-    """DeepSeek-V3: sigmoid scores; the bias (`e_score_correction_bias`) steers the choice but not the weights.
+class SigmoidBiasTopK(Router):
+    """DeepSeek-V3: sigmoid scores; the `selection_bias` buffer [E] (transformers' `e_score_correction_bias`,
+    updated by `moekit.runtime.balancing`) steers the choice but not the weights.
 
     With `num_groups > 1` the experts are split into equal groups, each group is scored by the sum of its two
     best biased scores, and only the `groups_per_token` best groups are eligible. The kept weights are the
     unbiased sigmoid scores, optionally renormalised, times `scaling_factor`.
     """
-    scores = torch.sigmoid(logits.float())
-    choice = scores if bias is None else scores + bias.float()
-    num_experts = scores.shape[-1]
-    if num_groups > 1:
-        if num_experts % num_groups:
-            raise UserError(
-                f"sigmoid routing: {num_experts} experts do not split into {num_groups} equal groups"
-            )
-        grouped = choice.view(*choice.shape[:-1], num_groups, num_experts // num_groups)
-        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
-        best_groups = group_scores.topk(groups_per_token, dim=-1).indices
-        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, best_groups, True)
-        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(choice.shape)
-        choice = choice.masked_fill(~expert_mask, float("-inf"))
-    indices = torch.topk(choice, top_k, dim=-1).indices
-    weights = scores.gather(-1, indices)
-    if normalize:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return Routing(weights * scaling_factor, indices)
+
+    name = "sigmoid_bias_topk"
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        num_groups: int = 1,
+        groups_per_token: int = 1,
+        normalize: bool = True,
+        scaling_factor: float = 1.0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(hidden_size, num_experts, top_k, device=device, dtype=dtype)
+        self.register_buffer("selection_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
+        self.options = {
+            "num_groups": num_groups,
+            "groups_per_token": groups_per_token,
+            "normalize": normalize,
+            "scaling_factor": scaling_factor,
+        }
+
+    def select(self, logits: torch.Tensor) -> Routing:
+        return self.choose(logits, self.top_k, self.selection_bias, **self.options)
+
+    @staticmethod
+    def choose(
+        logits: torch.Tensor,
+        top_k: int,
+        bias: torch.Tensor | None = None,
+        *,
+        num_groups: int = 1,
+        groups_per_token: int = 1,
+        normalize: bool = True,
+        scaling_factor: float = 1.0,
+    ) -> Routing:
+        scores = torch.sigmoid(logits.float())
+        choice = scores if bias is None else scores + bias.float()
+        num_experts = scores.shape[-1]
+        if num_groups > 1:
+            if num_experts % num_groups:
+                raise UserError(
+                    f"sigmoid routing: {num_experts} experts do not split into {num_groups} equal groups"
+                )
+            grouped = choice.view(*choice.shape[:-1], num_groups, num_experts // num_groups)
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+            best_groups = group_scores.topk(groups_per_token, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, best_groups, True)
+            expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(choice.shape)
+            choice = choice.masked_fill(~expert_mask, float("-inf"))
+        indices = torch.topk(choice, top_k, dim=-1).indices
+        weights = scores.gather(-1, indices)
+        if normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(weights * scaling_factor, indices)
 
 
-def expert_choice(logits: torch.Tensor, top_k: int, capacity_factor: float = 1.0) -> Routing:
+class ExpertChoice(Router):
     """Expert Choice (Zhou et al. 2022): each expert takes its `capacity` best tokens by softmax score.
 
     capacity = ceil(capacity_factor · T · top_k / E), so on average a token gets `top_k` experts (some get
     none, some more). Returns weights and indices [T, E]: slot e holds expert e with its softmax score when
     expert e chose the token, else index E (dropped) and weight 0."""
-    if capacity_factor <= 0:
-        raise UserError(f"expert choice: capacity_factor={capacity_factor} must be positive")
-    num_tokens, num_experts = logits.shape
-    probs = torch.softmax(logits.float(), dim=-1)
-    capacity = min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
-    tokens = probs.t().topk(capacity, dim=-1).indices  # [E, c]: each expert's chosen tokens
-    chosen = torch.zeros(num_experts, num_tokens, dtype=torch.bool, device=logits.device)
-    chosen.scatter_(1, tokens, True)
-    chosen = chosen.t()  # [T, E]
-    experts = torch.arange(num_experts, device=logits.device).expand(num_tokens, -1)
-    indices = torch.where(chosen, experts, num_experts)
-    weights = torch.where(chosen, probs, torch.zeros_like(probs))
-    return Routing(weights, indices)
+
+    name = "expert_choice"
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        capacity_factor: float = 1.0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(hidden_size, num_experts, top_k, device=device, dtype=dtype)
+        self.capacity_factor = capacity_factor
+
+    def select(self, logits: torch.Tensor) -> Routing:
+        return self.choose(logits, self.top_k, self.capacity_factor)
+
+    @staticmethod
+    def choose(logits: torch.Tensor, top_k: int, capacity_factor: float = 1.0) -> Routing:
+        if capacity_factor <= 0:
+            raise UserError(f"expert choice: capacity_factor={capacity_factor} must be positive")
+        num_tokens, num_experts = logits.shape
+        probs = torch.softmax(logits.float(), dim=-1)
+        capacity = min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+        tokens = probs.t().topk(capacity, dim=-1).indices  # [E, c]: each expert's chosen tokens
+        chosen = torch.zeros(num_experts, num_tokens, dtype=torch.bool, device=logits.device)
+        chosen.scatter_(1, tokens, True)
+        chosen = chosen.t()  # [T, E]
+        experts = torch.arange(num_experts, device=logits.device).expand(num_tokens, -1)
+        indices = torch.where(chosen, experts, num_experts)
+        weights = torch.where(chosen, probs, torch.zeros_like(probs))
+        return Routing(weights, indices)
 
 
-ROUTERS = {
-    "softmax_topk_renorm": softmax_topk_renorm,
-    "softmax_topk": softmax_topk,
-    "topk_softmax": topk_softmax,
-    "sigmoid_bias_topk": sigmoid_bias_topk,
-    "expert_choice": expert_choice,
-}
+def router_class(name: str, where: str = "") -> type[Router]:
+    """The Router subclass registered as `name`; a misspelling is a UserError with "did you mean"."""
+    if name not in ROUTERS:
+        raise UserError(
+            f"{where + ': ' if where else ''}unknown router {name!r}{did_you_mean(name, ROUTERS)}; choose one of {', '.join(ROUTERS)}"
+        )
+    return ROUTERS[name]
+
+
+def check_top_k(top_k: int, num_experts: int) -> None:
+    if not 1 <= top_k <= num_experts:
+        raise UserError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
 
 
 def route(logits: torch.Tensor, top_k: int, method: str = "softmax_topk_renorm", **options) -> Routing:
-    """Route with the variant named `method` (a key of `ROUTERS`); `options` go to that variant."""
-    if method not in ROUTERS:
-        raise UserError(
-            f"unknown router {method!r}{did_you_mean(method, ROUTERS)}; choose one of {', '.join(ROUTERS)}"
-        )
-    if not 1 <= top_k <= logits.shape[-1]:
-        raise UserError(f"top_k={top_k} must be between 1 and the number of experts ({logits.shape[-1]})")
-    return ROUTERS[method](logits, top_k, **options)
+    """Route with the rule of the router named `method` (a key of `ROUTERS`); `options` go to its `choose`."""
+    rule = router_class(method).choose
+    check_top_k(top_k, logits.shape[-1])
+    return rule(logits, top_k, **options)
 
 
 def jitter(hidden: torch.Tensor, noise: float, generator: torch.Generator | None = None) -> torch.Tensor:
