@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from moekit._version import __version__
 from moekit.errors import UserError
+from moekit.transformers_io import register_experts_on_import
 
 __all__ = [
     "UserError", "merge", "verify", "route_stats", "calibrate_router", "moe_forward", "MoELayer", "__version__"
@@ -48,50 +49,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'moekit' has no attribute {name!r}")
 
 
-_HF_MOE_MODULE = "transformers.integrations.moe"
-
-
-def _register_with_transformers() -> None:
-    """Make experts_implementation="moekit" available as soon as transformers' MoE integration is imported.
-
-    Registering eagerly would import transformers (seconds, and ~100 MB) on every `import moekit`, which the merge
-    CLI does not need. So: register now if that module is loaded, else when it is first imported.
-    """
-    import sys
-
-    if _HF_MOE_MODULE in sys.modules:
-        _register_now()
-    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterOnImport())
-
-
-def _register_now() -> None:
-    try:
-        from moekit.runtime.hf import register_with_transformers
-    except ImportError:  # transformers too old, or the runtime is unavailable: merging still works
-        return
-    register_with_transformers()
-
-
-class _RegisterOnImport:
-    """A meta-path finder that runs the registration right after transformers' MoE module finishes loading."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != _HF_MOE_MODULE:
-            return None
-        import importlib.machinery
-
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return None
-        exec_module = spec.loader.exec_module
-
-        def exec_and_register(module):
-            exec_module(module)
-            _register_now()
-
-        spec.loader.exec_module = exec_and_register
-        return spec
-
-
-_register_with_transformers()
+register_experts_on_import()  # experts_implementation="moekit", once transformers' MoE module loads

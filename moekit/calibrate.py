@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from moekit import transformers_io
 from moekit.errors import UserError, did_you_mean
 from moekit.io.output_dir import check_output_free, check_output_spares_inputs
 from moekit.io.safetensors_reader import checkpoint_infos
@@ -154,12 +155,8 @@ def _load(moe_dir: Path, device: str):
     """(model with moekit's experts backend, tokenizer, num_experts, top_k); one-line errors for non-MoE input."""
     if not (moe_dir / "config.json").is_file():
         raise UserError(f"{moe_dir}: not a model directory (no config.json)")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    import moekit  # noqa: F401  (registers experts_implementation="moekit")
-
     try:
-        config = AutoConfig.from_pretrained(moe_dir, local_files_only=True, trust_remote_code=False)
+        config = transformers_io.load_config(moe_dir)
     except ValueError as err:
         raise UserError(
             f"{moe_dir}/config.json: transformers cannot load it ({str(err).splitlines()[0]})"
@@ -168,13 +165,10 @@ def _load(moe_dir: Path, device: str):
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available; use --device cpu")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(moe_dir, local_files_only=True, trust_remote_code=False)
+        tokenizer = transformers_io.load_tokenizer(moe_dir)
     except (OSError, ValueError) as err:
         raise UserError(f"{moe_dir}: no usable tokenizer files ({str(err).splitlines()[0]})") from err
-    model = AutoModelForCausalLM.from_pretrained(
-        moe_dir, dtype=torch.float32, local_files_only=True, trust_remote_code=False,
-        experts_implementation="moekit",
-    )  # fmt: skip
+    model = transformers_io.load_model(moe_dir, dtype=torch.float32, experts_implementation="moekit")
     return model.to(device), tokenizer, num_experts, top_k
 
 

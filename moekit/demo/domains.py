@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from moekit import transformers_io
 from moekit.demo.cache import atomic_file, cache_key, cache_root
 from moekit.errors import UserError
 
@@ -176,9 +177,7 @@ def build_windows(
     seed: int,
 ) -> DomainWindows:
     """Split `corpus` by group (held-out first, then train) and cut each side into windows. Not cached."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = transformers_io.load_tokenizer(tokenizer_dir)
     # SmolLM2 separates pretraining documents with <|endoftext|>; its EOS (<|im_end|>) ends chat turns.
     vocab = tokenizer.get_vocab()
     separator = vocab["<|endoftext|>"] if "<|endoftext|>" in vocab else tokenizer.eos_token_id

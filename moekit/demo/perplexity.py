@@ -35,6 +35,7 @@ def perplexity(model_or_dir, windows: torch.Tensor, batch_size: int = 8) -> floa
 
 
 def _load(checkpoint: str | Path):
-    from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+    from moekit import transformers_io
+
+    return transformers_io.load_model(checkpoint, dtype=torch.float32)

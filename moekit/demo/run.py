@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 import torch
 
+from moekit import transformers_io
 from moekit.demo.cache import cache_root
 from moekit.demo.domains import DomainWindows, domain_windows
 from moekit.demo.perplexity import perplexity
@@ -107,9 +108,7 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 
 def evaluate(path: Path, windows: dict[str, DomainWindows], tokenizer, max_new_tokens: int, **load) -> dict:
     """Held-out perplexity on each domain and one greedy generation, for the checkpoint at `path`."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **load)
+    model = transformers_io.load_model(path, dtype=torch.float32, **load)
     result = {d: perplexity(model, windows[d].heldout) for d in DOMAINS}
     if max_new_tokens:
         result["generation"] = greedy_answer(model, tokenizer, GENERATION_PROMPT, max_new_tokens)
@@ -162,7 +161,6 @@ def main(
     Example (the README's first command; downloads 93 MB once, the model and fine-tunes are then cached):
       python -m moekit.demo --plot docs/demo_route_stats.png
     """
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per model load would bury the report
@@ -170,7 +168,7 @@ def main(
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     base = smollm2_checkpoint()
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    tokenizer = transformers_io.load_tokenizer(base)
     click.echo(f"base model: {base} ({time.perf_counter() - start:.0f} s)")
     windows = {d: domain_windows(d, base) for d in DOMAINS}
     for d, w in windows.items():

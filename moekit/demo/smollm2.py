@@ -18,6 +18,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from moekit import transformers_io
 from moekit.demo.cache import atomic_dir, atomic_file, cache_root, file_lock
 from moekit.errors import UserError
 
@@ -104,11 +105,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str) -> None:
     quantization_config), so the weights move into a freshly built model of the same config.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = transformers_io.load_tokenizer(folder, gguf_file=name)
+    loaded = transformers_io.load_model(folder, gguf_file=name, dtype=torch.float32)
     config = loaded.config
     del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

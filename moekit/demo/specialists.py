@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from moekit import transformers_io
 from moekit.demo.cache import atomic_dir, cache_key, cache_root
 from moekit.demo.domains import DomainWindows
 from moekit.errors import UserError
@@ -131,8 +132,6 @@ def specialist(
     specialist is returned with its recorded losses and time. `train_log.json` in the checkpoint records them.
     `on_step` and `threads` are as in `finetune_mlp`; the thread count is part of the key (see there).
     """
-    from transformers import AutoModelForCausalLM
-
     base_dir = Path(base_dir)
     threads = threads or os.cpu_count() or 1
     weights = sorted(base_dir.glob("*.safetensors"))
@@ -150,7 +149,7 @@ def specialist(
     )
     out = (cache or cache_root()) / "specialists" / f"{domain.name}-{key}"
     if not (out / "train_log.json").exists():
-        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+        model = transformers_io.load_model(base_dir, dtype=torch.float32)
         start = time.perf_counter()
         losses = finetune_mlp(model, domain.train, steps, lr, batch_size, seed, on_step, threads)
         seconds = time.perf_counter() - start

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from moekit import transformers_io
 from moekit.config import TokenSetting
 from moekit.errors import UserError, did_you_mean
 from moekit.io.checkpoint import Checkpoint
@@ -123,11 +124,7 @@ def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(
-        str(path), local_files_only=True, trust_remote_code=False, use_fast=True
-    )
+    return transformers_io.load_tokenizer(path, use_fast=True)
 
 
 def _vocab_size(model: Checkpoint, tokenizer) -> int:
@@ -166,9 +163,7 @@ def _fresh_copy(tok):
     """A copy of `tok` that can be extended without touching it (save and reload, as tokenizers are stateful)."""
     with tempfile.TemporaryDirectory() as d:
         tok.save_pretrained(d)
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(d, local_files_only=True, trust_remote_code=False, use_fast=True)
+        return transformers_io.load_tokenizer(d, use_fast=True)
 
 
 def union_tokenizer(base_tok, others: list[tuple[Checkpoint | None, Any]]):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from moekit import transformers_io
 from moekit.errors import UserError
 from moekit.progress import transformers_bars
 
@@ -121,10 +122,8 @@ def _normalized_difference(summarize, positive, negative) -> torch.Tensor:
 
 def load_tokenizer(model_dir: Path):
     """The base's tokenizer, set up as mergekit sets it: left padding, BOS as the pad token (EOS without a BOS)."""
-    from transformers import AutoTokenizer
-
     try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        tok = transformers_io.load_tokenizer(model_dir)
     except (OSError, ValueError, TypeError) as e:
         raise UserError(
             f"{model_dir}: prompt-based gates need the base model's tokenizer, which cannot be loaded ({str(e).splitlines()[0]})"
@@ -162,13 +161,11 @@ def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[t
 
 
 def load_model(model_dir: Path, device: str, dtype: torch.dtype, progress: bool = False):
-    from transformers import AutoModelForCausalLM
-
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
     try:
         with transformers_bars(progress), _load_report_silenced():
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=False)
+            model = transformers_io.load_model(model_dir, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: weights unlike the config
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "mismatched_sizes" in why:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moekit import transformers_io
 from moekit.errors import UserError
 from moekit.io.safetensors_reader import TensorReader, checkpoint_infos
 from moekit.runtime.ep_checkpoint import checkpoint_name, load_local_experts
@@ -46,9 +47,9 @@ def build_expert_parallel_model(
     Only this rank's expert tensors are read. The returned model expects every rank to run the same forward
     calls on the same inputs (replicated tokens); its outputs are then identical on every rank.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config = transformers_io.load_config(model_dir)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(
             f"{model_dir}: model_type {config.model_type!r} has no expert-parallel support; "
@@ -144,10 +145,8 @@ def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
 def _prompt_ids(args, model_dir: Path) -> tuple[torch.Tensor, object]:
     if args.prompt_ids:
         return torch.tensor([[int(t) for t in args.prompt_ids.split(",")]]), None
-    from transformers import AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = transformers_io.load_tokenizer(model_dir)
     except (OSError, ValueError) as e:
         raise UserError(f"{model_dir}: no usable tokenizer ({e}); pass --prompt-ids 1,2,3 instead") from None
     return tokenizer(args.prompt, return_tensors="pt").input_ids, tokenizer
@@ -212,9 +211,7 @@ def _report(args, tokens: list[int], tokenizer, input_ids: torch.Tensor, dtype, 
     if tokenizer is not None:
         print(f"  text: {tokenizer.decode(tokens)!r}")
     if args.compare:
-        from transformers import AutoModelForCausalLM
-
-        single = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype or "auto")
+        single = transformers_io.load_model(args.model_dir, dtype=dtype or "auto")
         reference = greedy_generate(single, input_ids, args.max_new_tokens)
         result.update(single_process_tokens=reference, match=reference == tokens)
         print(f"single process:          {reference}")

@@ -5,23 +5,19 @@ looks their forward up by name in `ExpertsInterface`, as fn(self, hidden_states,
 We register two: `moekit`, which runs every experts layout and activation transformers uses and refuses
 (naming it) what it does not run, and `moekit_or_grouped_mm`, which falls back to grouped_mm there instead. transformers 4.x has no `ExpertsInterface`: registration is then a no-op.
 
-Importing transformers costs seconds, and `import moekit` (the merge CLI) should not pay for it. So when
-transformers' MoE module is not loaded yet, registration waits for it with an import hook and happens the
-moment transformers loads it (which `from_pretrained` always does first).
+`import moekit` registers them the moment transformers loads its MoE module (`moekit.transformers_io`).
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import sys
 import warnings
 
 from moekit.errors import UserError
 from moekit.runtime.activations import ExpertFunction
 from moekit.runtime.expert_weights import ExpertWeights
+from moekit.transformers_io import HF_MOE_MODULE
 
-_HF_MOE_MODULE = "transformers.integrations.moe"
 NAME = "moekit"
 FALLBACK_NAME = "moekit_or_grouped_mm"
 
@@ -138,41 +134,12 @@ def _register(experts_interface) -> None:
             experts_interface.register(name, forward)
 
 
-class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; wraps the loader of transformers' MoE module so that loading it registers us."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _HF_MOE_MODULE:
-            return None
-        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding this finder again
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
-            return spec
-        load = spec.loader.exec_module
-
-        def exec_module(module):
-            load(module)
-            if hasattr(module, "ExpertsInterface"):
-                _register(module.ExpertsInterface)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
 def register_with_transformers() -> bool:
-    """Make `experts_implementation="moekit"` available. Idempotent; safe without transformers or on 4.x.
-
-    Returns True when registered now, False when waiting for transformers' MoE module to be imported or
-    when transformers lacks `ExpertsInterface`.
-    """
-    module = sys.modules.get(_HF_MOE_MODULE)
-    if module is not None:
-        if not hasattr(module, "ExpertsInterface"):
-            return False
-        _register(module.ExpertsInterface)
-        return True
-    if importlib.util.find_spec("transformers") is None:
+    """Make `experts_implementation="moekit"` available. Idempotent; `moekit.transformers_io` calls it when
+    transformers' MoE module loads. Returns False when that module is not loaded, or lacks `ExpertsInterface`
+    (transformers 4.x)."""
+    module = sys.modules.get(HF_MOE_MODULE)
+    if module is None or not hasattr(module, "ExpertsInterface"):
         return False
-    if not any(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterOnImport())
-    return False
+    _register(module.ExpertsInterface)
+    return True

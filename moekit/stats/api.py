@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from moekit import transformers_io
 from moekit._version import __version__
 from moekit.errors import UserError
 from moekit.progress import transformers_bars
@@ -125,11 +126,9 @@ def _window(window: int | None, config) -> int:
 
 
 def _tokenizer_beside(name: str):
-    from transformers import AutoTokenizer
-
     if not Path(name).is_dir():
         raise UserError("pass tokenizer= when the model was not loaded from a local directory")
-    return AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
+    return transformers_io.load_tokenizer(name)
 
 
 def _transformers_version() -> str:

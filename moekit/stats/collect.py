@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from moekit import transformers_io
 from moekit.errors import UserError
 from moekit.stats.accumulate import NonFiniteRouting, RoutingAccumulator
 from moekit.stats.outputs import check_model_dir
@@ -100,10 +101,8 @@ def router_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor 
 def load_config(path: str | Path):
     """The transformers config of a local model directory, checked to be an MoE route-stats can model."""
     path = check_model_dir(path)
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        config = transformers_io.load_config(path)
     except (OSError, ValueError) as err:  # unreadable JSON, unknown model_type, or remote code needed
         raise UserError(
             f"{path}/config.json: transformers cannot load it ({str(err).splitlines()[0]})"
@@ -123,8 +122,6 @@ def load_model(
     `allow_pickle`, since transformers would otherwise fall back to torch.load. A checkpoint that does not fill
     the model its config describes is refused: transformers would fill the gaps with random values.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from moekit.io.checkpoint import Checkpoint, pickle_allowed
 
     path = Path(path)
@@ -134,15 +131,15 @@ def load_model(
         Checkpoint.open(str(path), where=str(path)).tensors.close()
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        tokenizer = transformers_io.load_tokenizer(path)
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: no usable tokenizer files ({str(err).splitlines()[0]})") from err
     try:
         with (
             _transformers_quiet()
         ):  # its multi-line load report; what matters in it is raised below in one line
-            model, info = AutoModelForCausalLM.from_pretrained(
-                path, config=config, dtype=dtype, local_files_only=True, trust_remote_code=False,
+            model, info = transformers_io.load_model(
+                path, config=config, dtype=dtype,
                 use_safetensors=None if allow_pickle else True, weights_only=True,
                 ignore_mismatched_sizes=True, output_loading_info=True,
             )  # fmt: skip
