@@ -114,13 +114,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen3_moe", ("qwen3_moe",), "Qwen3MoeForCausalLM", is_moe=True),
 )
 
-_BY_MODEL_TYPE = {mt: fam for fam in FAMILIES for mt in fam.model_types}
-
 
 def family_for_config(config: dict, where: str) -> Family:
     """The family of a model from its config.json contents: from the table, else inferred by transformers."""
     model_type = config.get("model_type")
-    fam = _BY_MODEL_TYPE.get(model_type)
+    fam = table_family(model_type)
     if fam is not None:
         return fam
     if not isinstance(model_type, str) or not model_type:
@@ -130,12 +128,9 @@ def family_for_config(config: dict, where: str) -> Family:
     return infer_family(config, where)
 
 
-def table_family(model_type: str) -> Family | None:
-    return _BY_MODEL_TYPE.get(model_type)
-
-
-def family_by_name(name: str) -> Family | None:
-    return next((f for f in FAMILIES if f.name == name), None)
+def table_family(model_type: object) -> Family | None:
+    """The FAMILIES row for `model_type`, if any (read at call time: a row is all a new family needs)."""
+    return next((fam for fam in FAMILIES if model_type in fam.model_types), None)
 
 
 def _table_shapes(fam: Family, config: dict) -> dict[str, tuple[int, ...]]:

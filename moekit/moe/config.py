@@ -45,7 +45,6 @@ GATE_MODE_ALIASES = {"hidden_last": "hidden"}  # mergekit accepts both spellings
 
 # mergekit picks an output architecture whose display name starts with `architecture:` ("Mixtral", "Qwen MoE",
 # "Qwen3 MoE"); "qwen" therefore means "a Qwen MoE that fits the sources". The spellings live with the layouts.
-ARCHITECTURE_NAMES = architecture_names()
 
 
 @dataclass(frozen=True)
@@ -165,12 +164,13 @@ def parse_moe_config(raw: dict, path: Path | None = None) -> MoEConfig:
         key = str(architecture).strip().lower()
         if key in NOT_BUILT:
             raise UserError(f"{name}: architecture {architecture!r} is not built: {NOT_BUILT[key][1]}")
-        if key not in ARCHITECTURE_NAMES:
+        names = architecture_names()  # at call time, as the layouts are data
+        if key not in names:
             raise UserError(
-                f"{name}: architecture {architecture!r} is not supported{did_you_mean(key, ARCHITECTURE_NAMES)}; "
+                f"{name}: architecture {architecture!r} is not supported{did_you_mean(key, names)}; "
                 f"use one of {', '.join(layout.name for layout in LAYOUTS)}"
             )
-        candidates = ARCHITECTURE_NAMES[key]
+        candidates = names[key]
 
     tokenizer_source = raw.get("tokenizer_source")
     if tokenizer_source is not None and tokenizer_source != "base":

@@ -128,8 +128,6 @@ def not_built_sibling(family: str) -> str | None:
     return next((out for out, (sources, _) in NOT_BUILT.items() if family in sources), None)
 
 
-BY_NAME = {layout.name: layout for layout in LAYOUTS}
-
 # sigmoid(t) rounds to exactly 1/2 in float32 for |t| < 2**-25, and |g . x| <= 1e-30 * sum|x| is far below that for
 # any finite hidden state; float16 cannot hold 1e-30, so there its smallest subnormal (2**-24) stands in: then
 # |t| stays below float16's half-ulp at 1/2 (2**-12) while sum|x| < 2**10.
@@ -177,9 +175,9 @@ def choose_layout(
     """The output layout for dense `family`: among `candidates` (all when None), one that takes the family and
     has a shared expert exactly when the config gives one (either, for `has_shared=None`: upcycling makes its own).
     Mixtral first, as mergekit prefers it."""
-    names = candidates or tuple(BY_NAME)
-    for name in names:
-        layout = BY_NAME[name]
+    for layout in LAYOUTS:  # read at call time: a row is all a new output family needs
+        if candidates and layout.name not in candidates:
+            continue
         if family in layout.sources and has_shared in (None, layout.shared):
             return layout
     return None

@@ -1,3 +1,8 @@
-"""Every merge method, registered on import. One module per family of methods."""
+"""Every merge method, registered on import. One module per family of methods; every module of this package is
+imported, so a new method is one new module (or one function in an existing one)."""
 
-from moekit.merging.methods import basic, model_stock, ram, sce, selective, spherical, task_vectors  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
