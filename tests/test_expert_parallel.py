@@ -1,8 +1,8 @@
 """Expert parallelism: gloo process groups on CPU must reproduce the single-process MoE layer.
 
 Each distributed test runs its ranks as separate processes (this file, run as a script with --worker) on
-127.0.0.1 and judges them only by the result files they write: gloo can abort at interpreter exit after every
-check has passed (anchors.md), so an exit code alone proves nothing either way.
+127.0.0.1 and judges them only by the result files they write: a gloo process can abort (SIGABRT) at interpreter
+exit after every check has passed, so an exit code alone proves nothing either way.
 
 The reference is a deliberately dumb single-process layer in float64: a per-token loop over the chosen
 experts, with its own softmax/top-k. Tolerance: fp32 results within 1e-5 of the float64 reference, relative

@@ -1,9 +1,9 @@
 """Whether the CPU multiplies bf16/fp16 natively or the torch backend should upcast them to fp32.
 
 On a CPU with bf16 units (AMX-BF16 tiles or AVX512-BF16 dot products, e.g. Sapphire Rapids, Zen 4) oneDNN runs
-bf16 GEMMs faster than fp32 ones and transformers' own bf16 experts beat an fp32 upcast 2-3x (issue 24's
-measurement on an AMX Xeon). On a CPU without them (AVX2 hosts such as the 2-core EPYC this project is measured
-on) a bf16 GEMM is emulated and runs 5-10x slower than fp32, so there the weights are upcast.
+bf16 GEMMs faster than fp32 ones and transformers' own bf16 experts beat an fp32 upcast 2-3x (measured on an
+AMX Xeon). On a CPU without them (AVX2 hosts such as the 2-core EPYC this project is measured on) a bf16 GEMM
+is emulated and runs 5-10x slower than fp32, so there the weights are upcast.
 
 Detection is by capability probes only, no micro-benchmark (a timing taken on a busy shared machine would pick by
 noise, and it would cost every first call): torch's own cpuinfo-based probes (`torch.cpu._is_amx_tile_supported`,
