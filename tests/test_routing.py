@@ -96,6 +96,16 @@ def test_sigmoid_bias_topk_matches_transformers_deepseek_v3(num_groups, groups_p
         scaling_factor=2.5,
     )
     _assert_same(_as_sets(got), _as_sets(routing.Routing(expected_weights, expected_indices)), tol=1e-6)
+    # The module: its options kept for `select`, its gate and selection bias as DeepSeek-V3's weights.
+    options = {"num_groups": num_groups, "groups_per_token": groups_per_token, "normalize": normalize}
+    module = routing.SigmoidBiasTopK(hidden, EXPERTS, 2, scaling_factor=2.5, **options)
+    with torch.no_grad():
+        module.weight.copy_(router.weight)
+        module.selection_bias.copy_(router.e_score_correction_bias)
+    selected = module.select(module(x))
+    _assert_same(_as_sets(selected), _as_sets(routing.Routing(expected_weights, expected_indices)), tol=1e-6)
+    with pytest.raises(TypeError, match="num_group"):
+        routing.SigmoidBiasTopK(hidden, EXPERTS, 2, num_group=2)
 
 
 def test_sigmoid_bias_changes_choice_not_weights():

@@ -158,10 +158,6 @@ class MoELayer(nn.Module):
     def num_experts(self) -> int:
         return self.router.out_features
 
-    @property
-    def top_k(self) -> int:
-        return self.router.top_k
-
     def reset_parameters(self) -> None:
         """nn.Linear's init for the router, Kaiming-uniform per expert for the experts' projections."""
         for module in (self.router, self.experts, self.shared_expert):

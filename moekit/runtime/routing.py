@@ -11,6 +11,7 @@ and every expert backend skips it; transformers' `eager` experts skip it too (it
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import ClassVar, NamedTuple
 
@@ -30,8 +31,8 @@ class Routing(NamedTuple):
 class Router(nn.Linear):
     """A router: the gate `weight` [E, H] (transformers' `gate.weight`; `router(x)` gives the logits [T, E])
     and a rule, `choose`, from logits to each token's experts. Subclasses name themselves and register in
-    ROUTERS by defining `name`: a new router is one class. State a rule needs (a bias, options) lives on the
-    instance and reaches `choose` through `select`."""
+    ROUTERS by defining `name`: a new router is one class. `options` are keyword arguments of its `choose`
+    (SigmoidBiasTopK's num_groups, ExpertChoice's capacity_factor), kept on the instance for `select`."""
 
     name: ClassVar[str]
 
@@ -42,10 +43,13 @@ class Router(nn.Linear):
                 raise RuntimeError(f"router {cls.name!r} registered twice")
             ROUTERS[cls.name] = cls
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, *, device=None, dtype=None):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, *, device=None, dtype=None, **options):
         super().__init__(hidden_size, num_experts, bias=False, device=device, dtype=dtype)
         check_top_k(top_k, num_experts)
-        self.top_k = top_k
+        inspect.signature(self.choose).bind(
+            None, top_k, **options
+        )  # a misspelt option fails here, not in forward
+        self.top_k, self.options = top_k, options
 
     @staticmethod
     def choose(logits: torch.Tensor, top_k: int) -> Routing:
@@ -53,26 +57,14 @@ class Router(nn.Linear):
         raise NotImplementedError
 
     def select(self, logits: torch.Tensor) -> Routing:
-        """This router's choice for `logits` (self(x)), with its own top k and state."""
-        return self.choose(logits, self.top_k)
+        """This router's choice for `logits` (self(x)), with its own top k, options and state."""
+        return self.choose(logits, self.top_k, **self.options)
 
     def extra_repr(self) -> str:
         return f"{self.name}, hidden={self.in_features}, experts={self.out_features}, top_k={self.top_k}"
 
 
 ROUTERS: dict[str, type[Router]] = {}
-
-
-class SoftmaxTopKRenorm(Router):
-    """Mixtral: softmax over all experts, keep the top k, renormalise the kept probabilities to sum to 1."""
-
-    name = "softmax_topk_renorm"
-
-    @staticmethod
-    def choose(logits: torch.Tensor, top_k: int) -> Routing:
-        probs = torch.softmax(logits.float(), dim=-1)
-        weights, indices = torch.topk(probs, top_k, dim=-1)
-        return Routing(weights / weights.sum(dim=-1, keepdim=True), indices)
 
 
 class SoftmaxTopK(Router):
@@ -85,6 +77,17 @@ class SoftmaxTopK(Router):
         probs = torch.softmax(logits.float(), dim=-1)
         weights, indices = torch.topk(probs, top_k, dim=-1)
         return Routing(weights, indices)
+
+
+class SoftmaxTopKRenorm(Router):
+    """Mixtral: softmax over all experts, keep the top k, renormalise the kept probabilities to sum to 1."""
+
+    name = "softmax_topk_renorm"
+
+    @staticmethod
+    def choose(logits: torch.Tensor, top_k: int) -> Routing:
+        weights, indices = SoftmaxTopK.choose(logits, top_k)
+        return Routing(weights / weights.sum(dim=-1, keepdim=True), indices)
 
 
 class TopKSoftmax(Router):
@@ -109,27 +112,9 @@ class SigmoidBiasTopK(Router):
 
     name = "sigmoid_bias_topk"
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_experts: int,
-        top_k: int,
-        *,
-        num_groups: int = 1,
-        groups_per_token: int = 1,
-        normalize: bool = True,
-        scaling_factor: float = 1.0,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__(hidden_size, num_experts, top_k, device=device, dtype=dtype)
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, *, device=None, **options):
+        super().__init__(hidden_size, num_experts, top_k, device=device, **options)
         self.register_buffer("selection_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
-        self.options = {
-            "num_groups": num_groups,
-            "groups_per_token": groups_per_token,
-            "normalize": normalize,
-            "scaling_factor": scaling_factor,
-        }
 
     def select(self, logits: torch.Tensor) -> Routing:
         return self.choose(logits, self.top_k, self.selection_bias, **self.options)
@@ -175,29 +160,13 @@ class ExpertChoice(Router):
 
     name = "expert_choice"
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_experts: int,
-        top_k: int,
-        *,
-        capacity_factor: float = 1.0,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__(hidden_size, num_experts, top_k, device=device, dtype=dtype)
-        self.capacity_factor = capacity_factor
-
-    def select(self, logits: torch.Tensor) -> Routing:
-        return self.choose(logits, self.top_k, self.capacity_factor)
-
     @staticmethod
     def choose(logits: torch.Tensor, top_k: int, capacity_factor: float = 1.0) -> Routing:
         if capacity_factor <= 0:
             raise UserError(f"expert choice: capacity_factor={capacity_factor} must be positive")
         num_tokens, num_experts = logits.shape
         probs = torch.softmax(logits.float(), dim=-1)
-        capacity = min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+        capacity = min(num_tokens, expert_capacity(num_tokens, top_k, num_experts, capacity_factor))
         tokens = probs.t().topk(capacity, dim=-1).indices  # [E, c]: each expert's chosen tokens
         chosen = torch.zeros(num_experts, num_tokens, dtype=torch.bool, device=logits.device)
         chosen.scatter_(1, tokens, True)
