@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from moekit import transformers_io
 from moekit.errors import UserError
 from moekit.io.output_files import MARKER_NAME
 from moekit.io.safetensors_reader import (
@@ -222,9 +223,9 @@ def _check_finite(infos: dict[str, TensorInfo], problems: list[str]) -> str:
 
 
 def _meta_model(config_dir: Path):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    hf_config = AutoConfig.from_pretrained(str(config_dir), trust_remote_code=False)
+    hf_config = transformers_io.load_config(config_dir)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=False)
 
@@ -285,14 +286,11 @@ def _check_shapes(
 
 def _check_loads(out: Path, problems: list[str]) -> str:
     import transformers
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar would interleave with the report's lines
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            str(out), dtype="auto", output_loading_info=True, trust_remote_code=False
-        )
+        model, info = transformers_io.load_model(out, dtype="auto", output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - any failure to load is the finding, reported in one line
         problems.append(
             f"{out}: transformers cannot load it: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
