@@ -167,6 +167,16 @@ def merge_command(
     Example:
       moekit merge merge_configs/ties.yaml -o out/ties --seed 1
     """
+    if trust_remote_code:
+        raise UserError(
+            "--trust-remote-code: moekit never runs code shipped with a model; merging needs only the weights and "
+            "config.json, so drop the flag (an architecture moekit lacks is refused by name)"
+        )
+    if unsafe_truncate_embeddings:
+        raise UserError(
+            "--unsafe-truncate-embeddings: set tokenizer_source: base in the config instead; it keeps the base "
+            "model's tokens and one embedding row per token, matching rows by token rather than assuming equal ids"
+        )
     from moekit.preflight import check_merge_config
 
     # The user errors that need no torch come before its import, which takes seconds.
@@ -180,16 +190,6 @@ def merge_command(
         gc.freeze()  # and none of them is garbage: later collections skip them
         gc.enable()
     _setup_logging(quiet, verbose)
-    if trust_remote_code:
-        raise UserError(
-            "--trust-remote-code: moekit never runs code shipped with a model; merging needs only the weights and "
-            "config.json, so drop the flag (an architecture moekit lacks is refused by name)"
-        )
-    if unsafe_truncate_embeddings:
-        raise UserError(
-            "--unsafe-truncate-embeddings: set tokenizer_source: base in the config instead; it keeps the base "
-            "model's tokens and one embedding row per token, matching rows by token rather than assuming equal ids"
-        )
     if out_dir is not None and out is not None and out_dir != out:
         raise UserError(f"two output directories: OUT '{out_dir}' and -o '{out}'; give one")
     if lazy_unpickle and not allow_pickle:

@@ -20,7 +20,7 @@ from moekit.config import (
     SOURCE_KEYS,
     check_keys,
     is_moe_config,
-    read_yaml,
+    read_yaml_documents,
 )
 from moekit.io.checkpoint import Checkpoint, pickle_allowed
 from moekit.io.output_dir import check_output_free
@@ -39,7 +39,10 @@ def check_merge_config(
     found without torch; return quietly otherwise: the merge's own validation then finds the rest."""
     if out is not None and not dry_run:
         check_output_free(Path(out), force)
-    raw, path = read_yaml(config)
+    docs, path = read_yaml_documents(config)
+    if len(docs) > 1:  # a mergekit-multi config: later documents name outputs that do not exist yet
+        return
+    raw = docs[0]
     if "adapters" in raw:  # an adapter merge: its checks live with the adapters (moekit.lora.combine)
         return
     name = str(path) if path else "<config>"
