@@ -120,7 +120,7 @@ class StackedExperts(CheckpointReader):
             raise UserError(f"{where}: the experts of '{name}' differ in shape or dtype ({listing})")
         shape = (len(parts), sum(i.shape[0] for i in first), first[0].shape[1])
         nbytes = shape[0] * shape[1] * shape[2] * first[0].dtype.itemsize
-        return TensorInfo(name, first[0].dtype, shape, first[0].path, 0, nbytes)
+        return replace(first[0], name=name, shape=shape, start=0, end=nbytes)
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         parts = self.stacks.get(name)
