@@ -214,7 +214,8 @@ def main(
 
     heldout_files = {d: write_heldout_text(scored[d], tokenizer, work / f"heldout_{d}.txt") for d in DOMAINS}
     stats_json = work / "route_stats.json"
-    cmd = [sys.executable, "-m", "moekit", "route-stats", str(moe_path), "--json", str(stats_json)]
+    # --force: the demo owns these files, and a second `make demo` must replace its first run's
+    cmd = [sys.executable, "-m", "moekit", "route-stats", str(moe_path), "--json", str(stats_json), "--force"]
     cmd += [arg for d in DOMAINS for arg in ("--prompts", f"{d}={heldout_files[d]}")]
     cmd += ["--plot", str(plot or work / "route_stats.png")]
     click.echo("$ moekit route-stats " + " ".join(cmd[4:]))
