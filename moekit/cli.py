@@ -198,14 +198,17 @@ def merge_command(
         log.warning("--cuda: taken as --device cuda; moekit's dense merges stream on the CPU")
     if random_seed is not None and seed not in (0, random_seed):
         raise UserError(f"--seed {seed} and --random-seed {random_seed} disagree; give one")
-    shard_bytes = parse_mergekit_shard_size(out_shard_size) if out_shard_size else parse_size(shard_size)
-    result = merge(
-        config, out or out_dir, force=force, dry_run=dry_run, shard_size=shard_bytes,
+    from moekit.options import MergeOptions
+
+    options = MergeOptions(
+        force=force, dry_run=dry_run,
+        shard_size=parse_mergekit_shard_size(out_shard_size) if out_shard_size else parse_size(shard_size),
         seed=seed if random_seed is None else random_seed, allow_nonfinite=allow_nonfinite,
         allow_pickle=allow_pickle or lazy_unpickle, progress=not quiet and sys.stderr.isatty(),
-        device="cuda" if cuda else device, print_fn=click.echo, copy_tokenizer=copy_tokenizer,
-        write_model_card=write_model_card, allow_crimes=allow_crimes, intermediate_dir=intermediate_dir,
+        device="cuda" if cuda else device, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
+        allow_crimes=allow_crimes, intermediate_dir=intermediate_dir,
     )  # fmt: skip
+    result = merge(config, out or out_dir, options, print_fn=click.echo)
     if result is not None and not quiet:
         click.echo(f"wrote {result}")
 

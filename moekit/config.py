@@ -1,8 +1,9 @@
 """Merge configs: YAML loading, mergekit-compatible schema, validation with suggestions.
 
 mergekit ignores keys it does not know and parameters the method does not take, so a typo like `densty:` merges
-silently with the default. Here every key is checked against the schema and every parameter against the method's
-declaration, with a "did you mean" for near misses.
+silently with the default. Here every key is checked against the schema, with a "did you mean" for near misses;
+the method's parameters are checked against its declaration by the registry (merging/registry.py), with the
+value readers below.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from moekit.errors import UserError, did_you_mean
-from moekit.merging.registry import MergeMethod, Param, get_method
 
 if TYPE_CHECKING:
     import torch
+
+    from moekit.merging.registry import Param  # what the value readers read by; nothing of it is imported
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +81,10 @@ class Slice:
 
 @dataclass
 class MergeConfig:
-    """A validated dense-merge config. `models` configs become one slice over every layer at plan time."""
+    """A dense-merge config, checked as far as it can be without knowing the method (the registry checks the
+    parameters). `models` configs become one slice over every layer at plan time."""
 
-    method: MergeMethod
+    merge_method: str
     base_model: str | None
     models: list[Source] | None
     slices: list[Slice] | None
@@ -332,7 +335,8 @@ def parse_merge_config(raw: dict, path: Path | None = None) -> MergeConfig:
     check_keys(raw, DENSE_KEYS, name)
     if "merge_method" not in raw:
         raise UserError(f"{name}: missing 'merge_method' (e.g. merge_method: linear)")
-    method = get_method(raw["merge_method"], f"{name}: merge_method")
+    if not isinstance(raw["merge_method"], str):
+        raise UserError(f"{name}: merge_method must be a method's name, got {_short(raw['merge_method'])}")
     has_models, has_slices = raw.get("models") is not None, raw.get("slices") is not None
     if has_models == has_slices:
         raise UserError(f"{name}: give exactly one of 'models' or 'slices'")
@@ -380,8 +384,8 @@ def parse_merge_config(raw: dict, path: Path | None = None) -> MergeConfig:
 
         check_chat_template(raw["chat_template"], f"{name}: chat_template")
 
-    config = MergeConfig(
-        method=method,
+    return MergeConfig(
+        merge_method=raw["merge_method"],
         base_model=base_model,
         models=models,
         slices=slices,
@@ -399,8 +403,6 @@ def parse_merge_config(raw: dict, path: Path | None = None) -> MergeConfig:
         path=path,
         base_dir=path.parent if path else None,
     )
-    check_parameters(config, name)
-    return config
 
 
 def _list(value: object, where: str) -> list:
@@ -463,57 +465,6 @@ def _parse_slice(entry: object, where: str) -> Slice:
         )
     base = _model_ref(entry.get("base_model"), f"{where}.base_model", optional=True)
     return Slice(sources, _params(entry.get("parameters"), f"{where}.parameters"), base, where)
-
-
-def check_parameters(config: MergeConfig, name: str) -> None:
-    """Every parameter name is known, placed where it can act, and every value valid; values are read as mergekit
-    reads them (pydantic's lax mode: "1e-5" is a number for a float parameter, 0 and 1 are booleans).
-
-    mergekit ignores a parameter the method does not take, and people switch `merge_method:` in a config that
-    still carries the old method's parameters: a name some method knows is a warning. A name no method knows, or
-    one an edit away from a parameter of this method (a typo), is an error with a suggestion."""
-    method = config.method
-    known = {p.name for p in method.params}
-    ignored: dict[str, list[str]] = {}
-
-    def check_block(params: dict, where: str, per_model_block: bool) -> None:
-        for key, setting in list(params.items()):
-            p = method.param(key)
-            if p is None:
-                near = [k for k in known if edit_distance(str(key), k) <= 1]
-                if key in known_parameter_names() and not near:
-                    ignored.setdefault(f"'{method.name}' does not use '{key}'", []).append(where)
-                    continue
-                hint = did_you_mean(key, near or known or known_parameter_names())
-                takes = ", ".join(sorted(known)) or "no parameters"
-                raise UserError(f"{where}: '{method.name}' has no parameter '{key}'{hint}; it takes: {takes}")
-            if per_model_block and not p.per_model:
-                ignored.setdefault(
-                    f"'{key}' is a global parameter of '{method.name}': it counts only in the top-level or slice "
-                    "parameters",
-                    [],
-                ).append(where)
-                continue
-            params[key] = coerce_setting(p, setting, f"{where}.{key}")
-
-    check_block(config.parameters, f"{name}: parameters", False)
-    for src in config.models or []:
-        check_block(src.parameters, f"{src.where}.parameters", True)
-    for sl in config.slices or []:
-        check_block(sl.parameters, f"{sl.where}.parameters", False)
-        for src in sl.sources:
-            check_block(src.parameters, f"{src.where}.parameters", True)
-    for what, wheres in ignored.items():
-        shown = ", ".join(w.removeprefix(f"{name}: ") for w in wheres[:3]) + (
-            ", ..." if len(wheres) > 3 else ""
-        )
-        log.warning("%s: %s (in %s; mergekit ignores it too)", name, what, shown)
-
-
-def known_parameter_names() -> set[str]:
-    from moekit.merging.registry import METHODS
-
-    return {p.name for m in METHODS.values() for p in m.params}
 
 
 def edit_distance(a: str, b: str) -> int:

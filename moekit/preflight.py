@@ -22,7 +22,7 @@ from moekit.config import (
     is_moe_config,
     read_yaml_documents,
 )
-from moekit.io.checkpoint import Checkpoint, pickle_allowed
+from moekit.io.checkpoint import Checkpoint
 from moekit.io.output_dir import check_output_free
 from moekit.paths import split_adapter_ref
 
@@ -48,13 +48,12 @@ def check_merge_config(
     name = str(path) if path else "<config>"
     base_dir = path.parent if path else None
     refs = _moe_refs(raw, name) if is_moe_config(raw) else _dense_refs(raw, name)
-    with pickle_allowed(allow_pickle):
-        first_seen: dict[str, str] = {}
-        for ref, where in refs:
-            first_seen.setdefault(ref, where)
-        for ref, where in first_seen.items():  # each model once, named where it first appears
-            model, _ = split_adapter_ref(ref, base_dir, where)
-            Checkpoint.open(model, base_dir, where).close()
+    first_seen: dict[str, str] = {}
+    for ref, where in refs:
+        first_seen.setdefault(ref, where)
+    for ref, where in first_seen.items():  # each model once, named where it first appears
+        model, _ = split_adapter_ref(ref, base_dir, where)
+        Checkpoint.open(model, base_dir, where, allow_pickle).close()
 
 
 def _dense_refs(raw: dict, name: str) -> list[tuple[str, str]]:

@@ -1,5 +1,5 @@
-"""A progress bar over tensors and bytes written, with ETA (rich), or nothing when quiet; and transformers' own
-bars following the same switch."""
+"""moekit's one progress bar (rich, on stderr), or nothing when quiet; and transformers' own bars following the
+same switch."""
 
 from __future__ import annotations
 
@@ -18,32 +18,28 @@ from rich.progress import (
 
 
 @contextmanager
-def tensor_progress(
-    total_tensors: int, total_bytes: int, enabled: bool, label: str = "merging"
-) -> Iterator[Callable[[int], None]]:
-    """Yields `advance(nbytes)`, to be called once per finished output tensor."""
-    if not enabled:
-        yield lambda nbytes: None
+def progress_bar(
+    label: str, total: int, enabled: bool, unit: str, *, transient: bool = False, **fields: str
+) -> Iterator[Callable[..., None]]:
+    """A bar on stderr over `total` units (shown as sizes when unit is "bytes"), with elapsed time and ETA.
+    Yields `advance(amount=1, **fields)`; `fields` (e.g. loss="-") are shown after the count and updated by
+    advance. Nothing is drawn when disabled."""
+    if not enabled or total <= 0:
+        yield lambda amount=1, **values: None
         return
+    count = DownloadColumn() if unit == "bytes" else TextColumn(f"{{task.completed}}/{{task.total}} {unit}")
+    shown = [TextColumn(f"{name} {{task.fields[{name}]}}") for name in fields]
     columns = (
         TextColumn(f"[bold]{label}"),
         BarColumn(),
-        TextColumn("{task.fields[done]}/{task.fields[n]} tensors"),
-        DownloadColumn(),
+        count,
+        *shown,
         TimeElapsedColumn(),
-        TextColumn("ETA"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=Console(stderr=True)) as progress:
-        task = progress.add_task(label, total=max(total_bytes, 1), done=0, n=total_tensors)
-        done = 0
-
-        def advance(nbytes: int) -> None:
-            nonlocal done
-            done += 1
-            progress.update(task, advance=nbytes, done=done)
-
-        yield advance
+    with Progress(*columns, console=Console(stderr=True), transient=transient) as bar:
+        task = bar.add_task(label, total=total, **fields)
+        yield lambda amount=1, **values: bar.update(task, advance=amount, **values)
 
 
 @contextmanager

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,24 +18,11 @@ if TYPE_CHECKING:  # the torch-backed readers are imported when used: reading he
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
-# The user's --allow-pickle for the merge in progress. A context variable rather than a parameter, so that it
-# reaches every model the dense planner and the MoE builder open without each of them passing it along.
-_PICKLE_ALLOWED: ContextVar[bool] = ContextVar("moekit_pickle_allowed", default=False)
 
-
-@contextmanager
-def pickle_allowed(allowed: bool) -> Iterator[None]:
-    """Within the block, model directories holding only pickled weights are loaded (weights_only=True)."""
-    token = _PICKLE_ALLOWED.set(allowed)
-    try:
-        yield
-    finally:
-        _PICKLE_ALLOWED.reset(token)
-
-
-def open_tensors(model_dir: Path) -> TensorReader | PickleReader:
-    """A lazy reader over the weights of `model_dir`: safetensors, or pickled weights when the user allowed them."""
-    if _PICKLE_ALLOWED.get():
+def open_tensors(model_dir: Path, allow_pickle: bool = False) -> TensorReader | PickleReader:
+    """A lazy reader over the weights of `model_dir`: safetensors, or with `allow_pickle` (the user's
+    --allow-pickle) the pickled weights of a directory that holds only those, loaded with weights_only=True."""
+    if allow_pickle:
         from moekit.io.pickle_reader import (
             PickleReader,
             holds_pickled_weights_only,
@@ -127,7 +111,9 @@ class Checkpoint:
     tensors: TensorReader | PickleReader = field(repr=False)
 
     @classmethod
-    def open(cls, ref: str, base_dir: Path | None = None, where: str = "config") -> Checkpoint:
+    def open(
+        cls, ref: str, base_dir: Path | None = None, where: str = "config", allow_pickle: bool = False
+    ) -> Checkpoint:
         model_ref, adapter = split_adapter_ref(ref, base_dir, where)  # mergekit's 'model+lora'
         path = resolve_model_dir(model_ref, base_dir, where)
         config_path = path / "config.json"
@@ -140,7 +126,7 @@ class Checkpoint:
         if not isinstance(config, dict):
             raise UserError(f"{config_path}: not a JSON object")
         family = family_for_config(config, str(config_path))
-        tensors = open_tensors(path)
+        tensors = open_tensors(path, allow_pickle)
         try:
             check_config_matches_tensors(config_path, config, family, tensors.infos)
         except UserError:

@@ -168,25 +168,6 @@ class ShardedWriter:
             self._file = None
 
 
-def check_shard_size(shard_size: int) -> None:
-    if shard_size <= 0:
-        raise UserError(f"--shard-size must be a positive number of bytes, got {shard_size}")
-
-
-class PlannedOutputs:
-    """For plans whose `jobs` each carry `out: OutputTensor`: the output layout the writer needs."""
-
-    jobs: list
-
-    @property
-    def output_tensors(self) -> list[OutputTensor]:
-        return [j.out for j in self.jobs]
-
-    @property
-    def output_bytes(self) -> int:
-        return sum(j.out.nbytes for j in self.jobs)
-
-
 @contextmanager
 def streaming_output(
     out: Path, force: bool, tensors: Sequence[OutputTensor], shard_size: int

@@ -23,12 +23,12 @@ import torch
 import yaml
 
 from moekit.errors import UserError
-from moekit.io.checkpoint import Checkpoint, pickle_allowed
+from moekit.io.checkpoint import Checkpoint
 from moekit.io.output_dir import atomic_output_dir, check_output_free, check_output_spares_inputs
 from moekit.io.output_files import MARKER_NAME
 from moekit.lora.adapter import PREFIX
 from moekit.lora.adapter_writer import AdapterWriter
-from moekit.progress import tensor_progress
+from moekit.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -192,13 +192,12 @@ def extract_lora(
     options = options or ExtractOptions()
     out = Path(out)
     check_output_free(out, force)
-    with pickle_allowed(allow_pickle):
-        base_ckpt = Checkpoint.open(base, where="--base")
-        try:
-            model_ckpt = Checkpoint.open(model, where="--model")
-        except BaseException:
-            base_ckpt.close()
-            raise
+    base_ckpt = Checkpoint.open(base, where="--base", allow_pickle=allow_pickle)
+    try:
+        model_ckpt = Checkpoint.open(model, where="--model", allow_pickle=allow_pickle)
+    except BaseException:
+        base_ckpt.close()
+        raise
     try:
         check_output_spares_inputs(out, [base_ckpt.path, model_ckpt.path])
         jobs, notes = plan_extraction(base_ckpt, model_ckpt, options)
@@ -226,7 +225,7 @@ def extract_lora(
 def _run(jobs, base: Checkpoint, model: Checkpoint, options, writer: AdapterWriter, result, progress) -> None:
     infos = model.tensors.infos
     total = sum(infos[p].nbytes for j in jobs for p in j.params)
-    with tensor_progress(len(jobs), total, progress, label="extracting LoRA") as advance:
+    with progress_bar("extracting LoRA", total, progress, "bytes") as advance:
         for job in jobs:
             if job.kind == "full":
                 for p in job.params:

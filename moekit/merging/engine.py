@@ -1,29 +1,35 @@
-"""Runs a plan: for each output tensor, read its inputs, apply the method, write the result, free everything.
+"""Runs a plan (a dense merge's or an MoE build's): for each output tensor, read its inputs, apply its
+operation, check and cast the result, write it, free everything; or, for a dry run, describes the plan.
 
 Reads for the next piece of work are issued on a background thread while the current one computes (file reads and
 torch kernels both release the GIL), so disk and arithmetic overlap. A second thread draws the random numbers that a
 random method declares (`draws`), strictly in plan order and ahead of use, so the generator's serial loop overlaps
 both.
-Elementwise methods are streamed in row chunks, which bounds peak memory by the chunk size rather than by the
-largest tensor.
+Elementwise operations are streamed in row chunks, which bounds peak memory by the chunk size rather than by the
+largest tensor. Consecutive jobs of an operation that leaves its inputs alone (an MoE's experts copied from one
+MLP) read them once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from moekit.errors import UserError
+from moekit.io.output_dir import check_free_space, check_output_free, check_output_spares_inputs, output_lock
+from moekit.io.writer import streaming_output
+from moekit.merging.job import CHUNK_ELEMENTS, PREFETCH_ELEMENTS, Job, OutputPlan, TensorRef
 from moekit.merging.methods.sparsify import Uniforms
-from moekit.merging.plan import CHUNK_ELEMENTS, PREFETCH_ELEMENTS, Job, Plan, TensorRef, compute_dtype_for
+from moekit.options import MergeOptions
+from moekit.progress import progress_bar
 
 log = logging.getLogger("moekit")
 
@@ -46,13 +52,13 @@ class Piece:
         return n
 
 
-def pieces(plan: Plan) -> Iterator[Piece]:
+def pieces(plan: OutputPlan) -> Iterator[Piece]:
     for job in plan.jobs:
         shape = job.out.shape
         numel = math.prod(shape)
         permuted = job.is_embedding and plan.vocab is not None  # rows are re-laid whole, never chunked
         if (
-            plan.method.elementwise
+            job.op.elementwise
             and not permuted
             and len(shape) >= 1
             and numel > CHUNK_ELEMENTS
@@ -101,7 +107,7 @@ class MergeRunner:
 
     def __init__(
         self,
-        plan: Plan,
+        plan: OutputPlan,
         seed: int = 0,
         allow_nonfinite: bool = False,
         on_progress: Callable[[Job], None] | None = None,
@@ -109,47 +115,33 @@ class MergeRunner:
         self.plan = plan
         self.allow_nonfinite = allow_nonfinite
         self.on_progress = on_progress or (lambda job: None)
-        self.rng = torch.Generator().manual_seed(seed)
+        self.rng = torch.Generator().manual_seed(seed + plan.rng_seed_offset)
         self._warned: set[str] = set()
 
     def read(self, ref: TensorRef, rows: tuple[int, int] | None) -> torch.Tensor:
-        model = self.plan.models[ref.model]
-        x = model.tensors.read(ref.name, rows)
+        x = self.plan.models[ref.model].tensors.read(ref.name, rows)
         if not x.is_floating_point():
             return x  # integers are only ever copied (the planner refuses anything else): keep them exact
-        cfg = self.plan.config
-        if cfg.dtype is not None and x.dtype != cfg.dtype:
-            x = x.to(cfg.dtype)  # mergekit casts inputs to `dtype` first: keep its rounding
-        return x.to(compute_dtype_for(self.plan, x.dtype))
+        return self.plan.cast_input(x)
 
     def read_piece(self, piece: Piece) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         inputs = [self.read(r, piece.rows) for r in piece.job.inputs]
         base = self.read(piece.job.base, piece.rows) if piece.job.base else None
         if piece.job.is_embedding and self.plan.vocab is not None:
-            return self.permute_vocabulary(piece.job, inputs, base)
+            return self.plan.permute_vocabulary(piece.job, inputs, base)
         return inputs, base
-
-    def permute_vocabulary(self, job: Job, inputs: list[torch.Tensor], base: torch.Tensor | None):
-        """Each input's rows re-laid in the output vocabulary's order (tokenizer_source; see tokenizer.py)."""
-        refs = job.inputs + ([job.base] if job.base else [])
-        stored = [self.plan.models[r.model].tensors.infos[r.name].dtype for r in refs]
-        hold = self.plan.config.dtype or functools.reduce(torch.promote_types, stored)
-        tensors = inputs + ([base] if base is not None else [])
-        out = self.plan.vocab.permute(tensors, [r.model for r in refs], hold)
-        return out[: len(inputs)], (out[-1] if base is not None else None)
 
     def compute(
         self, piece: Piece, inputs: list[torch.Tensor], base: torch.Tensor | None, uniforms: Uniforms | None
     ) -> torch.Tensor:
         job = piece.job
-        method = self.plan.method
         kwargs = dict(job.params)
-        if method.random:
+        if job.op.random:
             kwargs["rng"] = uniforms if uniforms is not None else self.rng
         try:
-            out = method.fn(inputs, base, **kwargs)
+            out = job.op.fn(inputs, base, **kwargs)
         except ValueError as e:
-            raise UserError(f"tensor '{job.out.name}': {method.name}: {e}") from None
+            raise UserError(f"tensor '{job.out.name}': {job.op.name}: {e}") from None
         if uniforms is not None:
             uniforms.check_used()
         # Checked after the cast to the output dtype too: finite float32 values may not fit float16 or float8.
@@ -202,20 +194,40 @@ class MergeRunner:
             background_thread("moekit-read") as reader,
             background_thread("moekit-draw") as drawer,
         ):
-            draws = DrawAhead(self, work, drawer) if self.plan.method.draws is not None else None
-            pending = None
+            draws = DrawAhead(self, work, drawer) if any(p.job.op.draws for p in work) else None
+            pending = kept = None  # the next piece's inputs being read; this piece's, kept for the next
             for i, piece in enumerate(work):
                 drawn = draws.take() if draws is not None else None
-                inputs, base = pending.result() if pending is not None else self.read_piece(piece)
-                pending = None
-                if i + 1 < len(work) and work[i + 1].numel <= PREFETCH_ELEMENTS:
-                    pending = reader.submit(self.read_piece, work[i + 1])
+                if pending is not None:
+                    inputs, base = pending.result()
+                elif kept is not None:
+                    inputs, base = kept
+                else:
+                    inputs, base = self.read_piece(piece)
+                pending = kept = None
+                following = work[i + 1] if i + 1 < len(work) else None
+                if following is not None and reads_same(piece, following):
+                    kept = inputs, base
+                elif following is not None and following.numel <= PREFETCH_ELEMENTS:
+                    pending = reader.submit(self.read_piece, following)
                 uniforms = drawn.result() if drawn is not None else None
                 out = self.compute(piece, inputs, base, uniforms)
-                del inputs, base, drawn, uniforms  # only the output stays alive through the write
+                # only the output (and the inputs kept for the next piece) stay alive through the write
+                del inputs, base, drawn, uniforms
                 write(piece.job, out, piece.last)
                 if piece.last:
                     self.on_progress(piece.job)
+
+
+def reads_same(piece: Piece, following: Piece) -> bool:
+    """Both pieces read the same input rows, and the first one's operation leaves its inputs as they are
+    (a merge method may overwrite them), so the second can take them without reading them again."""
+    a, b = piece.job, following.job
+    return (
+        getattr(a.op, "keeps_inputs", False)
+        and bool(a.inputs)
+        and (a.inputs, a.base, piece.rows) == (b.inputs, b.base, following.rows)
+    )
 
 
 @contextlib.contextmanager
@@ -254,10 +266,107 @@ class DrawAhead:
     def _fill(self) -> None:
         while self.submitted < len(self.work):
             job = self.work[self.submitted].job
-            shapes = self.runner.plan.method.draws(job.params, job.out.shape)
+            shapes = job.op.draws(job.params, job.out.shape) if job.op.draws is not None else []
             size = sum(map(math.prod, shapes))
             if self.queue and self.ahead + size > DRAW_AHEAD_ELEMENTS:
                 return
             self.queue.append((self.pool.submit(Uniforms, self.runner.rng, shapes), size))
             self.ahead += size
             self.submitted += 1
+
+
+PROCESS_BASELINE_BYTES = 350 * 1024 * 1024  # python + torch + safetensors imported, measured on CPU
+
+
+def resolve_out(out: str | Path | None, config_out: str | None, base_dir: Path | None) -> Path:
+    if out is not None:
+        return Path(out)
+    if config_out:
+        p = Path(config_out).expanduser()
+        return p if p.is_absolute() or base_dir is None else base_dir / p
+    raise UserError("no output directory: pass -o/--out DIR or set 'out:' in the config")
+
+
+def run_plan(
+    cfg,
+    build: Callable[..., OutputPlan],
+    out: str | Path | None,
+    options: MergeOptions,
+    write_metadata: Callable[[OutputPlan, Path], None],
+    print_fn: Callable[[str], None] = print,
+) -> Path | None:
+    """Plan a parsed config (`build(cfg, options)`), then describe the plan (dry run) or execute it into `out`
+    (or the config's `out:`), with `write_metadata(plan, dir)` adding what goes around the weights.
+
+    The output is checked free before the (slow) planning, and checked not to hold an input after it, so nothing
+    is read for a run that would be refused anyway; a real run holds the output's lock from the first check to
+    the end. Returns the output path, or None for a dry run."""
+    out_path = resolve_out(out, cfg.out, cfg.base_dir)
+    with contextlib.nullcontext() if options.dry_run else output_lock(out_path):
+        if not options.dry_run:
+            check_output_free(out_path, options.force)
+        plan = build(cfg, options)
+        try:
+            check_output_spares_inputs(out_path, [m.path for m in plan.models])
+            check_free_space(out_path, plan.output_bytes)
+            for warning in plan.warnings:
+                log.warning(warning)
+            if options.dry_run:
+                describe_plan(plan, out_path, print_fn)
+                return None
+            plan.prepare(options)
+            execute(plan, out_path, options, write_metadata)
+        finally:
+            plan.close()
+    return out_path
+
+
+def execute(
+    plan: OutputPlan, out: Path, options: MergeOptions, write_metadata: Callable[[OutputPlan, Path], None]
+) -> None:
+    """Every output tensor computed and streamed into the shards of a temporary directory, then the metadata;
+    the directory becomes `out` only when all of it is written."""
+    with streaming_output(out, options.force, plan.written_tensors(), options.shard_size) as (tmp, writer):
+        with progress_bar(plan.progress_label, plan.output_bytes, options.progress, "bytes") as advance:
+            runner = MergeRunner(
+                plan,
+                seed=options.seed,
+                allow_nonfinite=options.allow_nonfinite,
+                on_progress=lambda job: advance(job.out.nbytes),
+            )
+            runner.run(lambda job, tensor, last: plan.write(writer, job, tensor, last))
+        write_metadata(plan, tmp)
+
+
+def describe_plan(plan: OutputPlan, out: Path, print_fn: Callable[[str], None] = print) -> None:
+    """The dry-run report: every output tensor with where it comes from, the size, and the memory estimate."""
+    for line in plan.describe(out):
+        print_fn(line)
+    for job in summarised(plan.jobs, print_fn):
+        dtype = str(job.out.dtype).removeprefix("torch.")
+        print_fn(f"  {job.out.name} {list(job.out.shape)} {dtype} <- {plan.describe_job(job)}")
+    gb = 1024**3
+    peak = plan.peak_memory_estimate()
+    print_fn(f"output: {len(plan.jobs)} tensors, {plan.output_bytes / gb:.3f} GiB")
+    print_fn(
+        f"peak memory estimate: {peak / gb:.3f} GiB of tensors in flight + ~{PROCESS_BASELINE_BYTES / gb:.2f} GiB "
+        "process baseline"
+    )
+    for line in plan.describe_after():
+        print_fn(line)
+    print_fn("dry run: nothing was written")
+
+
+PLAN_LINES = 60  # a dry run lists this many output tensors at most: the first ones, a count, the last ones
+
+
+def summarised(jobs: list[Job], print_fn: Callable[[str], None]) -> Iterator[Job]:
+    """The jobs a dry run lists one by one; for a long plan, the first and last few, with one line saying how
+    many are left out in between (a million-tensor plan must not print a million lines)."""
+    if len(jobs) <= PLAN_LINES:
+        yield from jobs
+        return
+    head, tail = jobs[: PLAN_LINES - 10], jobs[-10:]
+    yield from head
+    print_fn(f"  ... {len(jobs) - len(head) - len(tail)} more tensors like these ...")
+    yield from tail

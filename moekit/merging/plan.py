@@ -1,4 +1,4 @@
-"""The merge planner: config + input checkpoints -> one job per output tensor, with every check done up front.
+"""The dense merge planner: config + input checkpoints -> one job per output tensor, with every check done up front.
 
 A job names its output tensor (name, dtype, shape), the input tensors that feed it (model, name) in config order,
 the base tensor when the method uses one, and the method parameters resolved for this tensor (gradients and
@@ -8,8 +8,10 @@ Nothing here reads tensor data; shapes come from the headers.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,35 +19,20 @@ import torch
 from moekit.config import MergeConfig, Slice, Source, evaluate_setting, warn_unused_gradient_values
 from moekit.errors import UserError
 from moekit.io.checkpoint import Checkpoint
-from moekit.io.writer import OutputTensor, PlannedOutputs
+from moekit.io.writer import OutputTensor, ShardedWriter
+from moekit.merging.job import CHUNK_ELEMENTS, PREFETCH_ELEMENTS, Job, OutputPlan, TensorRef
 from moekit.merging.registry import MergeMethod
-from moekit.merging.stacked_experts import mergekit_order, stack_experts
+from moekit.merging.stacked_experts import Unstacking, mergekit_order, stack_experts
 from moekit.merging.tokenizer import Vocabulary, build_vocabulary
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    model: int  # index into Plan.models
-    name: str
+from moekit.options import MergeOptions
 
 
 @dataclass
-class Job:
-    out: OutputTensor
-    inputs: list[TensorRef]
-    base: TensorRef | None
-    params: dict[str, Any]  # python-name -> value; per-model parameters are lists aligned with `inputs`
-    is_embedding: bool = False
-
-
-@dataclass
-class Plan(PlannedOutputs):
+class Plan(OutputPlan):
     config: MergeConfig
-    method: MergeMethod
     models: list[Checkpoint]
     reference: int  # the model whose config.json and tokenizer the output takes
     jobs: list[Job]
-    num_layers: int
     layer_sources: list[tuple[int, int]] = field(
         default_factory=list
     )  # per output layer: (model, source layer)
@@ -56,6 +43,40 @@ class Plan(PlannedOutputs):
         False  # the reference ties its head but the output has a merged one (see _untied_head)
     )
 
+    @property
+    def method(self) -> MergeMethod:
+        return self.jobs[0].op
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_sources)
+
+    @functools.cached_property
+    def unstacking(self) -> Unstacking:
+        """MoE experts merged stacked are written per expert, as the reference stores them (stacked_experts.py)."""
+        return Unstacking(self.models[self.reference])
+
+    def written_tensors(self) -> list[OutputTensor]:
+        return self.unstacking.outputs(self.output_tensors)
+
+    def write(self, writer: ShardedWriter, job: Job, tensor: torch.Tensor, last: bool) -> None:
+        self.unstacking.write(writer, job.out, tensor, last)
+
+    def cast_input(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if cfg.dtype is not None and x.dtype != cfg.dtype:
+            x = x.to(cfg.dtype)  # mergekit casts inputs to `dtype` first: keep its rounding
+        return x.to(compute_dtype_for(self, x.dtype))
+
+    def permute_vocabulary(self, job: Job, inputs: list[torch.Tensor], base: torch.Tensor | None):
+        """Each input's rows re-laid in the output vocabulary's order (tokenizer_source; see tokenizer.py)."""
+        refs = job.inputs + ([job.base] if job.base else [])
+        stored = [self.models[r.model].tensors.infos[r.name].dtype for r in refs]
+        hold = self.config.dtype or functools.reduce(torch.promote_types, stored)
+        tensors = inputs + ([base] if base is not None else [])
+        out = self.vocab.permute(tensors, [r.model for r in refs], hold)
+        return out[: len(inputs)], (out[-1] if base is not None else None)
+
     def peak_memory_estimate(self) -> int:
         """Bytes of tensor data in flight at once: the worst job's inputs in compute dtype, twice (prefetch), plus
         output and two temporaries, plus a random method's fp32 draws for the job and for the next one (drawn
@@ -64,29 +85,33 @@ class Plan(PlannedOutputs):
         worst = 0
         for job in self.jobs:
             numel = math.prod(job.out.shape)
-            if self.method.elementwise:
+            if job.op.elementwise:
                 numel = min(numel, CHUNK_ELEMENTS)
             n_in = len(job.inputs) + (job.base is not None)
             copies = 2 * n_in if numel <= PREFETCH_ELEMENTS else n_in
             drawn = (
-                0
-                if self.method.draws is None
-                else sum(map(math.prod, self.method.draws(job.params, job.out.shape)))
+                0 if job.op.draws is None else sum(map(math.prod, job.op.draws(job.params, job.out.shape)))
             )
             worst = max(worst, numel * itemsize * (copies + 3) + 2 * 4 * drawn)
         return worst
 
-    def close(self) -> None:
+    def describe(self, out: Path) -> list[str]:
+        lines = [
+            f"plan: {self.method.name} merge of {len(self.models)} models into '{out}' ({self.num_layers} layers)"
+        ]
         for m in self.models:
-            m.close()
+            lines.append(
+                f"  input: {m.path} ({m.family.name}, {m.num_layers} layers, {len(m.tensors.infos)} tensors)"
+            )
+        return lines
+
+    def describe_job(self, job: Job) -> str:
+        srcs = ", ".join(f"{self.models[r.model].ref}:{r.name}" for r in job.inputs)
+        base = f" base={self.models[job.base.model].ref}" if job.base else ""
+        return f"{job.op.name}({srcs}){base}"
 
 
-CHUNK_ELEMENTS = 1024 * 1024  # rows per chunk for elementwise methods are chosen to stay under this
-# The next piece is read ahead only when its inputs are this small: reading a big one early would double the peak.
-PREFETCH_ELEMENTS = 2 * CHUNK_ELEMENTS
-
-
-def open_models(config: MergeConfig, allow_crimes: bool = False) -> tuple[list[Checkpoint], dict[str, int]]:
+def open_models(config: MergeConfig, options: MergeOptions) -> tuple[list[Checkpoint], dict[str, int]]:
     name = str(config.path) if config.path else "<config>"
     refs: list[tuple[str, str]] = []  # (model, where in the config, starting with the config's name)
     if config.base_model:
@@ -102,9 +127,9 @@ def open_models(config: MergeConfig, allow_crimes: bool = False) -> tuple[list[C
     for ref, where in refs:
         if ref not in index:
             index[ref] = len(models)
-            models.append(Checkpoint.open(ref, config.base_dir, where))
+            models.append(Checkpoint.open(ref, config.base_dir, where, options.allow_pickle))
     families = {m.family.name for m in models}
-    if len(families) > 1 and not allow_crimes:
+    if len(families) > 1 and not options.allow_crimes:
         listing = ", ".join(f"'{m.ref}' is {m.family.name}" for m in models)
         raise UserError(
             f"{name}: models of different architectures cannot be merged: {listing} (--allow-crimes merges them "
@@ -113,11 +138,12 @@ def open_models(config: MergeConfig, allow_crimes: bool = False) -> tuple[list[C
     return models, index
 
 
-def build_plan(config: MergeConfig, allow_crimes: bool = False) -> Plan:
-    models, index = open_models(config, allow_crimes)
+def build_plan(config: MergeConfig, options: MergeOptions, method: MergeMethod) -> Plan:
+    """The plan of a config whose parameters `method` has checked (registry.method_for)."""
+    models, index = open_models(config, options)
     try:
-        stack_experts(models, config.method.elementwise)  # merged as mergekit merges them
-        return _build(config, models, index)
+        stack_experts(models, method.elementwise)  # merged as mergekit merges them
+        return _build(config, method, models, index)
     except BaseException:
         for m in models:
             m.close()
@@ -139,9 +165,8 @@ def _slices(config: MergeConfig, models: list[Checkpoint], index: dict[str, int]
     return [Slice(sources, {}, None, f"{name}: models")]
 
 
-def _build(config: MergeConfig, models: list[Checkpoint], index: dict[str, int]) -> Plan:
+def _build(config: MergeConfig, method: MergeMethod, models: list[Checkpoint], index: dict[str, int]) -> Plan:
     name = str(config.path) if config.path else "<config>"
-    method = config.method
     slices = _slices(config, models, index)
     spans = []
     for sl in slices:
@@ -209,7 +234,7 @@ def _build(config: MergeConfig, models: list[Checkpoint], index: dict[str, int])
     order = mergekit_order(ref_model)
     jobs.sort(key=lambda j: order(j.out.name))
     vocab = _vocabulary(config, models, index, jobs, name)
-    return Plan(config, method, models, reference, jobs, out_layer, layer_sources, vocab, untied_head)
+    return Plan(config, models, reference, jobs, layer_sources, vocab, untied_head)
 
 
 # mergekit 0.1.5 declares lm_head optional with the embeddings as its tied name: a model without its own head
@@ -378,6 +403,7 @@ class _Planner:
         )
         return Job(
             OutputTensor(out_name, out_dtype, ref_info.shape),
+            method,
             [r for _, r in inputs],
             base_ref,
             params,

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import inspect
 import keyword
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from moekit.config import MergeConfig, coerce_setting, edit_distance
 from moekit.errors import UserError, did_you_mean
+
+log = logging.getLogger(__name__)
 
 REQUIRED: Any = object()
 
@@ -117,6 +121,62 @@ def get_method(name: object, where: str = "merge_method") -> MergeMethod:
             f"{where}: unknown merge method {name!r}{did_you_mean(str(name), METHODS)}; known: {known}"
         )
     return METHODS[name]
+
+
+def method_for(config: MergeConfig) -> MergeMethod:
+    """The config's merge method, with every parameter in the config checked against it (see check_parameters)."""
+    name = str(config.path) if config.path else "<config>"
+    method = get_method(config.merge_method, f"{name}: merge_method")
+    check_parameters(config, method, name)
+    return method
+
+
+def check_parameters(config: MergeConfig, method: MergeMethod, name: str) -> None:
+    """Every parameter name is known, placed where it can act, and every value valid; values are read as mergekit
+    reads them (pydantic's lax mode: "1e-5" is a number for a float parameter, 0 and 1 are booleans).
+
+    mergekit ignores a parameter the method does not take, and people switch `merge_method:` in a config that
+    still carries the old method's parameters: a name some method knows is a warning. A name no method knows, or
+    one an edit away from a parameter of this method (a typo), is an error with a suggestion."""
+    known = {p.name for p in method.params}
+    ignored: dict[str, list[str]] = {}
+
+    def check_block(params: dict, where: str, per_model_block: bool) -> None:
+        for key, setting in list(params.items()):
+            p = method.param(key)
+            if p is None:
+                near = [k for k in known if edit_distance(str(key), k) <= 1]
+                if key in known_parameter_names() and not near:
+                    ignored.setdefault(f"'{method.name}' does not use '{key}'", []).append(where)
+                    continue
+                hint = did_you_mean(key, near or known or known_parameter_names())
+                takes = ", ".join(sorted(known)) or "no parameters"
+                raise UserError(f"{where}: '{method.name}' has no parameter '{key}'{hint}; it takes: {takes}")
+            if per_model_block and not p.per_model:
+                ignored.setdefault(
+                    f"'{key}' is a global parameter of '{method.name}': it counts only in the top-level or slice "
+                    "parameters",
+                    [],
+                ).append(where)
+                continue
+            params[key] = coerce_setting(p, setting, f"{where}.{key}")
+
+    check_block(config.parameters, f"{name}: parameters", False)
+    for src in config.models or []:
+        check_block(src.parameters, f"{src.where}.parameters", True)
+    for sl in config.slices or []:
+        check_block(sl.parameters, f"{sl.where}.parameters", False)
+        for src in sl.sources:
+            check_block(src.parameters, f"{src.where}.parameters", True)
+    for what, wheres in ignored.items():
+        shown = ", ".join(w.removeprefix(f"{name}: ") for w in wheres[:3]) + (
+            ", ..." if len(wheres) > 3 else ""
+        )
+        log.warning("%s: %s (in %s; mergekit ignores it too)", name, what, shown)
+
+
+def known_parameter_names() -> set[str]:
+    return {p.name for m in METHODS.values() for p in m.params}
 
 
 # Shared checks, so every method words its range errors the same way.

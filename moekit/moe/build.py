@@ -1,27 +1,29 @@
 """The MoE build plan and its streaming write.
 
 The plan names every output tensor (attention, norms, embeddings and lm_head from the base; experts from the MLPs
-of their sources; routers from the gates) with its shape and where it comes from, after checking families,
-shapes, vocabularies and names. Nothing is read until the write, which then holds one source tensor at a time:
-the tensors that one source tensor feeds (the same MLP projection copied into N experts) are written next to each
-other, so each is read once per layer and written N times.
+of their sources; routers from the gates) with its shape and the operation that makes it, after checking
+families, shapes, vocabularies and names. The shared executor (merging/engine.py) writes it. The tensors that one
+source tensor feeds (the same MLP projection copied into N experts) are next to each other in the plan, so the
+executor reads each once per layer and writes it N times.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
 from moekit.config import DTYPES, torch_dtype
 from moekit.errors import UserError
 from moekit.io.checkpoint import Checkpoint
-from moekit.io.writer import OutputTensor, PlannedOutputs
-from moekit.merging.engine import all_finite
+from moekit.io.writer import OutputTensor
+from moekit.lora.reference import AdaptedTensors
+from moekit.merging.job import CHUNK_ELEMENTS, Job, OutputPlan, TensorOp, TensorRef
 from moekit.merging.plan import refuse_quantised
-from moekit.moe.config import ExpertSpec, MoEConfig
+from moekit.moe.config import PROMPT_GATE_MODES, ExpertSpec, MoEConfig
+from moekit.moe.gates import EMBED_NAME, PromptSet, prompt_gates, random_gates
 from moekit.moe.layouts import (
     LAYOUTS,
     NOT_BUILT,
@@ -34,33 +36,58 @@ from moekit.moe.layouts import (
     shared_gate_value,
     supported_sources,
 )  # fmt: skip
+from moekit.options import MergeOptions
 
 ZERO_QKV_BIAS = ("q_proj", "k_proj", "v_proj")
-CHUNK_ELEMENTS = (
-    2 * 1024 * 1024
-)  # base tensors are copied, and all tensors checked for NaN/Inf, in pieces this big
 NOISE_SEED_OFFSET = 0x6E6F697365  # keeps the noise stream apart from the random-gate stream drawn with `seed`
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
-@dataclass(frozen=True)
-class Job:
-    """One output tensor and how it is made. kind: copy (a base tensor), expert (an MLP projection, with its
-    expert's noise and residual scale), router (rows of the gate vectors), zeros (a bias the source lacks),
-    constant_gate (a shared-expert gate of weight 1/2, see layouts.shared_gate_value)."""
+@dataclass
+class GateVectors:
+    """The router vectors, (layers, vectors, hidden) float32: computed once the plan is checked (MoEPlan.prepare),
+    read by every router job."""
 
-    out: OutputTensor
-    kind: str
-    model: int | None = None
-    name: str | None = None
-    expert: ExpertSpec | None = None
-    scale: float | None = None
-    layer: int | None = None
-    rows: tuple[int, int] | None = None  # router: which gate vectors
+    tensor: torch.Tensor | None = None
+
+
+def _copy(inputs, base):
+    return inputs[0]
+
+
+def _gate_rows(inputs, base, *, gates: GateVectors, layer: int, rows: tuple[int, int]) -> torch.Tensor:
+    return gates.tensor[layer, rows[0] : rows[1]]
+
+
+def _constant(inputs, base, *, shape: tuple[int, ...], value: float) -> torch.Tensor:
+    return torch.full(shape, value)
+
+
+def _expert_weights(inputs, base, *, noise_scale: float | None, residual_scale: float | None, rng=None):
+    """mergekit's noise_and_scale: + N(0, noise_scale^2), then the down projection times residual_scale (float32)."""
+    source = inputs[0]
+    if not noise_scale and residual_scale is None:
+        return source
+    t = source.float()
+    if noise_scale:
+        t = t + torch.randn(t.shape, generator=rng) * noise_scale
+    if residual_scale is not None:
+        t = t * residual_scale
+    return t
+
+
+# The operations of an MoE build; none overwrites its inputs, so one source tensor feeds several experts.
+COPY = TensorOp("copy", _copy, elementwise=True)  # a base tensor
+EXPERT = TensorOp("expert", _expert_weights)  # an MLP projection, with its expert's residual scale
+NOISY_EXPERT = TensorOp("expert", _expert_weights, random=True)  # ... and noise, from the run's generator
+ROUTER = TensorOp("router", _gate_rows)  # rows of the gate vectors
+ZEROS = TensorOp("zeros", _constant)  # a bias the source lacks
+# a shared-expert gate of weight 1/2 (see layouts.shared_gate_value)
+CONSTANT = TensorOp("constant", _constant)
 
 
 @dataclass
-class MoEPlan(PlannedOutputs):
+class MoEPlan(OutputPlan):
     config: MoEConfig
     layout: MoELayout
     models: list[Checkpoint]  # models[0] is the base
@@ -71,8 +98,11 @@ class MoEPlan(PlannedOutputs):
     num_layers: int
     hidden: int
     output_config: dict
+    gates: GateVectors
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # printed on stderr and kept in the model card
+    rng_seed_offset = NOISE_SEED_OFFSET  # the experts' noise: a stream apart from the random gates
+    progress_label = "building MoE"
 
     @property
     def base(self) -> Checkpoint:
@@ -84,28 +114,96 @@ class MoEPlan(PlannedOutputs):
             len(self.shared) if self.shared and not self.config.shared_gate_is_zero(self.shared) else 0
         )
 
+    def prepare(self, options: MergeOptions) -> None:
+        self.gates.tensor = compute_gates(self, options)
+
     def peak_memory_estimate(self) -> int:
         """Bytes of tensors in flight while writing: the largest expert source tensor (or base-tensor chunk), its
-        float32 working copy and noise when noise or a residual scale applies, the cast output, the float64 chunk of
-        the NaN/Inf check, and the gate vectors."""
+        float32 working copy and noise when noise or a residual scale applies, the cast output, and the gate
+        vectors."""
         worst = 0
         for job in self.jobs:
             numel = math.prod(job.out.shape)
-            if job.kind == "copy":
+            if job.op.elementwise:
                 numel = min(numel, CHUNK_ELEMENTS)
-            src = (
-                self.models[job.model].tensors.infos[job.name].dtype.itemsize if job.model is not None else 0
-            )
-            work = 8 if job.kind == "expert" and (job.expert.noise_scale or job.scale is not None) else 0
+            src = sum(self.models[r.model].tensors.infos[r.name].dtype.itemsize for r in job.inputs)
+            scaled = job.op is EXPERT and job.params["residual_scale"] is not None
+            work = 8 if job.op is NOISY_EXPERT or scaled else 0
             worst = max(worst, numel * (src + work + job.out.dtype.itemsize))
         return worst + CHUNK_ELEMENTS * 8 + self.num_layers * self.gate_vectors_needed() * self.hidden * 4
 
-    def close(self) -> None:
-        for m in self.models:
-            m.close()
+    def describe(self, out: Path) -> list[str]:
+        cfg = self.config
+        header = (
+            f"plan: {self.layout.display} MoE ({self.layout.hf_class}) with {len(self.experts)} experts, "
+            f"{cfg.experts_per_token} per token, gate_mode {cfg.gate_mode}, into '{out}' ({self.num_layers} layers)"
+        )
+        return [header] + [f"  {line}" for line in summary_lines(self)[1:]]
+
+    def describe_job(self, job: Job) -> str:
+        if job.op is ROUTER:
+            rows, layer = job.params["rows"], job.params["layer"]
+            return f"gate vectors {rows[0]}..{rows[1] - 1} of layer {layer} ({self.config.gate_mode})"
+        if job.op is ZEROS:
+            return "zeros"
+        if job.op is CONSTANT:
+            return f"constant {job.params['value']:.3g} (weight 1/2)"
+        source = job.inputs[0]
+        extra = "".join(
+            f" {k}={job.params[k]}"
+            for k in ("noise_scale", "residual_scale")
+            if job.params.get(k) is not None
+        )
+        return f"{self.models[source.model].ref}:{source.name}{extra}"
+
+    def describe_after(self) -> list[str]:
+        if self.config.gate_mode not in ("hidden", "hidden_avg"):
+            return []
+        size = sum(i.numel for i in self.base.tensors.infos.values()) * 4
+        return [
+            f"hidden-state gates load the base model first: ~{size / 1024**3:.3f} GiB (float32), freed before writing"
+        ]
 
 
-def build_plan(cfg: MoEConfig) -> MoEPlan:
+def summary_lines(plan: MoEPlan) -> list[str]:
+    cfg = plan.config
+    lines = [
+        f"architecture: {plan.layout.display} (`{plan.layout.hf_class}`), {len(plan.experts)} experts, "
+        f"{cfg.experts_per_token} per token",
+        f"base model (attention, norms, embeddings, lm_head): `{cfg.base_model}`",
+        f"router init: `{cfg.gate_mode}`",
+    ]
+    if cfg.upcycle:
+        sigma = plan.experts[0].noise_scale or 0
+        lines.append(f"sparse upcycling: every expert is a copy of the base MLP (noise_scale {sigma})")
+    else:
+        lines.append("experts: " + ", ".join(f"`{e.source}`" for e in plan.experts))
+        if plan.shared:
+            lines.append(f"shared expert: `{plan.shared[0].source}`")
+    return lines + plan.notes + [f"**warning**: {w}" for w in plan.warnings]
+
+
+def compute_gates(plan: MoEPlan, options: MergeOptions) -> torch.Tensor:
+    """(layers, vectors, hidden) float32: the routed experts' router vectors, then the shared expert's if it has one."""
+    cfg = plan.config
+    n = plan.gate_vectors_needed()
+    if cfg.gate_mode not in PROMPT_GATE_MODES:
+        return random_gates(cfg.gate_mode, plan.num_layers, n, plan.hidden, options.seed)
+    if cfg.gate_mode != "cheap_embed" and isinstance(plan.base.tensors, AdaptedTensors):
+        raise UserError(
+            f"gate_mode {cfg.gate_mode}: hidden states of a base_model given as MODEL+LORA are not implemented; "
+            "merge the adapter into the base first (a passthrough merge of 'MODEL+LORA'), or use cheap_embed"
+        )
+    specs = (plan.experts + plan.shared)[:n]
+    sets = [PromptSet(s.positive_prompts, s.negative_prompts) for s in specs]
+    return prompt_gates(
+        cfg.gate_mode, plan.base.path, lambda: plan.base.tensors.read(EMBED_NAME), sets, plan.num_layers,
+        device=options.device, batch_size=options.batch_size, dtype=options.gate_dtype or cfg.gate_dtype,
+        progress=options.progress,
+    )  # fmt: skip
+
+
+def build_plan(cfg: MoEConfig, options: MergeOptions) -> MoEPlan:
     """Open the models, check that they fit together, choose the output layout and lay out every tensor."""
     models: list[Checkpoint] = []
     index: dict[str, int] = {}
@@ -113,7 +211,7 @@ def build_plan(cfg: MoEConfig) -> MoEPlan:
     def open_model(ref: str, where: str) -> int:
         if ref not in index:
             index[ref] = len(models)
-            models.append(Checkpoint.open(ref, cfg.base_dir, where))
+            models.append(Checkpoint.open(ref, cfg.base_dir, where, options.allow_pickle))
         return index[ref]
 
     try:
@@ -207,8 +305,20 @@ def _plan(cfg: MoEConfig, models: list[Checkpoint], index: dict[str, int]) -> Mo
         _mlp_shapes(shared, models, index, family, num_layers, hidden, "shared expert") if shared else None
     )
 
+    gates = GateVectors()
     jobs = _jobs(
-        cfg, layout, models, index, experts, shared, dtype, hidden, num_layers, expert_shapes, shared_shapes
+        cfg,
+        layout,
+        models,
+        index,
+        experts,
+        shared,
+        dtype,
+        hidden,
+        num_layers,
+        expert_shapes,
+        shared_shapes,
+        gates,
     )
     out_cfg = moe_config(
         layout, base.config, len(experts), cfg.experts_per_token, expert_shapes["gate"][0],
@@ -219,7 +329,7 @@ def _plan(cfg: MoEConfig, models: list[Checkpoint], index: dict[str, int]) -> Mo
     differs = llama_cpp_differs(layout, len(experts), cfg.experts_per_token)
     warnings = [differs] if differs else []
     return MoEPlan(
-        cfg, layout, models, experts, shared, jobs, dtype, num_layers, hidden, out_cfg, notes, warnings
+        cfg, layout, models, experts, shared, jobs, dtype, num_layers, hidden, out_cfg, gates, notes, warnings
     )
 
 
@@ -294,7 +404,18 @@ def _mlp_shapes(specs, models, index, family, num_layers, hidden, what) -> dict[
 
 
 def _jobs(
-    cfg, layout, models, index, experts, shared, dtype, hidden, num_layers, expert_shapes, shared_shapes
+    cfg,
+    layout,
+    models,
+    index,
+    experts,
+    shared,
+    dtype,
+    hidden,
+    num_layers,
+    expert_shapes,
+    shared_shapes,
+    gates,
 ) -> list[Job]:
     base = models[0]
     family = base.family
@@ -303,9 +424,7 @@ def _jobs(
     for tensor, info in base.tensors.infos.items():
         where = family.layer_of(tensor)
         if where is None:
-            (front if "embed" in tensor else back).append(
-                Job(OutputTensor(tensor, dtype, info.shape), "copy", 0, tensor)
-            )
+            (front if "embed" in tensor else back).append(_copy_job(tensor, dtype, info.shape, tensor))
             continue
         layer, rest = where
         if layer >= num_layers:
@@ -315,7 +434,7 @@ def _jobs(
         if rest in mlp_names:
             continue
         _check_base_tensor(layout, base, tensor, rest)
-        per_layer[layer].append(Job(OutputTensor(tensor, dtype, info.shape), "copy", 0, tensor))
+        per_layer[layer].append(_copy_job(tensor, dtype, info.shape, tensor))
 
     n_routed = len(experts)
     zero_gate = cfg.shared_gate_is_zero(shared)
@@ -326,17 +445,9 @@ def _jobs(
             layer_jobs += _zero_biases(base, layer, layer_jobs, dtype)
         jobs += layer_jobs
         jobs += [
-            Job(OutputTensor(layout.zero_tensor(layer, rest), dtype, (1, n_routed)), "zeros")
-            for rest in layout.zero_tensors
+            _zeros_job(layout.zero_tensor(layer, rest), dtype, (1, n_routed)) for rest in layout.zero_tensors
         ]
-        jobs.append(
-            Job(
-                OutputTensor(layout.router(layer), dtype, (n_routed, hidden)),
-                "router",
-                layer=layer,
-                rows=(0, n_routed),
-            )
-        )
+        jobs.append(_router_job(layout.router(layer), dtype, (n_routed, hidden), gates, layer, (0, n_routed)))
         for role in ROLES:
             source_tensor = family.layer_tensor(layer, family.mlp[role])
             for e in _grouped_by_source(experts):
@@ -366,18 +477,15 @@ def _jobs(
                         shared_shapes,
                     )
                 )
-            gate_kind = "constant_gate" if zero_gate else "router"
-            jobs.append(
-                Job(
-                    OutputTensor(layout.shared_gate(layer), dtype, (1, hidden)),
-                    gate_kind,
-                    layer=layer,
-                    rows=(n_routed, n_routed + 1),
-                )
-            )
+            name = layout.shared_gate(layer)
+            if zero_gate:
+                params = {"shape": (1, hidden), "value": shared_gate_value(dtype)}
+                jobs.append(Job(OutputTensor(name, dtype, (1, hidden)), CONSTANT, [], None, params))
+            else:
+                jobs.append(_router_job(name, dtype, (1, hidden), gates, layer, (n_routed, n_routed + 1)))
     if layout.own_lm_head and not any(j.out.name == LM_HEAD for j in back):
         embed = base.tensors.infos[EMBED]
-        back.append(Job(OutputTensor(LM_HEAD, dtype, embed.shape), "copy", 0, EMBED))
+        back.append(_copy_job(LM_HEAD, dtype, embed.shape, EMBED))
     return jobs + back
 
 
@@ -390,10 +498,31 @@ def _grouped_by_source(experts: list[ExpertSpec]) -> list[int]:
 
 
 def _expert_job(out_name, spec, role, source_tensor, index, dtype, shapes) -> Job:
-    scale = spec.residual_scale if role == "down" else None
+    params = {
+        "noise_scale": spec.noise_scale,
+        "residual_scale": spec.residual_scale if role == "down" else None,
+    }
+    op = NOISY_EXPERT if spec.noise_scale else EXPERT
     return Job(
-        OutputTensor(out_name, dtype, shapes[role]), "expert", index[spec.source], source_tensor, spec, scale
+        OutputTensor(out_name, dtype, shapes[role]),
+        op,
+        [TensorRef(index[spec.source], source_tensor)],
+        None,
+        params,
     )
+
+
+def _copy_job(out_name: str, dtype: torch.dtype, shape: tuple[int, ...], base_tensor: str) -> Job:
+    return Job(OutputTensor(out_name, dtype, shape), COPY, [TensorRef(0, base_tensor)])
+
+
+def _zeros_job(out_name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Job:
+    return Job(OutputTensor(out_name, dtype, shape), ZEROS, [], None, {"shape": shape, "value": 0.0})
+
+
+def _router_job(out_name, dtype, shape, gates: GateVectors, layer: int, rows: tuple[int, int]) -> Job:
+    params = {"gates": gates, "layer": layer, "rows": rows}
+    return Job(OutputTensor(out_name, dtype, shape), ROUTER, [], None, params)
 
 
 def _check_base_tensor(layout: MoELayout, base: Checkpoint, tensor: str, rest: str) -> None:
@@ -419,80 +548,5 @@ def _zero_biases(base: Checkpoint, layer: int, layer_jobs: list[Job], dtype: tor
         bias = base.family.layer_tensor(layer, f"self_attn.{proj}.bias")
         if bias not in have:
             rows = base.tensors.infos[base.family.layer_tensor(layer, f"self_attn.{proj}.weight")].shape[0]
-            added.append(Job(OutputTensor(bias, dtype, (rows,)), "zeros"))
+            added.append(_zeros_job(bias, dtype, (rows,)))
     return added
-
-
-def write_plan(
-    plan: MoEPlan,
-    gates: torch.Tensor | None,
-    write: Callable[[str, torch.Tensor, bool], None],
-    seed: int,
-    allow_nonfinite: bool,
-) -> None:
-    """Compute and hand each output tensor to `write(name, tensor, last)`, in plan order.
-
-    Memory in flight is one expert source tensor (kept while its copies are written) or one row chunk of a base
-    tensor (embeddings and lm_head, the largest tensors, are copied in chunks), plus its cast.
-    """
-    noise = torch.Generator().manual_seed(seed + NOISE_SEED_OFFSET)
-    held_key, held = None, None
-    for job in plan.jobs:
-        if job.kind == "copy":
-            held_key, held = None, None
-            reader = plan.models[job.model].tensors
-            for rows, last in _row_chunks(job.out.shape):
-                part = reader.read(job.name, rows).to(job.out.dtype)
-                _check_finite(part, job, allow_nonfinite)
-                write(job.out.name, part, last)
-            continue
-        fresh = True  # whether this output differs from the last one checked for NaN/Inf
-        if job.kind == "expert":
-            key = (job.model, job.name)
-            if key != held_key:
-                held_key, held = None, None  # drop the previous tensor before reading the next
-                held, held_key = plan.models[job.model].tensors.read(job.name), key
-            else:
-                fresh = bool(job.expert.noise_scale) or job.scale is not None
-            tensor = _expert_weights(held, job, noise)
-        elif job.kind == "router":
-            tensor = gates[job.layer, job.rows[0] : job.rows[1]]
-        elif job.kind == "constant_gate":
-            tensor = torch.full(job.out.shape, shared_gate_value(job.out.dtype))
-        else:
-            tensor = torch.zeros(job.out.shape)
-        tensor = tensor.to(job.out.dtype)
-        if fresh:
-            _check_finite(tensor, job, allow_nonfinite)
-        write(job.out.name, tensor, True)
-
-
-def _row_chunks(shape: tuple[int, ...]):
-    """(rows, last) pieces of a tensor of `shape` with at most CHUNK_ELEMENTS elements each (whole when 0-d)."""
-    if not shape or shape[0] == 0:
-        yield None, True
-        return
-    step = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
-    for a in range(0, shape[0], step):
-        b = min(shape[0], a + step)
-        yield (a, b), b == shape[0]
-
-
-def _check_finite(tensor: torch.Tensor, job: Job, allow_nonfinite: bool) -> None:
-    if not allow_nonfinite and not all_finite(tensor):
-        raise UserError(
-            f"output tensor '{job.out.name}' has NaN or Inf values; check the source model, or pass --allow-nonfinite"
-        )
-
-
-def _expert_weights(source: torch.Tensor, job: Job, noise: torch.Generator) -> torch.Tensor:
-    """mergekit's noise_and_scale: + N(0, noise_scale^2), then the down projection times residual_scale (float32)."""
-    sigma = job.expert.noise_scale
-    if not sigma and job.scale is None:
-        return source
-    t = source.float()
-    if sigma:
-        t = t + torch.randn(t.shape, generator=noise) * sigma
-    if job.scale is not None:
-        t = t * job.scale
-    return t

@@ -122,13 +122,12 @@ def load_model(
     `allow_pickle`, since transformers would otherwise fall back to torch.load. A checkpoint that does not fill
     the model its config describes is refused: transformers would fill the gaps with random values.
     """
-    from moekit.io.checkpoint import Checkpoint, pickle_allowed
+    from moekit.io.checkpoint import Checkpoint
 
     path = Path(path)
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available; use --device cpu")
-    with pickle_allowed(allow_pickle):
-        Checkpoint.open(str(path), where=str(path)).tensors.close()
+    Checkpoint.open(str(path), where=str(path), allow_pickle=allow_pickle).tensors.close()
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     try:
         tokenizer = transformers_io.load_tokenizer(path)

@@ -1,0 +1,122 @@
+"""What a planner hands the executor: one job per output tensor, and the plan around them.
+
+Dense merges (merging/plan.py) and MoE builds (moe/build.py) both produce an `OutputPlan`: a list of jobs in
+write order, each naming its output tensor (name, dtype, shape), the input tensors that feed it, and the
+operation that computes it from them: a registered merge method for a dense merge, a copy, an expert's noise
+and scale or a router's gate vectors for an MoE build. Nothing here reads tensor data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from moekit.io.writer import OutputTensor, ShardedWriter
+
+if TYPE_CHECKING:
+    import torch
+
+    from moekit.io.checkpoint import Checkpoint
+    from moekit.options import MergeOptions
+
+CHUNK_ELEMENTS = 1024 * 1024  # rows per chunk for elementwise operations are chosen to stay under this
+# The next piece is read ahead only when its inputs are this small: reading a big one early would double the peak.
+PREFETCH_ELEMENTS = 2 * CHUNK_ELEMENTS
+
+
+class Op(Protocol):
+    """How a job's output is computed: `fn(inputs, base, **params)` (plus `rng=` when random). A registered
+    merge method (registry.MergeMethod) is one; so is each of the MoE builder's operations."""
+
+    name: str
+    fn: Callable[..., Any]
+    elementwise: bool  # output[i] depends only on inputs[i]: the executor may stream row chunks
+    random: bool  # takes `rng`: the run's torch.Generator, or its pre-drawn Uniforms when `draws` is declared
+    draws: Callable[[dict[str, Any], tuple[int, ...]], list[tuple[int, ...]]] | None
+
+
+@dataclass(frozen=True)
+class TensorOp:
+    """An operation that is not a registered merge method (the MoE builder's). Unlike a merge method it leaves
+    its inputs as they are, so consecutive jobs with the same inputs share one read of them."""
+
+    name: str
+    fn: Callable[..., Any]
+    elementwise: bool = False
+    random: bool = False
+    draws: None = None
+    keeps_inputs: bool = True
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    model: int  # index into the plan's models
+    name: str
+
+
+@dataclass
+class Job:
+    out: OutputTensor
+    op: Op
+    inputs: list[TensorRef]
+    base: TensorRef | None = None
+    params: dict[str, Any] = field(
+        default_factory=dict
+    )  # per-model parameters are lists aligned with `inputs`
+    is_embedding: bool = False  # its rows follow the vocabulary (re-laid whole when the plan has one)
+
+
+class OutputPlan:
+    """The part of a plan the executor and the dry run use. A planner fills `jobs` and `models`, and says what
+    its jobs read and what goes around the weights."""
+
+    jobs: list[Job]
+    models: list[Checkpoint]
+    vocab = None  # a dense merge's tokenizer_source: embedding inputs are re-laid in its token order
+    rng_seed_offset = 0  # the run's generator is seeded with `seed + rng_seed_offset`
+    warnings: tuple[str, ...] | list[str] = ()  # printed on stderr before the run
+    progress_label = "merging"
+
+    @property
+    def output_tensors(self) -> list[OutputTensor]:
+        return [j.out for j in self.jobs]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(j.out.nbytes for j in self.jobs)
+
+    def written_tensors(self) -> list[OutputTensor]:
+        """The tensors as the output files hold them, which the writer lays its shards out by."""
+        return self.output_tensors
+
+    def write(self, writer: ShardedWriter, job: Job, tensor: torch.Tensor, last: bool) -> None:
+        """Hand a job's output (or a row chunk of it) to the writer."""
+        writer.write(job.out.name, tensor, last)
+
+    def cast_input(self, x: torch.Tensor) -> torch.Tensor:
+        """An input tensor as read from disk -> as the operation receives it."""
+        return x
+
+    def prepare(self, options: MergeOptions) -> None:
+        """Work done after the checks and before the first output tensor (the MoE builder's gates)."""
+
+    def peak_memory_estimate(self) -> int:
+        raise NotImplementedError
+
+    def describe(self, out: Path) -> list[str]:
+        """The dry run's lines before the list of tensors."""
+        raise NotImplementedError
+
+    def describe_job(self, job: Job) -> str:
+        """Where a job's output comes from, for the dry run."""
+        raise NotImplementedError
+
+    def describe_after(self) -> list[str]:
+        """The dry run's lines after the memory estimate."""
+        return []
+
+    def close(self) -> None:
+        for m in self.models:
+            m.close()
