@@ -34,7 +34,7 @@ from moekit.errors import UserError, did_you_mean
 from moekit.io.output_dir import check_output_free, check_output_spares_inputs
 from moekit.io.safetensors_reader import checkpoint_infos
 from moekit.io.writer import OutputTensor, streaming_output
-from moekit.progress import transformers_bars
+from moekit.progress import progress_bar, transformers_bars
 from moekit.runtime.routing import load_balancing_loss, router_z_loss
 from moekit.stats.accumulate import RoutingAccumulator
 from moekit.stats.collect import batches, moe_shape
@@ -316,7 +316,7 @@ def _train(
     device = next(model.parameters()).device
     model.train()
     losses = []
-    with _progress(steps, progress) as advance:
+    with progress_bar("calibrating", steps, progress, "steps", loss="-") as advance:
         for _ in range(steps):
             batch = []
             while len(batch) < batch_size:
@@ -345,7 +345,7 @@ def _train(
             loss.backward()
             optimiser.step()
             losses.append(float(loss.detach()))
-            advance(losses[-1])
+            advance(loss=f"{losses[-1]:.4f}")
     model.eval()
     return losses
 
@@ -473,28 +473,3 @@ def _card_section(settings, before, after) -> str:
         f"byte. Label -> expert: {settings['targets'] or 'none (lm objective)'}.\n\n"
         f"```yaml\n{yaml.safe_dump(shown, sort_keys=False)}```\n\n{table}"
     )
-
-
-class _progress:
-    """A rich bar over optimiser steps showing the last loss, or nothing when disabled."""
-
-    def __init__(self, steps: int, enabled: bool):
-        self.steps, self.enabled, self.bar = steps, enabled, None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda loss: None
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        columns = (TextColumn("calibrating"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"))
-        columns += (TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
-        self.bar = Progress(*columns, console=Console(stderr=True))
-        self.bar.__enter__()
-        task = self.bar.add_task("calibrate", total=self.steps, loss="-")
-        return lambda loss: self.bar.update(task, advance=1, loss=f"{loss:.4f}")
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-        return False

@@ -28,7 +28,7 @@ import torch
 
 from moekit import transformers_io
 from moekit.errors import UserError
-from moekit.progress import transformers_bars
+from moekit.progress import progress_bar, transformers_bars
 
 EMBED_NAME = "model.embed_tokens.weight"
 
@@ -105,7 +105,7 @@ def _hidden_vectors(
         _batches(len(pos), batch_size) + (_batches(len(neg), batch_size) if neg else 0)
         for pos, neg in tokenized
     )
-    with _batch_progress(n_batches, progress) as advance:
+    with progress_bar("router prompts", n_batches, progress, "batches") as advance:
 
         def mean_hidden(rows):
             return _mean_hidden(model, rows, pad_id, mode == "hidden_avg", device, batch_size, advance)
@@ -238,22 +238,3 @@ def _cheap_embedding(table: torch.Tensor, rows, batch_size: int) -> torch.Tensor
 
 def _batches(n: int, batch_size: int) -> int:
     return -(-n // batch_size)
-
-
-@contextmanager
-def _batch_progress(total: int, enabled: bool) -> Iterator[Callable[[], None]]:
-    if not enabled or total == 0:
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(
-        TextColumn("[bold]router prompts"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-    ) as bar:
-        task = bar.add_task("prompts", total=total)
-        yield lambda: bar.advance(task)

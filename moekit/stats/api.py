@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -10,7 +9,7 @@ import torch
 from moekit import transformers_io
 from moekit._version import __version__
 from moekit.errors import UserError
-from moekit.progress import transformers_bars
+from moekit.progress import progress_bar, transformers_bars
 from moekit.stats.collect import collect, find_routers, load_config, load_model, moe_shape
 from moekit.stats.experts import expert_names
 from moekit.stats.prompts import prompt_sources, token_windows
@@ -70,7 +69,7 @@ def route_stats(
         labelled_windows.append((source.label, windows))
     total = sum(len(w) for _, windows in labelled_windows for w in windows)
 
-    with _progress_bar(total, progress) as advance:
+    with progress_bar("routing", total, progress, "tokens", transient=True) as advance:
         accumulator = collect(
             model,
             labelled_windows,
@@ -135,18 +134,3 @@ def _transformers_version() -> str:
     import transformers
 
     return transformers.__version__
-
-
-@contextlib.contextmanager
-def _progress_bar(total_tokens: int, enabled: bool):
-    """Yields `advance(tokens)`; draws a transient rich bar on stderr when enabled."""
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("routing"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"))
-    with Progress(*columns, TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("route-stats", total=total_tokens)
-        yield lambda tokens: bar.advance(task, tokens)
