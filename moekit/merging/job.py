@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from moekit.io.writer import OutputTensor, ShardedWriter
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from moekit.io.checkpoint import Checkpoint
+    from moekit.merging.registry import MergeMethod
     from moekit.options import MergeOptions
 
 CHUNK_ELEMENTS = 1024 * 1024  # rows per chunk for elementwise operations are chosen to stay under this
@@ -26,27 +27,18 @@ CHUNK_ELEMENTS = 1024 * 1024  # rows per chunk for elementwise operations are ch
 PREFETCH_ELEMENTS = 2 * CHUNK_ELEMENTS
 
 
-class Op(Protocol):
-    """How a job's output is computed: `fn(inputs, base, **params)` (plus `rng=` when random). A registered
-    merge method (registry.MergeMethod) is one; so is each of the MoE builder's operations."""
-
-    name: str
-    fn: Callable[..., Any]
-    elementwise: bool  # output[i] depends only on inputs[i]: the executor may stream row chunks
-    random: bool  # takes `rng`: the run's torch.Generator, or its pre-drawn Uniforms when `draws` is declared
-    draws: Callable[[dict[str, Any], tuple[int, ...]], list[tuple[int, ...]]] | None
-
-
 @dataclass(frozen=True)
 class TensorOp:
-    """An operation that is not a registered merge method (the MoE builder's). Unlike a merge method it leaves
-    its inputs as they are, so consecutive jobs with the same inputs share one read of them."""
+    """How a job's output is computed, `fn(inputs, base, **params)`, when that is not a registered merge method
+    (registry.MergeMethod, which has these fields too and may overwrite its inputs): the MoE builder's copies,
+    experts and routers. These leave their inputs as they are, so consecutive jobs with the same inputs share
+    one read of them."""
 
     name: str
     fn: Callable[..., Any]
-    elementwise: bool = False
-    random: bool = False
-    draws: None = None
+    elementwise: bool = False  # output[i] depends only on inputs[i]: the executor may stream row chunks
+    random: bool = False  # takes `rng`, the run's torch.Generator
+    draws: None = None  # a merge method's declared draws (see registry.MergeMethod)
     keeps_inputs: bool = True
 
 
@@ -59,12 +51,11 @@ class TensorRef:
 @dataclass
 class Job:
     out: OutputTensor
-    op: Op
+    op: MergeMethod | TensorOp
     inputs: list[TensorRef]
     base: TensorRef | None = None
-    params: dict[str, Any] = field(
-        default_factory=dict
-    )  # per-model parameters are lists aligned with `inputs`
+    # resolved for this tensor; per-model parameters are lists aligned with `inputs`
+    params: dict[str, Any] = field(default_factory=dict)
     is_embedding: bool = False  # its rows follow the vocabulary (re-laid whole when the plan has one)
 
 

@@ -33,15 +33,9 @@ class Plan(OutputPlan):
     models: list[Checkpoint]
     reference: int  # the model whose config.json and tokenizer the output takes
     jobs: list[Job]
-    layer_sources: list[tuple[int, int]] = field(
-        default_factory=list
-    )  # per output layer: (model, source layer)
-    vocab: Vocabulary | None = (
-        None  # set by tokenizer_source: embedding inputs are re-laid in its token order
-    )
-    untied_head: bool = (
-        False  # the reference ties its head but the output has a merged one (see _untied_head)
-    )
+    layer_sources: list[tuple[int, int]] = field(default_factory=list)  # per output layer: (model, layer)
+    vocab: Vocabulary | None = None  # tokenizer_source: embedding inputs are re-laid in its token order
+    untied_head: bool = False  # the reference ties its head but the output has its own (see _untied_head)
 
     @property
     def method(self) -> MergeMethod:

@@ -404,19 +404,8 @@ def _mlp_shapes(specs, models, index, family, num_layers, hidden, what) -> dict[
 
 
 def _jobs(
-    cfg,
-    layout,
-    models,
-    index,
-    experts,
-    shared,
-    dtype,
-    hidden,
-    num_layers,
-    expert_shapes,
-    shared_shapes,
-    gates,
-) -> list[Job]:
+    cfg, layout, models, index, experts, shared, dtype, hidden, num_layers, expert_shapes, shared_shapes, gates
+) -> list[Job]:  # fmt: skip
     base = models[0]
     family = base.family
     mlp_names = set(family.mlp.values())
@@ -436,6 +425,16 @@ def _jobs(
         _check_base_tensor(layout, base, tensor, rest)
         per_layer[layer].append(_copy_job(tensor, dtype, info.shape, tensor))
 
+    def expert(out_name: str, spec: ExpertSpec, role: str, shapes: dict) -> Job:
+        """An expert's projection from its source's MLP in this layer, with its noise and residual scale."""
+        params = {
+            "noise_scale": spec.noise_scale,
+            "residual_scale": spec.residual_scale if role == "down" else None,
+        }
+        mlp = TensorRef(index[spec.source], family.layer_tensor(layer, family.mlp[role]))
+        op = NOISY_EXPERT if spec.noise_scale else EXPERT
+        return Job(OutputTensor(out_name, dtype, shapes[role]), op, [mlp], None, params)
+
     n_routed = len(experts)
     zero_gate = cfg.shared_gate_is_zero(shared)
     jobs = list(front)
@@ -449,34 +448,12 @@ def _jobs(
         ]
         jobs.append(_router_job(layout.router(layer), dtype, (n_routed, hidden), gates, layer, (0, n_routed)))
         for role in ROLES:
-            source_tensor = family.layer_tensor(layer, family.mlp[role])
             for e in _grouped_by_source(experts):
-                spec = experts[e]
-                jobs.append(
-                    _expert_job(
-                        layout.expert_tensor(layer, e, role),
-                        spec,
-                        role,
-                        source_tensor,
-                        index,
-                        dtype,
-                        expert_shapes,
-                    )
-                )
+                jobs.append(expert(layout.expert_tensor(layer, e, role), experts[e], role, expert_shapes))
         if shared:
-            for role in ROLES:
-                source_tensor = family.layer_tensor(layer, family.mlp[role])
-                jobs.append(
-                    _expert_job(
-                        layout.shared_tensor(layer, role),
-                        shared[0],
-                        role,
-                        source_tensor,
-                        index,
-                        dtype,
-                        shared_shapes,
-                    )
-                )
+            jobs += [
+                expert(layout.shared_tensor(layer, role), shared[0], role, shared_shapes) for role in ROLES
+            ]
             name = layout.shared_gate(layer)
             if zero_gate:
                 params = {"shape": (1, hidden), "value": shared_gate_value(dtype)}
@@ -495,21 +472,6 @@ def _grouped_by_source(experts: list[ExpertSpec]) -> list[int]:
     for e, spec in enumerate(experts):
         order.setdefault(spec.source, []).append(e)
     return [e for group in order.values() for e in group]
-
-
-def _expert_job(out_name, spec, role, source_tensor, index, dtype, shapes) -> Job:
-    params = {
-        "noise_scale": spec.noise_scale,
-        "residual_scale": spec.residual_scale if role == "down" else None,
-    }
-    op = NOISY_EXPERT if spec.noise_scale else EXPERT
-    return Job(
-        OutputTensor(out_name, dtype, shapes[role]),
-        op,
-        [TensorRef(index[spec.source], source_tensor)],
-        None,
-        params,
-    )
 
 
 def _copy_job(out_name: str, dtype: torch.dtype, shape: tuple[int, ...], base_tensor: str) -> Job:
