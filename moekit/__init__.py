@@ -11,11 +11,12 @@ __all__ = [
 ]  # fmt: skip
 
 
-def merge(config, out, **options):
-    """Run a merge described by `config` (path, YAML text or dict) into directory `out`. See moekit.merging.api."""
+def merge(config, out=None, options=None, **keywords):
+    """Run a merge described by `config` (path, YAML text or dict) into directory `out`, as `options` (a
+    MergeOptions) and the keyword options say. See moekit.merging.api."""
     from moekit.merging.api import merge as _merge
 
-    return _merge(config, out, **options)
+    return _merge(config, out, options, **keywords)
 
 
 def verify(out, **options):
