@@ -222,6 +222,7 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the click group and maps errors to exit codes."""
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    level = logging.getLogger("moekit").level  # -q/-v last for this run only, also when it runs in-process
     try:
         cli.main(args=argv, prog_name="moekit", standalone_mode=False)
     except UserError as e:
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        logging.getLogger("moekit").setLevel(level)
     sys.exit(0)
 
 
