@@ -24,7 +24,9 @@ import moekit
 from moekit.config import parse_merge_config
 from moekit.io.checkpoint import Checkpoint
 from moekit.merging.plan import build_plan
+from moekit.merging.registry import method_for
 from moekit.merging.stacked_experts import LAYOUTS, StackedExperts
+from moekit.options import MergeOptions
 
 FP32_TOL = 1e-6  # fp32 arithmetic against the float64 / same-order formulas
 
@@ -167,7 +169,7 @@ def test_random_methods_draw_in_mergekits_tensor_order(mixtral):
         },
         None,
     )
-    plan = build_plan(cfg)
+    plan = build_plan(cfg, MergeOptions(), method_for(cfg))
     try:
         order = [j.out.name for j in plan.jobs]
     finally:
@@ -192,7 +194,8 @@ def test_elementwise_methods_keep_per_expert_streaming(mixtral, tmp_path):
             {"model": str(mixtral["ft1"]), "parameters": {"weight": 0.7}},
         ],
     }
-    plan = build_plan(parse_merge_config(cfg, None))
+    parsed = parse_merge_config(cfg, None)
+    plan = build_plan(parsed, MergeOptions(), method_for(parsed))
     try:
         assert any(".experts.0.w1." in j.out.name for j in plan.jobs)
     finally:
