@@ -154,6 +154,13 @@ def _infer(config: dict, where: str) -> Family:
     how = (
         f"inferred: {type(model).__name__} built on the meta device by transformers {transformers_version()}"
     )
+    if not hasattr(cfg, "num_hidden_layers"):  # composite models (LLaVA, ...) keep it in a sub-config
+        subs = [k for k, v in vars(cfg).items() if hasattr(v, "num_hidden_layers")]
+        raise UserError(
+            f"{where}: {type(model).__name__} ({cfg.model_type}) is a composite model whose layers live in "
+            f"{' and '.join(subs) or 'sub-configs'}; moekit merges single-stack causal language models: merge "
+            "the language model on its own"
+        )
     num_layers = int(cfg.num_hidden_layers)
     layer_list = _layer_list(model, num_layers, where)
     prefix = _disk_layer_prefix(shapes, num_layers, layer_list[0] + ".", where)

@@ -125,6 +125,25 @@ def test_unknown_model_type_refused(tmp_path):
     assert_one_line_error(proc, "my_custom_lm", "remote code")
 
 
+def test_composite_model_refused(tmp_path):
+    """A LLaVA checkpoint (layers in text_config and vision_config) is refused in one line, not an AttributeError."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    d = tmp_path / "vlm"
+    d.mkdir()
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    cfg = LlavaConfig(text_config=text, vision_config=vision).to_dict()
+    cfg["architectures"] = ["LlavaForConditionalGeneration"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    save_file({"w": __import__("torch").randn(2)}, str(d / "model.safetensors"))
+    config = write_config(tmp_path / "m.yaml", {"merge_method": "passthrough", "models": [{"model": str(d)}]})
+    proc = run_cli("merge", str(config), "-o", str(tmp_path / "out"), "--dry-run")
+    assert_one_line_error(proc, "composite", "text_config", "vision_config")
+
+
 def _edit_config(d: Path, **changes) -> None:
     cfg = json.loads((d / "config.json").read_text())
     cfg.update(changes)
