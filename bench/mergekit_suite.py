@@ -155,10 +155,14 @@ class Outcome:
     why: str  # the refusal, shortened
 
 
+# moekit's refusals of a model kind it lacks: an unknown model_type, or a composite model (LLaVA and other VLMs)
+ARCHITECTURE_REFUSAL = r"model_type .* is not supported|architecture|is a composite model"
+
+
 def _refusal(stderr: str) -> str:
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
     last = lines[-1] if lines else "?"
-    if re.search(r"model_type .* is not supported|architecture", last, re.I):
+    if re.search(ARCHITECTURE_REFUSAL, last, re.I):
         return "refused: architecture"
     last = re.sub(r"/\S+/", "", last.removeprefix("moekit: error: "))
     return "refused: " + (last[:90] + "..." if len(last) > 90 else last)
@@ -275,7 +279,8 @@ def print_table(rows: list[Row], markdown: bool) -> None:
             print("  ".join(x.ljust(w) for x, w in zip(line, widths)))
     merged = [r for r in rows if r.mergekit.ok]
     ours = [r for r in merged if r.moekit.ok]
-    arch = [r for r in merged if r.moekit.why == "refused: architecture"]
+    # rows kept from before a refusal was recognised as one are classified again here
+    arch = [r for r in merged if not r.moekit.ok and re.search(ARCHITECTURE_REFUSAL, r.moekit.why, re.I)]
     fp32 = [r for r in ours if r.computes_fp32]
     within = [r for r in fp32 if r.diff is not None and r.diff <= FP32_TOL]
     exact = [r for r in ours if r.diff_mode == 0]
