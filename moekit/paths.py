@@ -9,6 +9,7 @@ and only at the start of a path: model paths are not shell words, and a `$` else
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -58,3 +59,14 @@ def split_adapter_ref(
             "and adapter_model.safetensors"
         )
     return model, str(adapter_path)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (config.json, adapter_config.json), or one line saying why not."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return data

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING
 from moekit.architectures import Family, check_implied_shapes, family_for_config
 from moekit.errors import UserError
 from moekit.io.safetensors_reader import TensorReader, checkpoint_infos
-from moekit.paths import expand_path, split_adapter_ref
+from moekit.paths import expand_path, read_json_object, split_adapter_ref
 
 if TYPE_CHECKING:  # the torch-backed readers are imported when used: reading headers needs no torch
     from moekit.io.pickle_reader import PickleReader
@@ -119,12 +118,7 @@ class Checkpoint:
         config_path = path / "config.json"
         if not config_path.is_file():
             raise UserError(f"{where}: model '{ref}' has no config.json")
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{config_path}: not valid JSON ({e})") from None
-        if not isinstance(config, dict):
-            raise UserError(f"{config_path}: not a JSON object")
+        config = read_json_object(config_path)
         family = family_for_config(config, str(config_path))
         tensors = open_tensors(path, allow_pickle)
         try:

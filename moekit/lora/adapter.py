@@ -13,7 +13,6 @@ r and alpha per module come from `rank_pattern` / `alpha_pattern` when those nam
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 
 from moekit.errors import UserError
 from moekit.io.safetensors_reader import TensorReader, read_header, safe_child
+from moekit.paths import read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -105,12 +105,7 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     path = adapter_dir / CONFIG_NAME
     if not path.is_file():
         raise UserError(f"{adapter_dir}: not a LoRA adapter (no {CONFIG_NAME})")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: not a JSON object")
+    config = read_json_object(path)
     kind = config.get("peft_type", "LORA")
     if kind != "LORA":
         raise UserError(f"{path}: peft_type is {kind!r}; moekit reads LoRA adapters only (peft_type LORA)")
