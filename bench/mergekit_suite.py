@@ -43,6 +43,8 @@ from _compare import max_abs_diff  # noqa: E402
 from _models import Shape, make_family  # noqa: E402
 from _peer import MERGEKIT_VERSION, PEER_ENV, bench_dir, mergekit_venv  # noqa: E402
 
+from moekit.io.safetensors_reader import checkpoint_infos  # noqa: E402
+
 SUITE_TESTS = ("test_basic_merges.py", "test_chat_template.py", "test_merge_dtypes.py", "test_tokenizer.py")
 PYTEST_PIN = "pytest==9.2.0"
 FP32_TOL = 1e-5
@@ -189,8 +191,12 @@ class Row:
     computes_fp32: bool
 
 
+def run_dir(work: Path, name: str) -> Path:
+    return work / re.sub(r"[^\w.#-]+", "_", name)
+
+
 def run_config(c: Config, work: Path) -> Row:
-    d = work / re.sub(r"[^\w.#-]+", "_", c.name)
+    d = run_dir(work, c.name)
     done = d / "row.json"
     if done.is_file() and json.loads(done.read_text())["text"] == c.text:
         return _row_from(json.loads(done.read_text()))
@@ -259,15 +265,41 @@ def _stored_half(raw: dict) -> bool:
     return False
 
 
+def dtype_mismatch(a: Path, b: Path) -> str | None:
+    """The first tensor two outputs store in different dtypes ("name: A vs B"), or None: bit-exact means the
+    same values in the same dtype."""
+    if not (a.is_dir() and b.is_dir()):
+        return None
+    ia, ib = checkpoint_infos(a), checkpoint_infos(b)
+    for name in sorted(ia.keys() & ib.keys()):
+        if ia[name].dtype != ib[name].dtype:
+            return f"{name}: {ia[name].dtype} vs {ib[name].dtype}".replace("torch.", "")
+    return None
+
+
 def _fmt(x: float | None) -> str:
     if x is None:
         return "-"
     return "0" if x == 0 else f"{x:.1e}"
 
 
-def print_table(rows: list[Row], markdown: bool) -> None:
+def print_table(rows: list[Row], markdown: bool, work: Path) -> None:
     head = ["config", "mergekit", "moekit", "max |Δ| fp32 compute", "max |Δ| compute_dtype: mergekit"]
-    body = [[r.name, r.mergekit.why, r.moekit.why, _fmt(r.diff), _fmt(r.diff_mode)] for r in rows]
+    # the outputs stay on disk beside row.json: their dtypes are compared here, so kept rows are checked too
+    mismatch = {
+        r.name: dtype_mismatch(run_dir(work, r.name) / "mergekit", run_dir(work, r.name) / "moekit-mode")
+        for r in rows
+    }
+    body = [
+        [
+            r.name,
+            r.mergekit.why,
+            r.moekit.why,
+            _fmt(r.diff),
+            _fmt(r.diff_mode) + (f" (dtype {m})" if (m := mismatch[r.name]) else ""),
+        ]
+        for r in rows
+    ]
     if markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
@@ -283,7 +315,7 @@ def print_table(rows: list[Row], markdown: bool) -> None:
     arch = [r for r in merged if not r.moekit.ok and re.search(ARCHITECTURE_REFUSAL, r.moekit.why, re.I)]
     fp32 = [r for r in ours if r.computes_fp32]
     within = [r for r in fp32 if r.diff is not None and r.diff <= FP32_TOL]
-    exact = [r for r in ours if r.diff_mode == 0]
+    exact = [r for r in ours if r.diff_mode == 0 and not mismatch[r.name]]
     print()
     print(f"configs: {len(rows)}; mergekit merged {len(merged)}, refused {len(rows) - len(merged)}")
     print(
@@ -291,7 +323,7 @@ def print_table(rows: list[Row], markdown: bool) -> None:
         f"({len(arch)} for an architecture moekit lacks)"
     )
     print(f"fp32 compute: {len(within)} of {len(fp32)} fp32 configs within {FP32_TOL:g}")
-    print(f"compute_dtype: mergekit: {len(exact)} of {len(ours)} bit-exact")
+    print(f"compute_dtype: mergekit: {len(exact)} of {len(ours)} bit-exact (same values, same dtypes)")
 
 
 def main() -> None:
@@ -307,12 +339,12 @@ def main() -> None:
         configs = [c for c in configs if args.only in c.name]
     work = bench_dir() / "mergekit-suite" / "runs"
     if args.report:
-        found = [work / re.sub(r"[^\w.#-]+", "_", c.name) / "row.json" for c in configs]
+        found = [run_dir(work, c.name) / "row.json" for c in configs]
         rows = [_row_from(json.loads(f.read_text())) for f in found if f.is_file()]
     else:
         with ThreadPoolExecutor(args.jobs) as pool:
             rows = list(pool.map(lambda c: run_config(c, work), configs))
-    print_table(rows, args.markdown)
+    print_table(rows, args.markdown, work)
 
 
 if __name__ == "__main__":

@@ -238,3 +238,92 @@ def test_ram_and_ramplus_tl_formulas():
     want_plus = base + mean_of_movers * (movers > 1) + boosted
     got = call("ramplus_tl", models, base, False, r=r, alpha=alpha)
     assert (got - want_plus).abs().max() <= 1e-6
+
+
+def _store(model_dir, cast) -> None:
+    """Rewrite a checkpoint's tensors through `cast(name, tensor)`."""
+    from safetensors.torch import save_file
+
+    t = load_tensors(model_dir)
+    save_file({k: cast(k, v) for k, v in t.items()}, str(model_dir / "model.safetensors"))
+
+
+@pytest.mark.parametrize("mode", [None, "mergekit"])
+def test_mixed_precision_checkpoints_merge_in_the_promoted_dtype(tmp_path, mode):
+    """mergekit's mixed-checkpoint test: one input bf16 (its norms kept fp32), the other fp32, no `dtype`. mergekit
+    promotes each tensor's inputs to one dtype (fp32 here) and writes what the method returns: fp32 everywhere,
+    (a + b) / 2 computed in fp32 (exact: torch.equal), in both compute modes. task_arithmetic on the same inputs
+    is mergekit's stacked fp32 order."""
+    a, b, c = (write_model(tmp_path / n, s) for n, s in zip("abc", torch.randint(0, 2**31, (3,)).tolist()))
+    _store(a, lambda k, v: v if "norm" in k else v.bfloat16())
+    ta, tb, tc = load_tensors(a), load_tensors(b), load_tensors(c)
+    extra = {"compute_dtype": mode} if mode else {}
+    cfg = {"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(b)}]}
+    got = load_tensors(moekit.merge(cfg | {"parameters": {"weight": 1.0}} | extra, tmp_path / "linear"))
+    for k in ta:
+        want = torch.zeros(ta[k].shape).addcmul_(ta[k].float(), torch.tensor(1.0))
+        want = want.addcmul_(tb[k], torch.tensor(1.0)).div_(torch.tensor(2.0))
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], want), k
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(a),
+        "models": [{"model": str(b)}, {"model": str(c)}],
+    }
+    got = load_tensors(moekit.merge(cfg | {"parameters": {"weight": 0.6}} | extra, tmp_path / "ta"))
+    for k in ta:
+        want = mergekit_task_arithmetic(ta[k].float(), [tb[k], tc[k]], [0.6, 0.6], 1.0, False)
+        assert got[k].dtype == torch.float32, k
+        if mode:
+            assert torch.equal(got[k], want), k
+        else:
+            assert (got[k] - want).abs().max() <= 1e-5 * want.abs().max(), k
+
+
+def mergekit_arcee_fusion(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """mergekit 0.1.5's arcee_fusion in its order and dtypes: importance |model − base|·KL(softmax) in the
+    inputs' dtype, a sorted-quantile threshold median + 1.5·IQR, and an fp32 mask, so half-precision inputs come
+    back as base + (model − base)·mask in fp32."""
+    p = torch.nn.functional.softmax(model, dim=-1) + 1e-8
+    q = torch.nn.functional.softmax(base, dim=-1) + 1e-8
+    importance = (model - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    ordered = torch.sort(importance.reshape(-1)).values
+    q1, med, q3 = ordered[(torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()]
+    mask = (importance >= med + 1.5 * (q3 - q1)).float()
+    return base + (model - base) * mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+def test_arcee_fusion_bits(dtype):
+    """The result is mergekit's to the bit, in mergekit's dtype: fp32 for half-precision inputs."""
+    base, (model,) = inputs(dtype, 1)
+    model = torch.where(
+        torch.rand(base.shape) < 0.3, (base.float() + torch.randn(base.shape)).to(dtype), model
+    )
+    got = get_method("arcee_fusion").fn([model.clone()], base.clone(), rng=torch.Generator())
+    want = mergekit_arcee_fusion(base, model)
+    assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+    assert 0 < int((got != base.float()).sum()) < base.numel()  # the threshold keeps some, not all
+
+
+@pytest.mark.parametrize("method", ["arcee_fusion", "ramplus_tl", "ram"])
+def test_half_precision_result_dtype_follows_mergekit(tmp_path, method):
+    """`dtype: bfloat16` with arcee_fusion or ramplus_tl: mergekit's kernels return fp32 and it writes them so
+    (its config.json still says bfloat16). `compute_dtype: mergekit` writes the same fp32 tensors, equal to
+    mergekit's formula; the default mode writes bf16, as `dtype` says; ram returns bf16 in both."""
+    seeds = torch.randint(0, 2**31, (3,)).tolist()
+    m = [write_model(tmp_path / f"m{i}", s) for i, s in enumerate(seeds)]
+    cfg = {
+        "merge_method": method,
+        "base_model": str(m[0]),
+        "models": [{"model": str(p)} for p in m[: 2 if method == "arcee_fusion" else 3]],
+        "dtype": "bfloat16",
+    }
+    exact = load_tensors(moekit.merge(cfg | {"compute_dtype": "mergekit"}, tmp_path / "exact"))
+    default = load_tensors(moekit.merge(cfg, tmp_path / "default"))
+    lifted = method != "ram"
+    t = [{k: v.bfloat16() for k, v in load_tensors(p).items()} for p in m]
+    for k in exact:
+        assert exact[k].dtype == (torch.float32 if lifted else torch.bfloat16), k
+        assert default[k].dtype == torch.bfloat16, k
+        if method == "arcee_fusion":
+            assert torch.equal(exact[k], mergekit_arcee_fusion(t[0][k], t[1][k])), k

@@ -127,9 +127,7 @@ class MergeRunner:
     def read_piece(self, piece: Piece) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         inputs = [self.read(r, piece.rows) for r in piece.job.inputs]
         base = self.read(piece.job.base, piece.rows) if piece.job.base else None
-        if piece.job.is_embedding and self.plan.vocab is not None:
-            return self.plan.permute_vocabulary(piece.job, inputs, base)
-        return inputs, base
+        return self.plan.align_inputs(piece.job, inputs, base)
 
     def compute(
         self, piece: Piece, inputs: list[torch.Tensor], base: torch.Tensor | None, uniforms: Uniforms | None

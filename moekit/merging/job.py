@@ -90,6 +90,12 @@ class OutputPlan:
         """An input tensor as read from disk -> as the operation receives it."""
         return x
 
+    def align_inputs(
+        self, job: Job, inputs: list[torch.Tensor], base: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """One job's inputs, each cast by cast_input -> as the operation receives them together."""
+        return inputs, base
+
     def prepare(self, options: MergeOptions) -> None:
         """Work done after the checks and before the first output tensor (the MoE builder's gates)."""
 

@@ -62,6 +62,17 @@ class Plan(OutputPlan):
             x = x.to(cfg.dtype)  # mergekit casts inputs to `dtype` first: keep its rounding
         return x.to(compute_dtype_for(self, x.dtype))
 
+    def align_inputs(self, job: Job, inputs: list[torch.Tensor], base: torch.Tensor | None):
+        """As mergekit aligns one tensor's inputs: embeddings re-laid in the output vocabulary (tokenizer_source),
+        the others in one dtype, the promotion of theirs (an fp32 and a bf16 checkpoint merge in fp32)."""
+        if job.is_embedding and self.vocab is not None:
+            return self.permute_vocabulary(job, inputs, base)
+        given = inputs + ([base] if base is not None else [])
+        if len({x.dtype for x in given}) > 1 and all(x.is_floating_point() for x in given):
+            hold = functools.reduce(torch.promote_types, [x.dtype for x in given])
+            inputs, base = [x.to(hold) for x in inputs], (base.to(hold) if base is not None else None)
+        return inputs, base
+
     def permute_vocabulary(self, job: Job, inputs: list[torch.Tensor], base: torch.Tensor | None):
         """Each input's rows re-laid in the output vocabulary's order (tokenizer_source; see tokenizer.py)."""
         refs = job.inputs + ([job.base] if job.base else [])
@@ -390,11 +401,7 @@ class _Planner:
         params = self._params(out_name, inputs, sl, t_pos)
         if any(not self._info(r).dtype.is_floating_point for r in refs):
             self._check_copied(out_name, refs, params)
-        out_dtype = (
-            (config.out_dtype or config.dtype or ref_info.dtype)
-            if ref_info.dtype.is_floating_point
-            else ref_info.dtype
-        )
+        out_dtype = self._out_dtype(refs) if ref_info.dtype.is_floating_point else ref_info.dtype
         return Job(
             OutputTensor(out_name, out_dtype, ref_info.shape),
             method,
@@ -403,6 +410,19 @@ class _Planner:
             params,
             is_embedding,
         )
+
+    def _out_dtype(self, refs: list[TensorRef]) -> torch.dtype:
+        """mergekit writes what its method returns unless `out_dtype` is set: the dtype the inputs are held in
+        (`dtype`, else the promotion of the stored ones), or fp32 for the methods that lift half precision to
+        fp32, which mergekit then writes as fp32 whatever `dtype` says: followed under `compute_dtype: mergekit`."""
+        config = self.config
+        stored = [self._info(r).dtype for r in refs if self._info(r).dtype.is_floating_point]
+        held = config.dtype or functools.reduce(torch.promote_types, stored)
+        if config.out_dtype is not None:
+            return config.out_dtype
+        if config.compute_dtype is None and self.method.returns_float32:
+            return torch.promote_types(held, torch.float32)
+        return held
 
     def _check_copied(self, out_name: str, refs: list[TensorRef], params: dict[str, Any]) -> None:
         """Integer tensors (packed quantised weights, indices, masks) may be copied, never computed with."""

@@ -65,6 +65,8 @@ class MergeMethod:
     # and the output shape; when declared, the engine draws them ahead and passes them as `rng`.
     draws: Callable[[dict[str, Any], tuple[int, ...]], list[tuple[int, ...]]] | None
     doc: str
+    # mergekit's kernel returns fp32 from half-precision inputs (arcee_fusion's fp32 mask, ramplus_tl's fp32 scale)
+    returns_float32: bool = False
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -89,6 +91,7 @@ def merge_method(
     elementwise: bool = False,
     random: bool = False,
     draws: Callable[[dict[str, Any], tuple[int, ...]], list[tuple[int, ...]]] | None = None,
+    returns_float32: bool = False,
 ):
     """Register `fn` as merge method `name`."""
 
@@ -106,6 +109,7 @@ def merge_method(
             random or draws is not None,
             draws,
             (fn.__doc__ or "").strip(),
+            returns_float32,
         )
         return fn
 

@@ -41,6 +41,7 @@ def ram(tensors: Tensors, base: torch.Tensor, *, epsilon: float) -> torch.Tensor
         Param("alpha", float, default=0.2, check=non_negative, help="cap on the shared/unique ratio"),
         EPSILON,
     ],
+    returns_float32=True,
 )
 def ramplus_tl(
     tensors: Tensors, base: torch.Tensor, *, r: float, alpha: float, epsilon: float

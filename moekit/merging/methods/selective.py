@@ -46,9 +46,12 @@ def approximate_quantiles(values: torch.Tensor, q: torch.Tensor, rng: torch.Gene
     return ordered[(q * (ordered.numel() - 1)).long()]
 
 
-@merge_method("arcee_fusion", base="required", min_models=1, max_models=1, random=True)
+@merge_method("arcee_fusion", base="required", min_models=1, max_models=1, random=True, returns_float32=True)
 def arcee_fusion(tensors: Tensors, base: torch.Tensor, *, rng: torch.Generator) -> torch.Tensor:
-    """Keep the base except where the fine-tune's change is important (above median + 1.5·IQR)."""
+    """Keep the base except where the fine-tune's change is important (above median + 1.5·IQR).
+
+    The mask is fp32, as mergekit's: half-precision inputs give base + (model − base) summed in fp32, which
+    mergekit writes unrounded."""
     model = tensors[0]
     p = F.softmax(model, dim=-1) + 1e-8
     q = F.softmax(base, dim=-1) + 1e-8
@@ -56,5 +59,5 @@ def arcee_fusion(tensors: Tensors, base: torch.Tensor, *, rng: torch.Generator) 
     del p, q
     importance = (model - base).abs() * kl
     q1, median, q3 = approximate_quantiles(importance, torch.tensor([0.25, 0.5, 0.75]), rng)
-    fused = importance >= median + 1.5 * (q3 - q1)
+    fused = (importance >= median + 1.5 * (q3 - q1)).float()
     return base + (model - base) * fused
