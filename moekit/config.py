@@ -45,6 +45,7 @@ DENSE_KEYS = {
     "base_model": "path of the base model",
     "models": "list of {model, parameters}",
     "slices": "list of {sources: [{model, layer_range, parameters}], parameters}",
+    "modules": "per-module models/slices (mergekit's multi-module form; a causal LM has one, 'default')",
     "parameters": "global method parameters",
     "dtype": "dtype the inputs are cast to",
     "out_dtype": "dtype of the output tensors",
@@ -59,6 +60,9 @@ MODEL_KEYS = {"model", "parameters"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
 SLICE_KEYS = {"sources", "parameters", "base_model"}
 TOKENIZER_KEYS = {"source", "pad_to_multiple_of", "tokens"}
+MODULE_KEYS = {"models", "slices", "parameters"}
+# mergekit's name for the one module of a model whose layers form one stack (every architecture moekit merges)
+SINGLE_MODULE = "default"
 
 
 @dataclass
@@ -106,6 +110,10 @@ class MergeConfig:
     copy_tokenizer: bool = True
     write_model_card: bool = True
     tokens: tuple[TokenSetting, ...] = ()  # tokenizer.tokens, in config order
+    # `modules:` configs: the module names, in config order; the first one's models/slices are the ones above,
+    # and its parameters rank between a slice's and the global ones (mergekit's precedence)
+    modules: tuple[str, ...] = ()
+    module_parameters: dict[str, Any] = field(default_factory=dict)
 
 
 class _NoDuplicateKeysLoader(yaml.SafeLoader):
@@ -327,32 +335,33 @@ def parse_compute_dtype(value: object, where: str) -> torch.dtype | None:
 def parse_merge_config(raw: dict, path: Path | None = None) -> MergeConfig:
     """Validate a dense-merge config; everything that can be checked without the model files is checked here."""
     name = str(path) if path else "<config>"
-    if "modules" in raw:
-        raise UserError(
-            f"{name}: 'modules:' (per-module configs for multi-module models) is not supported yet; for a "
-            "single-module model write the module's models: or slices: at the top level"
-        )
     check_keys(raw, DENSE_KEYS, name)
     if "merge_method" not in raw:
         raise UserError(f"{name}: missing 'merge_method' (e.g. merge_method: linear)")
     if not isinstance(raw["merge_method"], str):
         raise UserError(f"{name}: merge_method must be a method's name, got {_short(raw['merge_method'])}")
-    has_models, has_slices = raw.get("models") is not None, raw.get("slices") is not None
-    if has_models == has_slices:
-        raise UserError(f"{name}: give exactly one of 'models' or 'slices'")
+    if sum(raw.get(k) is not None for k in ("models", "slices", "modules")) != 1:
+        raise UserError(f"{name}: give exactly one of 'models', 'slices' or 'modules'")
 
     base_model = _model_ref(raw.get("base_model"), f"{name}: base_model", optional=True)
-    models = slices = None
-    if has_models:
-        models = [
-            _parse_model(m, f"{name}: models[{i}]")
-            for i, m in enumerate(_list(raw["models"], f"{name}: models"))
-        ]
+    modules: dict[str, tuple[list[Source] | None, list[Slice] | None, dict[str, Any]]] = {}
+    if raw.get("modules") is not None:
+        if not isinstance(raw["modules"], dict) or not raw["modules"]:
+            raise UserError(
+                f"{name}: modules: expected a mapping of module name -> {{models | slices, parameters}}, got "
+                f"{_short(raw['modules'])}"
+            )
+        for module, body in raw["modules"].items():
+            where = f"{name}: modules.{module}"
+            check_keys(body, MODULE_KEYS, where)
+            modules[str(module)] = (
+                *_models_or_slices(body, name, str(module)),
+                _params(body.get("parameters"), f"{where}.parameters"),
+            )
+        models, slices, module_parameters = next(iter(modules.values()))
     else:
-        slices = [
-            _parse_slice(s, f"{name}: slices[{i}]")
-            for i, s in enumerate(_list(raw["slices"], f"{name}: slices"))
-        ]
+        models, slices = _models_or_slices(raw, name, None)
+        module_parameters = {}
 
     parameters = _params(raw.get("parameters"), f"{name}: parameters")
     cfg_tokenizer = raw.get("tokenizer")
@@ -402,7 +411,44 @@ def parse_merge_config(raw: dict, path: Path | None = None) -> MergeConfig:
         raw=raw,
         path=path,
         base_dir=path.parent if path else None,
+        modules=tuple(modules),
+        module_parameters=module_parameters,
     )
+
+
+def check_modules(config: MergeConfig, architecture: str) -> None:
+    """A `modules:` config names the modules of its model as mergekit does: a model whose layers form one stack
+    (every architecture moekit merges) has one, 'default'; several are for vision-language and encoder-decoder
+    models, which moekit does not merge."""
+    if not config.modules:
+        return
+    name = str(config.path) if config.path else "<config>"
+    if len(config.modules) > 1:
+        raise UserError(
+            f"{name}: modules: {', '.join(config.modules)}: a config with several modules is for a model with "
+            f"several (vision-language, encoder-decoder), which moekit does not merge; {architecture} has one, "
+            f"'{SINGLE_MODULE}': keep only that module"
+        )
+    if config.modules[0] != SINGLE_MODULE:
+        raise UserError(
+            f"{name}: modules.{config.modules[0]}: {architecture} has one module, which mergekit names "
+            f"'{SINGLE_MODULE}'; rename it (modules: {{{SINGLE_MODULE}: ...}}) or write its models:/slices: at the "
+            "top level"
+        )
+
+
+def _models_or_slices(
+    raw: dict, name: str, module: str | None
+) -> tuple[list[Source] | None, list[Slice] | None]:
+    """The `models:` or the `slices:` of a config, or of its module `module`, exactly one of them given."""
+    at = f"{name}: modules.{module}." if module is not None else f"{name}: "
+    if (raw.get("models") is None) == (raw.get("slices") is None):
+        raise UserError(f"{at.rstrip(' .')}: give exactly one of 'models' or 'slices'")
+    if raw.get("models") is not None:
+        listed = _list(raw["models"], f"{at}models")
+        return [_parse_model(m, f"{at}models[{i}]") for i, m in enumerate(listed)], None
+    listed = _list(raw["slices"], f"{at}slices")
+    return None, [_parse_slice(s, f"{at}slices[{i}]") for i, s in enumerate(listed)]
 
 
 def _list(value: object, where: str) -> list:

@@ -335,7 +335,7 @@ CONFIG_CASES: list[Case] = [
             linear_config(m["ft1"])
             | {"slices": [{"sources": [{"model": str(m["ft1"]), "layer_range": [0, 1]}]}]}
         ),
-        ("exactly one of 'models' or 'slices'",),
+        ("exactly one of 'models', 'slices' or 'modules'",),
     ),
     Case(
         "passthrough-two",

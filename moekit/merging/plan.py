@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-from moekit.config import MergeConfig, Slice, Source, evaluate_setting, warn_unused_gradient_values
+from moekit.config import (
+    MergeConfig,
+    Slice,
+    Source,
+    check_modules,
+    evaluate_setting,
+    warn_unused_gradient_values,
+)
 from moekit.errors import UserError
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.writer import OutputTensor, ShardedWriter
@@ -186,10 +193,15 @@ def _build(config: MergeConfig, method: MergeMethod, models: list[Checkpoint], i
         for where, params in blocks + [(f"{src.where}.parameters", src.parameters) for src in sl.sources]:
             warn_unused_gradient_values(params, spans[-1:], where)
     warn_unused_gradient_values(config.parameters, spans, f"{name}: parameters")
+    if config.modules:
+        warn_unused_gradient_values(
+            config.module_parameters, spans, f"{name}: modules.{config.modules[0]}.parameters"
+        )
 
     ref_name = config.base_model or slices[0].sources[0].model
     reference = index[ref_name]
     ref_model = models[reference]
+    check_modules(config, (ref_model.config.get("architectures") or [ref_model.family.name])[0])
     fam = ref_model.family
     ref_layer_tensors: dict[int, list[str]] = {}
     non_layer: list[str] = []
@@ -479,7 +491,7 @@ class _Planner:
     def _lookup(
         self, key: str, tensor: str, t_pos: float, source_params: dict | None, slice_params: dict
     ) -> Any:
-        for block in (source_params, slice_params, self.config.parameters):
+        for block in (source_params, slice_params, self.config.module_parameters, self.config.parameters):
             if block and key in block:
                 v = evaluate_setting(block[key], tensor, t_pos)
                 if v is not None:

@@ -166,6 +166,8 @@ def check_parameters(config: MergeConfig, method: MergeMethod, name: str) -> Non
             params[key] = coerce_setting(p, setting, f"{where}.{key}")
 
     check_block(config.parameters, f"{name}: parameters", False)
+    if config.modules:
+        check_block(config.module_parameters, f"{name}: modules.{config.modules[0]}.parameters", False)
     for src in config.models or []:
         check_block(src.parameters, f"{src.where}.parameters", True)
     for sl in config.slices or []:
