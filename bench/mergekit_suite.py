@@ -14,10 +14,11 @@ The configs come from two places:
   layer ranges reach, stored in the config's dtype, the base model as the base and the others as its fine-tunes.
 
 Each config is merged by `mergekit-yaml CONFIG OUT --random-seed 0` and by `moekit merge CONFIG OUT --seed 0`,
-as written, and again by moekit with `compute_dtype: mergekit` added. Columns: what each tool did (ok, or the
-reason it refused), the max abs difference over all tensors in fp32 compute (moekit's default) and with
-`compute_dtype: mergekit` ("0" = bit-exact). A config that needs an architecture moekit lacks reads "refused:
-architecture". Totals at the end.
+as written, and again by moekit with `compute_dtype: mergekit` added. A config mergekit refuses for differing
+vocabulary sizes runs once more with `--unsafe-truncate-embeddings` given to both tools. Columns: what each tool
+did (ok, or the reason it refused), the max abs difference over all tensors in fp32 compute (moekit's default)
+and with `compute_dtype: mergekit` ("0" = bit-exact: the same values, and the same dtypes, which are compared
+too). A config that needs an architecture moekit lacks reads "refused: architecture". Totals at the end.
 """
 
 from __future__ import annotations
@@ -56,6 +57,20 @@ class Config:
     name: str
     text: str  # the YAML as mergekit reads it
     source: str  # "tests" or "examples"
+    flags: tuple[str, ...] = ()  # given to both tools (a switch both spell the same)
+
+
+TRUNCATE = "--unsafe-truncate-embeddings"
+
+
+def with_truncation(done: list[tuple[Config, Row]]) -> list[Config]:
+    """The configs mergekit refused for differing vocabulary sizes, again with --unsafe-truncate-embeddings,
+    which both tools take: each input's embedding rows narrowed to the smallest vocabulary."""
+    return [
+        Config(f"{c.name} {TRUNCATE}", c.text, c.source, (TRUNCATE,))
+        for c, r in done
+        if not r.mergekit.ok and "size mismatch" in r.mergekit.why
+    ]
 
 
 def sdist_tests() -> Path:
@@ -206,12 +221,12 @@ def run_config(c: Config, work: Path) -> Row:
     cfg_path, mode_path = d / "config.yaml", d / "config_mergekit_mode.yaml"
     raw = yaml.safe_load(c.text)
     moe_cmd = [sys.executable, "-m", "moekit", "merge"]
-    ours = run_tool([*moe_cmd, str(cfg_path), str(d / "moekit"), "--seed", "0", "-q"])
+    ours = run_tool([*moe_cmd, str(cfg_path), str(d / "moekit"), "--seed", "0", "-q", *c.flags])
     diff = diff_mode = None
     where = ""
     if mk.ok and ours.ok:
         diff, where = max_abs_diff(d / "mergekit", d / "moekit")
-        mode = run_tool([*moe_cmd, str(mode_path), str(d / "moekit-mode"), "--seed", "0", "-q"])
+        mode = run_tool([*moe_cmd, str(mode_path), str(d / "moekit-mode"), "--seed", "0", "-q", *c.flags])
         if mode.ok:
             diff_mode, _ = max_abs_diff(d / "mergekit", d / "moekit-mode")
     fp32 = raw.get("dtype") in (None, "float32") and not _stored_half(raw)
@@ -239,6 +254,7 @@ def run_mergekit(c: Config, d: Path) -> Outcome:
             str(d / "mergekit"),
             "--random-seed",
             "0",
+            *c.flags,
         ]
     )
     record.write_text(json.dumps({"text": c.text, "outcome": mk.__dict__}))
@@ -339,12 +355,20 @@ def main() -> None:
         configs = [c for c in configs if args.only in c.name]
     work = bench_dir() / "mergekit-suite" / "runs"
     if args.report:
-        found = [run_dir(work, c.name) / "row.json" for c in configs]
-        rows = [_row_from(json.loads(f.read_text())) for f in found if f.is_file()]
+        done = kept(configs, work)
+        done += kept(with_truncation(done), work)
     else:
         with ThreadPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(lambda c: run_config(c, work), configs))
-    print_table(rows, args.markdown, work)
+            done = list(zip(configs, pool.map(lambda c: run_config(c, work), configs)))
+            again = with_truncation(done)
+            done += list(zip(again, pool.map(lambda c: run_config(c, work), again)))
+    print_table([r for _, r in done], args.markdown, work)
+
+
+def kept(configs: list[Config], work: Path) -> list[tuple[Config, Row]]:
+    """The configs already run, with their rows."""
+    found = [(c, run_dir(work, c.name) / "row.json") for c in configs]
+    return [(c, _row_from(json.loads(f.read_text()))) for c, f in found if f.is_file()]
 
 
 if __name__ == "__main__":

@@ -145,7 +145,12 @@ def cli() -> None:
 @click.option("--cuda", is_flag=True, help="mergekit's GPU switch: taken as --device cuda (MoE gates).")
 @click.option("--random-seed", type=int, help="mergekit's name for --seed.")
 @click.option("--trust-remote-code", is_flag=True, hidden=True)
-@click.option("--unsafe-truncate-embeddings", is_flag=True, hidden=True)
+@click.option(
+    "--unsafe-truncate-embeddings",
+    is_flag=True,
+    help="mergekit's switch: embeddings of different vocabulary sizes keep the rows all inputs have (it assumes "
+    "equal token ids; tokenizer_source: base matches rows by token instead).",
+)
 @click.option(
     "-I",
     "--intermediate-dir",
@@ -171,11 +176,6 @@ def merge_command(
         raise UserError(
             "--trust-remote-code: moekit never runs code shipped with a model; merging needs only the weights and "
             "config.json, so drop the flag (an architecture moekit lacks is refused by name)"
-        )
-    if unsafe_truncate_embeddings:
-        raise UserError(
-            "--unsafe-truncate-embeddings: set tokenizer_source: base in the config instead; it keeps the base "
-            "model's tokens and one embedding row per token, matching rows by token rather than assuming equal ids"
         )
     from moekit.preflight import check_merge_config
 
@@ -207,6 +207,7 @@ def merge_command(
         allow_pickle=allow_pickle or lazy_unpickle, progress=not quiet and sys.stderr.isatty(),
         device="cuda" if cuda else device, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
         allow_crimes=allow_crimes, intermediate_dir=intermediate_dir,
+        unsafe_truncate_embeddings=unsafe_truncate_embeddings,
     )  # fmt: skip
     result = merge(config, out or out_dir, options, print_fn=click.echo)
     if result is not None and not quiet:

@@ -109,6 +109,7 @@ class MergeConfig:
     # mergekit's output switches (--no-copy-tokenizer, --no-write-model-card): options of the run, not YAML keys
     copy_tokenizer: bool = True
     write_model_card: bool = True
+    unsafe_truncate_embeddings: bool = False
     tokens: tuple[TokenSetting, ...] = ()  # tokenizer.tokens, in config order
     # `modules:` configs: the module names, in config order; the first one's models/slices are the ones above,
     # and its parameters rank between a slice's and the global ones (mergekit's precedence)

@@ -33,6 +33,8 @@ class MergeOptions:
     copy_tokenizer: bool = True
     write_model_card: bool = True
     allow_crimes: bool = False
+    # mergekit's --unsafe-truncate-embeddings: embeddings of different vocabulary sizes keep their common rows
+    unsafe_truncate_embeddings: bool = False
     # a multi-document config's named merges go to INTERMEDIATE_DIR/NAME (None: OUT-intermediate beside OUT)
     intermediate_dir: str | Path | None = None
     # MoE hidden-state gates: the dtype the base runs in (None: the config's gate_dtype), prompts per batch
@@ -50,4 +52,10 @@ class MergeOptions:
     @property
     def dense_only_changed(self) -> bool:
         """Any of the switches that apply to dense merges only is off its default."""
-        return (self.copy_tokenizer, self.write_model_card, self.allow_crimes) != (True, True, False)
+        switches = (
+            self.copy_tokenizer,
+            self.write_model_card,
+            self.allow_crimes,
+            self.unsafe_truncate_embeddings,
+        )
+        return switches != (True, True, False, False)

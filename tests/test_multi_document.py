@@ -15,7 +15,6 @@ import pytest
 import torch
 import yaml
 from conftest import load_tensors
-from helpers import assert_one_line_error, run_cli
 
 import moekit
 from moekit.errors import UserError
@@ -110,9 +109,3 @@ def test_bad_multi_document_configs_are_refused_before_any_merge(tmp_path, docs,
     with pytest.raises(UserError, match=needle):
         moekit.merge(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out-intermediate").exists()
-
-
-def test_unsafe_truncate_embeddings_points_to_tokenizer_source(tmp_path):
-    cfg = _write(tmp_path / "c.yaml", [{"merge_method": "linear", "models": [{"model": "x"}]}])
-    proc = run_cli("merge", str(cfg), str(tmp_path / "out"), "--unsafe-truncate-embeddings")
-    assert_one_line_error(proc, "--unsafe-truncate-embeddings", "tokenizer_source: base")

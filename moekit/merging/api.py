@@ -46,8 +46,8 @@ def merge(
     Everything is validated before the first byte is written; the output appears atomically. Returns the output
     path, or None for a dry run (which prints the plan with `print_fn` instead). How it runs is `options`, with
     any MergeOptions field given as a keyword on top (force, dry_run, shard_size, seed, allow_nonfinite,
-    allow_pickle, progress, device, copy_tokenizer, write_model_card, allow_crimes, intermediate_dir,
-    gate_dtype, batch_size).
+    allow_pickle, progress, device, copy_tokenizer, write_model_card, allow_crimes, unsafe_truncate_embeddings,
+    intermediate_dir, gate_dtype, batch_size).
     """
     options = MergeOptions(**keywords) if options is None else options.replace(**keywords)
     return_freed_memory_promptly()
@@ -74,6 +74,7 @@ def _merge_one(raw: dict, path: Path | None, out, options: MergeOptions, print_f
         parse_merge_config(raw, path),
         copy_tokenizer=options.copy_tokenizer,
         write_model_card=options.write_model_card,
+        unsafe_truncate_embeddings=options.unsafe_truncate_embeddings,
     )
     build = functools.partial(build_plan, method=method_for(cfg))
     # write_dense_metadata is looked up at each run (not bound at import), so a test can stand in for it

@@ -74,6 +74,9 @@ class Plan(OutputPlan):
         the others in one dtype, the promotion of theirs (an fp32 and a bf16 checkpoint merge in fp32)."""
         if job.is_embedding and self.vocab is not None:
             return self.permute_vocabulary(job, inputs, base)
+        if job.is_embedding:  # --unsafe-truncate-embeddings: the rows every input has (a no-op otherwise)
+            rows = job.out.shape[0]
+            inputs, base = [x[:rows] for x in inputs], (base[:rows] if base is not None else None)
         given = inputs + ([base] if base is not None else [])
         if len({x.dtype for x in given}) > 1 and all(x.is_floating_point() for x in given):
             hold = functools.reduce(torch.promote_types, [x.dtype for x in given])
@@ -251,7 +254,9 @@ def _build(config: MergeConfig, method: MergeMethod, models: list[Checkpoint], i
     order = mergekit_order(ref_model)
     jobs.sort(key=lambda j: order(j.out.name))
     vocab = _vocabulary(config, models, index, jobs, name)
-    return Plan(config, models, reference, jobs, layer_sources, vocab, untied_head)
+    plan = Plan(config, models, reference, jobs, layer_sources, vocab, untied_head)
+    plan.warnings = planner.warnings
+    return plan
 
 
 # mergekit 0.1.5 declares lm_head optional with the embeddings as its tied name: a model without its own head
@@ -366,6 +371,7 @@ class _Planner:
         name: str,
     ):
         self.config, self.method, self.models, self.index, self.name = config, method, models, index, name
+        self.warnings: list[str] = []
 
     def job(self, out_name: str, ins: list[tuple[Source, str]], sl: Slice, t_pos: float) -> Job:
         method, config = self.method, self.config
@@ -397,17 +403,27 @@ class _Planner:
         refs = [r for _, r in inputs] + ([base_ref] if base_ref else [])
         shapes = {self._info(r).shape for r in refs}
         is_embedding = out_name in self.models[refs[0].model].family.embeddings
+        shape = self._info(base_ref or inputs[0][1]).shape
         if len(shapes) > 1:
             listing = ", ".join(f"'{self.models[r.model].ref}' {list(self._info(r).shape)}" for r in refs)
             same_width = len({s[1:] for s in shapes}) == 1  # embeddings may differ in rows (vocabulary) only
-            if is_embedding and same_width and config.tokenizer_source is None:
-                raise UserError(
-                    f"{self.name}: tensor '{out_name}': vocabulary sizes differ ({listing}); set tokenizer_source: base "
-                    "(or union, or a model path) to merge models with different tokenizers"
-                )
             if not is_embedding or not same_width:
                 raise UserError(
                     f"{self.name}: tensor '{out_name}': shapes differ ({listing}); these models cannot be merged"
+                )
+            if config.tokenizer_source is None and not config.unsafe_truncate_embeddings:
+                raise UserError(
+                    f"{self.name}: tensor '{out_name}': vocabulary sizes differ ({listing}); set tokenizer_source: base "
+                    "(or union, or a model path) to merge models with different tokenizers, or pass "
+                    "--unsafe-truncate-embeddings to keep the rows all of them have (right only if their token ids "
+                    "agree)"
+                )
+            if config.tokenizer_source is None:
+                # mergekit's TruncatedVocabulary: every input narrowed to the smallest vocabulary's rows
+                shape = (min(s[0] for s in shapes), *shape[1:])
+                self.warnings.append(
+                    f"--unsafe-truncate-embeddings: tensor '{out_name}': {listing} truncated to {list(shape)} "
+                    "(this assumes the kept token ids mean the same tokens in every model)"
                 )
         ref_info = self._info(base_ref or inputs[0][1])
         params = self._params(out_name, inputs, sl, t_pos)
@@ -415,7 +431,7 @@ class _Planner:
             self._check_copied(out_name, refs, params)
         out_dtype = self._out_dtype(refs) if ref_info.dtype.is_floating_point else ref_info.dtype
         return Job(
-            OutputTensor(out_name, out_dtype, ref_info.shape),
+            OutputTensor(out_name, out_dtype, shape),
             method,
             [r for _, r in inputs],
             base_ref,

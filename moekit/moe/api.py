@@ -31,7 +31,8 @@ def build_moe(
     options = MergeOptions(**keywords) if options is None else options.replace(**keywords)
     if options.dense_only_changed:
         raise UserError(
-            "--no-copy-tokenizer, --no-write-model-card and --allow-crimes apply to dense merges, not MoE builds"
+            "--no-copy-tokenizer, --no-write-model-card, --allow-crimes and --unsafe-truncate-embeddings apply to "
+            "dense merges, not MoE builds"
         )
     return run_plan(parse_moe_config(raw, path), build_plan, out, options, write_metadata, print_fn)
 

@@ -1,11 +1,15 @@
-"""mergekit's `modules:` configs (per-module models/slices/parameters) and `--unsafe-truncate-embeddings`.
+"""Two mergekit config forms: `modules:` (per-module models/slices/parameters) and `--unsafe-truncate-embeddings`.
 
 A model whose layers form one stack has one module, which mergekit names 'default': a `modules: {default: ...}`
 config merges as that module's models/slices say, its parameters ranking between a slice's and the global ones
 (mergekit's ConfigReader: slice source > slice > module > global, a filter that matches nothing falling through).
-The references are computed here per tensor in float64 from the inputs as stored (tolerance 1e-6 relative)."""
+With --unsafe-truncate-embeddings, embeddings of different vocabulary sizes are narrowed to the rows all inputs
+have, as mergekit's TruncatedVocabulary does. The references are computed here per tensor in float64 from the
+inputs as stored (tolerance 1e-6 relative)."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -108,3 +112,69 @@ def test_modules_and_models_together_are_refused(tmp_path):
     cfg = {"merge_method": "linear", "models": [{"model": "x"}], "modules": {"default": {"models": ["x"]}}}
     with pytest.raises(UserError, match="exactly one of 'models', 'slices' or 'modules'"):
         moekit.merge(cfg, tmp_path / "out")
+
+
+def _vocab_family(tmp_path):
+    """mergekit's own mismatched-vocabulary test: two 64-token models and a 66-token one, otherwise alike."""
+    seeds = torch.randint(0, 2**31, (3,)).tolist()
+    return [write_model(tmp_path / f"v{i}", s, vocab=v) for i, (s, v) in enumerate(zip(seeds, [64, 64, 66]))]
+
+
+def test_unsafe_truncate_embeddings_keeps_the_common_rows(tmp_path):
+    """mergekit's TruncatedVocabulary: each input's embedding and head narrowed to the smallest vocabulary (64
+    rows), then merged; the other tensors as usual. config.json's vocab_size follows the rows, so transformers
+    loads the output. Checked against a float64 mean of the first 64 rows, and the warning names each tensor."""
+    import json
+    import subprocess
+
+    paths = _vocab_family(tmp_path)
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        {
+            "merge_method": "linear",
+            "models": [{"model": str(p)} for p in paths],
+            "parameters": {"weight": 1.0},
+        },
+    )
+    proc = run_cli("merge", str(cfg), str(tmp_path / "out"), "--unsafe-truncate-embeddings")
+    assert proc.returncode == 0, proc.stderr
+    for tensor in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert f"tensor '{tensor}'" in proc.stderr and "truncated to [64, 16]" in proc.stderr
+    got = load_tensors(tmp_path / "out")
+    inputs = [load_tensors(p) for p in paths]
+    for k in got:
+        rows = got[k].shape[0] if k in ("model.embed_tokens.weight", "lm_head.weight") else None
+        assert rows in (None, 64), k
+        want = sum(t[k][:rows].double() for t in inputs) / 3
+        assert _close(got[k], want), k
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 64
+    load = "import sys, transformers; m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+    load += "print(m.get_input_embeddings().weight.shape[0])"
+    loaded = subprocess.run(
+        [sys.executable, "-c", load, str(tmp_path / "out")], capture_output=True, text=True, timeout=300
+    )
+    assert loaded.returncode == 0 and loaded.stdout.split()[-1] == "64", loaded.stderr
+
+
+def test_vocabulary_mismatch_without_the_flag_names_tensor_shapes_and_flag(tmp_path):
+    paths = _vocab_family(tmp_path)
+    cfg = write_config(
+        tmp_path / "c.yaml", {"merge_method": "linear", "models": [{"model": str(p)} for p in paths]}
+    )
+    proc = run_cli("merge", str(cfg), str(tmp_path / "out"))
+    assert_one_line_error(
+        proc,
+        "model.embed_tokens.weight",
+        "[64, 16]",
+        "[66, 16]",
+        "--unsafe-truncate-embeddings",
+        "tokenizer_source",
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsafe_truncate_embeddings_is_refused_for_moe_builds(tmp_path):
+    (base,) = _models(tmp_path, 1)
+    moe = {"base_model": str(base), "gate_mode": "random", "experts": [{"source_model": str(base)}] * 2}
+    with pytest.raises(UserError, match="--unsafe-truncate-embeddings apply to dense merges"):
+        moekit.merge(moe, tmp_path / "out", unsafe_truncate_embeddings=True)
