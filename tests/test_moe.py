@@ -327,11 +327,10 @@ def test_llama_cpp_difference_is_warned_on_stderr_and_in_the_card(
 
 
 def test_clown_experts_are_the_sources_mlps_and_the_rest_is_the_base(tiny_llama, tmp_path, monkeypatch):
-    import moekit.moe.build
+    import moekit.merging.engine
 
-    monkeypatch.setattr(
-        moekit.moe.build, "CHUNK_ELEMENTS", 1000
-    )  # base tensors copied in row chunks of 15 rows
+    # base tensors copied in row chunks of 15 rows (the executor's chunking, which the MoE build goes through)
+    monkeypatch.setattr(moekit.merging.engine, "CHUNK_ELEMENTS", 1000)
     base = tiny_llama["base"]
     fts = [tiny_llama["ft1"], tiny_llama["ft2"], tiny_llama["ft3"]]
     cfg = {

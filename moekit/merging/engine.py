@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,7 +28,7 @@ import torch
 from moekit.errors import UserError
 from moekit.io.output_dir import check_free_space, check_output_free, check_output_spares_inputs, output_lock
 from moekit.io.writer import streaming_output
-from moekit.merging.job import CHUNK_ELEMENTS, PREFETCH_ELEMENTS, Job, OutputPlan, TensorRef
+from moekit.merging.job import CHUNK_ELEMENTS, PREFETCH_ELEMENTS, Job, MemoryPhase, OutputPlan, TensorRef
 from moekit.merging.methods.sparsify import Uniforms
 from moekit.options import MergeOptions
 from moekit.progress import progress_bar
@@ -273,9 +275,6 @@ class DrawAhead:
             self.submitted += 1
 
 
-PROCESS_BASELINE_BYTES = 350 * 1024 * 1024  # python + torch + safetensors imported, measured on CPU
-
-
 def resolve_out(out: str | Path | None, config_out: str | None, base_dir: Path | None) -> Path:
     if out is not None:
         return Path(out)
@@ -310,7 +309,7 @@ def run_plan(
             for warning in plan.warnings:
                 log.warning(warning)
             if options.dry_run:
-                describe_plan(plan, out_path, print_fn)
+                describe_plan(plan, out_path, print_fn, options)
                 return None
             plan.prepare(options)
             execute(plan, out_path, options, write_metadata)
@@ -336,23 +335,113 @@ def execute(
         write_metadata(plan, tmp)
 
 
-def describe_plan(plan: OutputPlan, out: Path, print_fn: Callable[[str], None] = print) -> None:
+def describe_plan(
+    plan: OutputPlan, out: Path, print_fn: Callable[[str], None] = print, options: MergeOptions | None = None
+) -> None:
     """The dry-run report: every output tensor with where it comes from, the size, and the memory estimate."""
     for line in plan.describe(out):
         print_fn(line)
     for job in summarised(plan.jobs, print_fn):
         dtype = str(job.out.dtype).removeprefix("torch.")
         print_fn(f"  {job.out.name} {list(job.out.shape)} {dtype} <- {plan.describe_job(job)}")
-    gb = 1024**3
-    peak = plan.peak_memory_estimate()
-    print_fn(f"output: {len(plan.jobs)} tensors, {plan.output_bytes / gb:.3f} GiB")
-    print_fn(
-        f"peak memory estimate: {peak / gb:.3f} GiB of tensors in flight + ~{PROCESS_BASELINE_BYTES / gb:.2f} GiB "
-        "process baseline"
-    )
+    print_fn(f"output: {len(plan.jobs)} tensors, {plan.output_bytes / GIB:.3f} GiB")
+    for line in describe_memory(plan, options or MergeOptions()):
+        print_fn(line)
     for line in plan.describe_after():
         print_fn(line)
     print_fn("dry run: nothing was written")
+
+
+GIB = 1024**3
+
+
+def describe_memory(plan: OutputPlan, options: MergeOptions) -> list[str]:
+    """The estimate of the run's peak resident memory: the process as planning leaves it (measured: a real run
+    plans the same way first), plus the peak of the phase that holds most; then the other phases' peaks."""
+    process = process_resident_bytes()
+    phases = [*plan.memory_before_writing(options), stream_memory(plan)]
+    peak = max(phases, key=lambda p: p.total)
+    lines = [
+        f"peak memory estimate: {(process + peak.total) / GIB:.3f} GiB, while {peak.name}:",
+        f"  {process / GIB:.3f} GiB this process after planning (measured: python, torch, headers, tokenizers)",
+    ]
+    lines += [f"  + {n / GIB:.3f} GiB {what}" for what, n in peak.parts if n]
+    lines += [
+        f"  other phase: {p.name}: {(process + p.total) / GIB:.3f} GiB" for p in phases if p is not peak
+    ]
+    return lines
+
+
+def process_resident_bytes() -> int:
+    """This process's resident memory now (Linux), else its peak so far."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def stream_memory(plan: OutputPlan) -> MemoryPhase:
+    """The write phase at its peak, piece by piece as MergeRunner.run holds them: the piece's inputs (or, while
+    they are read, the read's peak), the operation's working memory and output, the next piece's inputs when
+    they are read ahead, the previous piece's output (still referenced until the next one replaces it), and
+    random draws for this piece and those drawn ahead; plus what the plan holds throughout (gate vectors)."""
+    work = list(pieces(plan))
+    drawn = [_draw_elements(p.job) for p in work]
+    always = tuple(plan.held_while_writing())
+    worst: tuple[int, str, tuple[tuple[str, int], ...]] = (0, "writing the tensors", always)
+    previous_out = 0
+    read_here = True  # the piece's inputs are read on the main thread (neither read ahead nor kept)
+    ahead_end, ahead = 0, 0  # the pieces [i + 1, ahead_end) drawn ahead, and their element count
+    for i, piece in enumerate(work):
+        held, read_peak = plan.input_bytes(piece.job, piece.rows)
+        following = work[i + 1] if i + 1 < len(work) else None
+        keep = following is not None and reads_same(piece, following)
+        prefetch = following is not None and not keep and following.numel <= PREFETCH_ELEMENTS
+        if ahead_end <= i:
+            ahead_end, ahead = i + 1, 0
+        else:
+            ahead -= drawn[i]
+        while ahead_end < len(work) and (
+            ahead_end == i + 1 or ahead + drawn[ahead_end] <= DRAW_AHEAD_ELEMENTS
+        ):
+            ahead += drawn[ahead_end]
+            ahead_end += 1
+        common = always + (
+            ("the previous tensor's output", previous_out),
+            ("random draws for this tensor and those drawn ahead", 4 * (drawn[i] + ahead)),
+        )
+        candidates = [
+            common
+            + (
+                (f"inputs of '{piece.job.out.name}'", held),
+                ("its operation's working memory and output", plan.scratch_bytes(piece.job, piece.numel)),
+                ("the next tensor's inputs, read ahead", plan.input_bytes(following.job, following.rows)[1])
+                if prefetch
+                else ("", 0),
+            )
+        ]
+        if read_here:
+            relaid = " and re-laying them in the output's token order" * (
+                piece.job.is_embedding and plan.vocab is not None
+            )
+            candidates.append(
+                common + ((f"reading the inputs of '{piece.job.out.name}'{relaid}", read_peak),)
+            )
+        for parts in candidates:
+            total = sum(n for _, n in parts)
+            if total > worst[0]:
+                worst = (total, "writing the tensors", parts)
+        previous_out = piece.numel * piece.job.out.dtype.itemsize
+        read_here = not keep and not prefetch
+    return MemoryPhase(worst[1], tuple(p for p in worst[2] if p[1]))
+
+
+def _draw_elements(job: Job) -> int:
+    return sum(map(math.prod, job.op.draws(job.params, job.out.shape))) if job.op.draws is not None else 0
 
 
 PLAN_LINES = 60  # a dry run lists this many output tensors at most: the first ones, a count, the last ones

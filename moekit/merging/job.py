@@ -8,6 +8,7 @@ and scale or a router's gate vectors for an MoE build. Nothing here reads tensor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,18 @@ class TensorOp:
     random: bool = False  # takes `rng`, the run's torch.Generator
     draws: None = None  # a merge method's declared draws (see registry.MergeMethod)
     keeps_inputs: bool = True
+
+
+@dataclass(frozen=True)
+class MemoryPhase:
+    """One phase of a run, at its peak: what it holds on top of the process as planning leaves it."""
+
+    name: str  # "computing the router gates", ...
+    parts: tuple[tuple[str, int], ...]  # (what, bytes)
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, n in self.parts)
 
 
 @dataclass(frozen=True)
@@ -99,8 +112,37 @@ class OutputPlan:
     def prepare(self, options: MergeOptions) -> None:
         """Work done after the checks and before the first output tensor (the MoE builder's gates)."""
 
-    def peak_memory_estimate(self) -> int:
+    def input_bytes(self, job: Job, rows: tuple[int, int] | None) -> tuple[int, int]:
+        """(bytes of a piece's inputs as the operation receives them, peak bytes while reading them): each input
+        is read in its stored dtype and then cast (cast_input), one at a time."""
+        held = peak = 0
+        for ref in job.inputs + ([job.base] if job.base else []):
+            info = self.models[ref.model].tensors.infos[ref.name]
+            numel = math.prod(info.shape)
+            if rows is not None:
+                numel = numel // info.shape[0] * (rows[1] - rows[0])
+            stored = numel * info.dtype.itemsize
+            cast = numel * self.input_dtype(info.dtype).itemsize
+            peak = max(peak, held + stored + (cast if cast != stored else 0))
+            held += cast
+        return held, max(peak, held)
+
+    def input_dtype(self, stored: torch.dtype) -> torch.dtype:
+        """The dtype cast_input gives an input stored in `stored`."""
+        return stored
+
+    def scratch_bytes(self, job: Job, numel: int) -> int:
+        """Bytes a job's operation allocates for `numel` output elements (a row chunk or the whole tensor),
+        its output and the output's cast to the output dtype included."""
         raise NotImplementedError
+
+    def memory_before_writing(self, options: MergeOptions) -> list[MemoryPhase]:
+        """The phases of a run before its first output tensor (prepare), each at its peak."""
+        return []
+
+    def held_while_writing(self) -> list[tuple[str, int]]:
+        """What the plan holds through the whole write, besides the tensors in flight: (what, bytes)."""
+        return []
 
     def describe(self, out: Path) -> list[str]:
         """The dry run's lines before the list of tensors."""

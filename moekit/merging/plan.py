@@ -27,7 +27,8 @@ from moekit.config import (
 from moekit.errors import UserError
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.writer import OutputTensor, ShardedWriter
-from moekit.merging.job import CHUNK_ELEMENTS, PREFETCH_ELEMENTS, Job, OutputPlan, TensorRef
+from moekit.merging.job import Job, OutputPlan, TensorRef
+from moekit.merging.method_table import METHOD_FACTS
 from moekit.merging.registry import MergeMethod
 from moekit.merging.stacked_experts import Unstacking, mergekit_order, stack_experts
 from moekit.merging.tokenizer import Vocabulary, build_vocabulary
@@ -92,23 +93,53 @@ class Plan(OutputPlan):
         out = self.vocab.permute(tensors, [r.model for r in refs], hold)
         return out[: len(inputs)], (out[-1] if base is not None else None)
 
-    def peak_memory_estimate(self) -> int:
-        """Bytes of tensor data in flight at once: the worst job's inputs in compute dtype, twice (prefetch), plus
-        output and two temporaries, plus a random method's fp32 draws for the job and for the next one (drawn
-        ahead). Row-chunked (elementwise) jobs are bounded by the chunk size."""
-        itemsize = (self.config.compute_dtype or torch.float32).itemsize  # mergekit's methods upcast to fp32
-        worst = 0
-        for job in self.jobs:
-            numel = math.prod(job.out.shape)
-            if job.op.elementwise:
-                numel = min(numel, CHUNK_ELEMENTS)
-            n_in = len(job.inputs) + (job.base is not None)
-            copies = 2 * n_in if numel <= PREFETCH_ELEMENTS else n_in
-            drawn = (
-                0 if job.op.draws is None else sum(map(math.prod, job.op.draws(job.params, job.out.shape)))
-            )
-            worst = max(worst, numel * itemsize * (copies + 3) + 2 * 4 * drawn)
-        return worst
+    def input_dtype(self, stored: torch.dtype) -> torch.dtype:
+        if not stored.is_floating_point:
+            return stored  # integers are only ever copied, as they are
+        return compute_dtype_for(self, self.config.dtype or stored)
+
+    def aligned_dtype(self, job: Job) -> torch.dtype:
+        """The dtype the operation receives a job's inputs in: each cast (cast_input), then aligned to their
+        promotion when they differ (align_inputs)."""
+        refs = job.inputs + ([job.base] if job.base else [])
+        dtypes = [self.input_dtype(self.models[r.model].tensors.infos[r.name].dtype) for r in refs]
+        if all(d.is_floating_point for d in dtypes):
+            return functools.reduce(torch.promote_types, dtypes)
+        return dtypes[0]
+
+    def scratch_bytes(self, job: Job, numel: int) -> int:
+        """The method's working memory (method_table.py: float32 copies of an input, output included) and the
+        cast of its output to the output dtype."""
+        fixed, per_model = METHOD_FACTS[job.op.name].scratch
+        computed = self.aligned_dtype(job)
+        work = (fixed + per_model * len(job.inputs)) * numel * max(4, computed.itemsize)
+        return int(work) + (numel * job.out.dtype.itemsize if job.out.dtype != computed else 0)
+
+    def input_bytes(self, job: Job, rows: tuple[int, int] | None) -> tuple[int, int]:
+        """The inputs as cast, then aligned to one dtype (align_inputs: a copy of each input in another dtype).
+        With a tokenizer merge, an embedding's inputs are instead re-laid in the output's token order as they
+        are read (Vocabulary.permute): at its peak that holds the inputs as read, their rows gathered in output
+        order, the fallback rows and their running sum, and the re-laid inputs (padded to `vocab.size` rows)."""
+        held, peak = super().input_bytes(job, rows)
+        refs = job.inputs + ([job.base] if job.base else [])
+        stored = [self.models[r.model].tensors.infos[r.name].dtype for r in refs]
+        if not (job.is_embedding and self.vocab is not None):
+            aligned = self.aligned_dtype(job)
+            if all(self.input_dtype(x) == aligned for x in stored):
+                return held, peak
+            shape = job.out.shape
+            numel = math.prod(shape) // shape[0] * (rows[1] - rows[0]) if rows else math.prod(shape)
+            copies = len(refs) * numel * aligned.itemsize
+            return copies, max(peak, held + copies)
+        d = self.input_dtype(stored[0]).itemsize
+        h = (self.config.dtype or functools.reduce(torch.promote_types, stored)).itemsize
+        width = math.prod(job.out.shape[1:])
+        tokens, size, k = self.vocab.n_tokens * width, self.vocab.size * width, len(refs)
+        gathered = k * tokens * d
+        # the running sum, the sum with one more model's rows, the new sum (and that model's rows cast to h)
+        summing = 3 * tokens * h + (tokens * h if h != d else 0)
+        relaid = tokens * h + tokens * d + k * size * d + (tokens * d if size > tokens else 0)
+        return k * size * d, max(peak, held + gathered + max(summing, relaid))
 
     def describe(self, out: Path) -> list[str]:
         lines = [
@@ -253,10 +284,22 @@ def _build(config: MergeConfig, method: MergeMethod, models: list[Checkpoint], i
     # The order mergekit walks tensors (alphabetical, save for MoE experts): random methods then draw as it does.
     order = mergekit_order(ref_model)
     jobs.sort(key=lambda j: order(j.out.name))
+    check_tensor_parameters(jobs, method)
     vocab = _vocabulary(config, models, index, jobs, name)
     plan = Plan(config, models, reference, jobs, layer_sources, vocab, untied_head)
     plan.warnings = planner.warnings
     return plan
+
+
+def check_tensor_parameters(jobs: list[Job], method: MergeMethod) -> None:
+    """The method's check of each tensor's resolved parameters, in the order the run computes them, worded as
+    the run words a method's refusal (engine.MergeRunner.compute)."""
+    if method.check_tensor is None:
+        return
+    for job in jobs:
+        problem = method.check_tensor(job.params)
+        if problem:
+            raise UserError(f"tensor '{job.out.name}': {method.name}: {problem}")
 
 
 # mergekit 0.1.5 declares lm_head optional with the embeddings as its tied name: a model without its own head

@@ -10,8 +10,9 @@ as scalars. Gradients and filters are resolved by the planner before the call, s
 The input tensors are fresh copies that the engine never reads again, so a method may overwrite them in place
 to save memory; the planner guarantees no two inputs share storage.
 
-A method raises ValueError for a problem with the numbers (e.g. weights summing to zero); the engine turns it
-into a one-line error that names the tensor.
+A method raises ValueError for a problem with the numbers; the engine turns it into a one-line error that names
+the tensor. A problem its parameters alone show (weights summing to zero) is declared as `check_tensor`, which the
+planner runs for every tensor, so that it is refused before anything is read, by a dry run too.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class MergeMethod:
     doc: str
     # mergekit's kernel returns fp32 from half-precision inputs (arcee_fusion's fp32 mask, ramplus_tl's fp32 scale)
     returns_float32: bool = False
+    # A check of one output tensor's resolved parameters (gradients give each tensor its own values): an error
+    # text, or None. The planner makes it for every tensor, so a dry run refuses what the run itself would.
+    check_tensor: Callable[[dict[str, Any]], str | None] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -92,6 +96,7 @@ def merge_method(
     random: bool = False,
     draws: Callable[[dict[str, Any], tuple[int, ...]], list[tuple[int, ...]]] | None = None,
     returns_float32: bool = False,
+    check_tensor: Callable[[dict[str, Any]], str | None] | None = None,
 ):
     """Register `fn` as merge method `name`."""
 
@@ -110,6 +115,7 @@ def merge_method(
             draws,
             (fn.__doc__ or "").strip(),
             returns_float32,
+            check_tensor,
         )
         return fn
 

@@ -12,6 +12,12 @@ from moekit.merging.registry import Param, merge_method
 Tensors = list[torch.Tensor]
 
 
+def weights_cancel(weight: list[float]) -> str | None:
+    if sum(weight) == 0:
+        return "the weights sum to 0, so they cannot be normalised; change a weight or set normalize: false"
+    return None
+
+
 @merge_method(
     "linear",
     params=[
@@ -19,6 +25,7 @@ Tensors = list[torch.Tensor]
         Param("normalize", bool, default=True, help="divide by the sum of the weights"),
     ],
     elementwise=True,
+    check_tensor=lambda params: weights_cancel(params["weight"]) if params["normalize"] else None,
 )
 def linear(tensors: Tensors, base, *, weight: list[float], normalize: bool) -> torch.Tensor:
     """Weighted average Σwᵢmᵢ / Σwᵢ (or the plain weighted sum with normalize: false).
@@ -28,10 +35,8 @@ def linear(tensors: Tensors, base, *, weight: list[float], normalize: bool) -> t
     first = tensors[0]
     acc = torch.float64 if first.dtype == torch.float64 else torch.float32
     if normalize:
-        if sum(weight) == 0:
-            raise ValueError(
-                "the weights sum to 0, so they cannot be normalised; change a weight or set normalize: false"
-            )
+        if problem := weights_cancel(weight):
+            raise ValueError(problem)
         # Scale the weights (and so their sum) by a power of two so that the largest is in [0.5, 1): exact, so the
         # result keeps its bits, but tiny weights (1e-44) no longer make wᵢ·mᵢ float32 subnormals, which hold
         # only a few significant bits.

@@ -209,6 +209,13 @@ def bernoulli(
     return _sparse(delta.to(work_dtype(delta)), keep, rescale_norm, density).to(delta.dtype)
 
 
+def magprune_problem(density: float, epsilon: float) -> str | None:
+    """MagPrune's keep probabilities span density ± epsilon, which must stay inside (0, 1) (density 1 keeps all)."""
+    if density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+        return f"della needs density ± epsilon inside (0, 1), got density {density} and epsilon {epsilon}"
+    return None
+
+
 def della_magprune(
     delta: torch.Tensor, density: float, epsilon: float, rescale_norm: str | None, rng: torch.Generator
 ) -> torch.Tensor:
@@ -219,10 +226,8 @@ def della_magprune(
     """
     if density >= 1:
         return delta
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(
-            f"della needs density ± epsilon inside (0, 1), got density {density} and epsilon {epsilon}"
-        )
+    if problem := magprune_problem(density, epsilon):
+        raise ValueError(problem)
     dtype = work_dtype(delta)
     rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
     order = torch.argsort(rows.abs(), dim=1)

@@ -130,6 +130,12 @@ def nuslerp(tensors: Tensors, base, *, weight, nuslerp_flatten, nuslerp_row_wise
         Param("normalize_weights", bool, default=True, help="divide the weights by their sum"),
         Param("eps", float, default=1e-8, check=positive, help="guards divisions by small norms"),
     ],
+    # with one model the weights are never used; with more, a zero sum makes every weight infinite
+    check_tensor=lambda p: (
+        "the weights sum to 0, so they cannot be normalised; change a weight or set normalize_weights: false"
+        if p["normalize_weights"] and len(p["weight"]) > 1 and sum(p["weight"]) == 0
+        else None
+    ),
 )
 def multislerp(
     tensors: Tensors, base, *, weight, normalize_weights, eps, mergekit_order: bool = False

@@ -34,6 +34,7 @@ from moekit.merging.methods.sparsify import (
     della_magprune,
     magnitude,
     magnitude_outliers,
+    magprune_problem,
 )
 from moekit.merging.registry import Param, in_range, merge_method
 
@@ -336,7 +337,12 @@ def register_family() -> None:
         ]
         draws = one_draw_per_sparsified_model if member.sparsification.random else None
         fn = family_member(member.sparsification, member.doc)
-        merge_method(name, base="required", params=params, draws=draws)(fn)
+        check = magprune_parameters if member.sparsification is MAGPRUNE else None
+        merge_method(name, base="required", params=params, draws=draws, check_tensor=check)(fn)
+
+
+def magprune_parameters(params: dict) -> str | None:
+    return next(filter(None, map(magprune_problem, params["density"], params["epsilon"])), None)
 
 
 register_family()
