@@ -11,7 +11,8 @@ The configs come from two places:
   test would merge, as YAML;
 - mergekit's examples/*.yml (`--examples`), with each hub id replaced by a local stand-in: a small random model
   of the architecture the id names (Llama, or Mistral when the id says so), as many layers as the config's
-  layer ranges reach, stored in the config's dtype, the base model as the base and the others as its fine-tunes.
+  layer ranges reach, stored in the config's dtype, the base model as the base and the others as its fine-tunes;
+  each also in mergekit's `modules:` form (its models/slices and parameters as the module 'default').
 
 Each config is merged by `mergekit-yaml CONFIG OUT --random-seed 0` and by `moekit merge CONFIG OUT --seed 0`,
 as written, and again by moekit with `compute_dtype: mergekit` added. A config mergekit refuses for differing
@@ -154,6 +155,14 @@ def stand_ins(cfg: dict, name: str) -> dict[str, str]:
     return {base: str(paths[0])} | {i: str(p) for i, p in zip(others, paths[1:])}
 
 
+def as_module(c: Config) -> Config:
+    """The config in mergekit's `modules:` form: its models or slices, and its parameters, as the one module of
+    a causal LM ('default'); both tools must merge it as the config itself."""
+    raw = yaml.safe_load(c.text)
+    module = {k: raw.pop(k) for k in ("models", "slices", "parameters") if k in raw}
+    return Config(f"{c.name} as modules:", yaml.safe_dump(raw | {"modules": {"default": module}}), c.source)
+
+
 def example_configs(examples: Path) -> list[Config]:
     configs = []
     for path in sorted(examples.glob("*.yml")):
@@ -163,7 +172,7 @@ def example_configs(examples: Path) -> list[Config]:
         for hub_id, local in sorted(mapping.items(), key=lambda kv: -len(kv[0])):
             text = re.sub(rf"(?<![\w/.-]){re.escape(hub_id)}(?![\w/.-])", local, text)
         configs.append(Config(f"examples/{path.name}", text, "examples"))
-    return configs
+    return configs + [as_module(c) for c in configs]
 
 
 @dataclass
