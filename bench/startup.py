@@ -11,7 +11,8 @@ time follows the load; the CPU time much less. Every command runs from an empty 
 holding copies of the example configs and the models `moekit example-models` makes for them.
 
 Cases: a config file that does not exist; a YAML syntax error; an unknown key (a did-you-mean); a model
-directory that does not exist; `moekit --help`; `moekit merge ties.yaml --dry-run` (which reads every header and
+directory that does not exist; a misspelled merge method, method parameter and MoE key; two flags that disagree;
+`moekit --help`; `moekit merge ties.yaml --dry-run` (which reads every header and
 plans the merge, so it needs torch in both).
 """
 
@@ -34,6 +35,19 @@ CASES = {
     "YAML syntax error": ["merge", "typo.yaml", "-o", "out/x"],
     "unknown key (did you mean)": ["merge", "unknown_key.yaml", "-o", "out/x"],
     "missing model directory": ["merge", "missing_model.yaml", "-o", "out/x"],
+    "unknown merge method": ["merge", "unknown_method.yaml", "-o", "out/x"],
+    "misspelled parameter": ["merge", "misspelled_parameter.yaml", "-o", "out/x"],
+    "misspelled MoE key": ["merge", "moe_key.yaml", "-o", "out/x"],
+    "flag conflict (--seed, --random-seed)": [
+        "merge",
+        "ties.yaml",
+        "-o",
+        "out/x",
+        "--seed",
+        "1",
+        "--random-seed",
+        "2",
+    ],
     "--help": ["--help"],
     "merge --dry-run": ["merge", "ties.yaml", "-o", "out/x", "--dry-run"],
 }
@@ -41,7 +55,7 @@ EXPECTED_EXIT = {"--help": 0, "merge --dry-run": 0}  # the others are user error
 
 
 def prepare(work: Path) -> None:
-    """The example configs and their models, and three broken configs, in `work`."""
+    """The example configs and their models, and broken variants of them, in `work`."""
     for config in (REPO / "merge_configs").glob("*.yaml"):
         shutil.copyfile(config, work / config.name)
     subprocess.run(
@@ -51,6 +65,10 @@ def prepare(work: Path) -> None:
     ties = (work / "ties.yaml").read_text()
     (work / "unknown_key.yaml").write_text(ties.replace("dtype: float32", "dtpye: float32"))
     (work / "missing_model.yaml").write_text(ties.replace("./models/code", "./models/cdoe"))
+    (work / "unknown_method.yaml").write_text(ties.replace("merge_method: ties", "merge_method: tiess"))
+    (work / "misspelled_parameter.yaml").write_text(ties.replace("density: 0.5", "densty: 0.5"))
+    moe = (work / "moe_clown.yaml").read_text()
+    (work / "moe_key.yaml").write_text(moe.replace("gate_mode:", "gate_mod:"))
 
 
 def child_cpu_seconds() -> float:

@@ -177,9 +177,14 @@ def merge_command(
             "--trust-remote-code: moekit never runs code shipped with a model; merging needs only the weights and "
             "config.json, so drop the flag (an architecture moekit lacks is refused by name)"
         )
+    # User errors that need no torch (the flags', then the config's) come before its import, which takes seconds.
+    if out_dir is not None and out is not None and out_dir != out:
+        raise UserError(f"two output directories: OUT '{out_dir}' and -o '{out}'; give one")
+    if random_seed is not None and seed not in (0, random_seed):
+        raise UserError(f"--seed {seed} and --random-seed {random_seed} disagree; give one")
+    shard_bytes = parse_mergekit_shard_size(out_shard_size) if out_shard_size else parse_size(shard_size)
     from moekit.preflight import check_merge_config
 
-    # The user errors that need no torch come before its import, which takes seconds.
     check_merge_config(
         config, out or out_dir, force=force, dry_run=dry_run, allow_pickle=allow_pickle or lazy_unpickle
     )
@@ -190,20 +195,15 @@ def merge_command(
         gc.freeze()  # and none of them is garbage: later collections skip them
         gc.enable()
     _setup_logging(quiet, verbose)
-    if out_dir is not None and out is not None and out_dir != out:
-        raise UserError(f"two output directories: OUT '{out_dir}' and -o '{out}'; give one")
     if lazy_unpickle and not allow_pickle:
         log.warning("--lazy-unpickle: taken as --allow-pickle (torch.load with weights_only=True)")
     if cuda and device != "cuda":
         log.warning("--cuda: taken as --device cuda; moekit's dense merges stream on the CPU")
-    if random_seed is not None and seed not in (0, random_seed):
-        raise UserError(f"--seed {seed} and --random-seed {random_seed} disagree; give one")
     from moekit.options import MergeOptions
 
     options = MergeOptions(
         force=force, dry_run=dry_run,
-        shard_size=parse_mergekit_shard_size(out_shard_size) if out_shard_size else parse_size(shard_size),
-        seed=seed if random_seed is None else random_seed, allow_nonfinite=allow_nonfinite,
+        shard_size=shard_bytes, seed=seed if random_seed is None else random_seed, allow_nonfinite=allow_nonfinite,
         allow_pickle=allow_pickle or lazy_unpickle, progress=not quiet and sys.stderr.isatty(),
         device="cuda" if cuda else device, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
         allow_crimes=allow_crimes, intermediate_dir=intermediate_dir,

@@ -59,6 +59,16 @@ def workdir(tiny_llama, tmp_path) -> Path:
     (tmp_path / "cut" / "model.safetensors").write_bytes(cut.read_bytes()[:-100])
     (tmp_path / "truncated.yaml").write_text(yaml.safe_dump(truncated, sort_keys=False))
     (tmp_path / "taken").mkdir()
+    broken = {
+        "method": {**good, "merge_method": "tiess"},
+        "parameter": {**good, "models": [{"model": "ft1", "parameters": {"weight": 1, "densty": 0.5}}]},
+        "global_parameter": {**good, "parameters": {"lamda": 0.5}},
+        "moe_key": {"base_model": "base", "gate_mod": "random", "experts": [{"source_model": "ft1"}]},
+        "expert_key": {"base_model": "base", "experts": [{"source_model": "ft1", "positive_prompt": ["a"]}]},
+        "upcycle_key": {"base_model": "base", "gate_mode": "random", "upcycle": {"num_expert": 4}},
+    }
+    for name, config in broken.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return tmp_path
 
 
@@ -73,6 +83,28 @@ CASES = {
     "missing model": (["merge", "missing_model.yaml", "-o", "out"], "models[0]: model directory 'ft9'"),
     "truncated weights": (["merge", "truncated.yaml", "-o", "out"], "cut/model.safetensors: tensor '"),
     "output exists": (["merge", "good.yaml", "-o", "taken"], "output 'taken' already exists; pass --force"),
+    "unknown merge method": (
+        ["merge", "method.yaml", "-o", "out"],
+        "unknown merge method 'tiess' (did you mean",
+    ),
+    "misspelled parameter": (
+        ["merge", "parameter.yaml", "-o", "out"],
+        "models[0].parameters: 'ties' has no parameter 'densty' (did you mean 'density'?)",
+    ),
+    "misspelled global parameter": (
+        ["merge", "global_parameter.yaml", "-o", "out"],
+        "parameters: 'ties' has no parameter 'lamda' (did you mean 'lambda'?)",
+    ),
+    "MoE key": (["merge", "moe_key.yaml", "-o", "out"], "unknown key 'gate_mod' (did you mean 'gate_mode'?)"),
+    "MoE expert key": (
+        ["merge", "expert_key.yaml", "-o", "out"],
+        "experts[0]: unknown key 'positive_prompt'",
+    ),
+    "MoE upcycle key": (["merge", "upcycle_key.yaml", "-o", "out"], "upcycle: unknown key 'num_expert'"),
+    "no output directory": (["merge", "good.yaml"], "no output directory: pass -o/--out DIR"),
+    "two outputs": (["merge", "good.yaml", "out", "-o", "out2"], "two output directories"),
+    "seeds disagree": (["merge", "good.yaml", "-o", "out", "--seed", "1", "--random-seed", "2"], "disagree"),
+    "shard size in parameters": (["merge", "good.yaml", "-o", "out", "--shard-size", "5B"], "--shard-size"),
     "route-stats: missing model": (
         ["route-stats", "nothere", "--prompts", "good.yaml"],
         "model directory not found",
@@ -110,3 +142,20 @@ def test_help_needs_no_torch(tmp_path):
 def test_the_probe_sees_torch_when_a_merge_plans(workdir):
     result, stderr = run_cli("merge", "good.yaml", "-o", "out", "--dry-run", cwd=workdir)
     assert result["code"] == 0 and result["torch"], stderr
+
+
+CONFIG_CASES = [c for c in CASES if CASES[c][0][0] == "merge" and len(CASES[c][0]) == 4]
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=CONFIG_CASES)
+def test_the_early_check_words_it_as_the_merge_does(case, workdir, monkeypatch):
+    """moekit.merge (which runs no preflight) refuses the same config with the same line."""
+    import moekit
+    from moekit.errors import UserError
+
+    args, _ = CASES[case]
+    result, stderr = run_cli(*args, cwd=workdir)
+    monkeypatch.chdir(workdir)
+    with pytest.raises(UserError) as refused:
+        moekit.merge(args[1], args[3])
+    assert stderr.strip() == f"moekit: error: {refused.value}"

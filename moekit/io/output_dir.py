@@ -332,3 +332,13 @@ def _signals_deferred() -> Iterator[None]:
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         for sig in dict.fromkeys(caught):
             signal.raise_signal(sig)
+
+
+def resolve_out(out: str | Path | None, config_out: str | None, base_dir: Path | None) -> Path:
+    """The output directory: `-o`, else the config's `out:` (relative to the config's folder)."""
+    if out is not None:
+        return Path(out)
+    if config_out:
+        p = Path(config_out).expanduser()
+        return p if p.is_absolute() or base_dir is None else base_dir / p
+    raise UserError("no output directory: pass -o/--out DIR or set 'out:' in the config")

@@ -26,7 +26,13 @@ from pathlib import Path
 import torch
 
 from moekit.errors import UserError
-from moekit.io.output_dir import check_free_space, check_output_free, check_output_spares_inputs, output_lock
+from moekit.io.output_dir import (
+    check_free_space,
+    check_output_free,
+    check_output_spares_inputs,
+    output_lock,
+    resolve_out,
+)
 from moekit.io.writer import streaming_output
 from moekit.merging.job import CHUNK_ELEMENTS, PREFETCH_ELEMENTS, Job, MemoryPhase, OutputPlan, TensorRef
 from moekit.merging.methods.sparsify import Uniforms
@@ -273,15 +279,6 @@ class DrawAhead:
             self.queue.append((self.pool.submit(Uniforms, self.runner.rng, shapes), size))
             self.ahead += size
             self.submitted += 1
-
-
-def resolve_out(out: str | Path | None, config_out: str | None, base_dir: Path | None) -> Path:
-    if out is not None:
-        return Path(out)
-    if config_out:
-        p = Path(config_out).expanduser()
-        return p if p.is_absolute() or base_dir is None else base_dir / p
-    raise UserError("no output directory: pass -o/--out DIR or set 'out:' in the config")
 
 
 def run_plan(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import keyword
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -126,11 +126,31 @@ def get_method(name: object, where: str = "merge_method") -> MergeMethod:
     from moekit.merging import methods  # noqa: F401 - importing registers every method
 
     if not isinstance(name, str) or name not in METHODS:
-        known = ", ".join(sorted(METHODS))
-        raise UserError(
-            f"{where}: unknown merge method {name!r}{did_you_mean(str(name), METHODS)}; known: {known}"
-        )
+        raise unknown_method(name, METHODS, where)
     return METHODS[name]
+
+
+def unknown_method(name: object, known: Iterable[str], where: str) -> UserError:
+    """The error for a merge_method that is not one of `known` (the registry's, or before torch is imported the
+    names in method_table.py)."""
+    listing = ", ".join(sorted(known))
+    return UserError(
+        f"{where}: unknown merge method {name!r}{did_you_mean(str(name), known)}; known: {listing}"
+    )
+
+
+def unknown_parameter(
+    method: str, takes: set[str], key: str, where: str, any_method: set[str]
+) -> UserError | None:
+    """The error for a parameter `key` that `method` (whose parameters are `takes`) lacks, or None when another
+    method takes it and it is no typo of one of this method's: a leftover from switching methods, which mergekit
+    ignores (a warning)."""
+    near = [k for k in takes if edit_distance(str(key), k) <= 1]
+    if key in any_method and not near:
+        return None
+    hint = did_you_mean(key, near or takes or any_method)
+    listing = ", ".join(sorted(takes)) or "no parameters"
+    return UserError(f"{where}: '{method}' has no parameter '{key}'{hint}; it takes: {listing}")
 
 
 def method_for(config: MergeConfig) -> MergeMethod:
@@ -155,13 +175,11 @@ def check_parameters(config: MergeConfig, method: MergeMethod, name: str) -> Non
         for key, setting in list(params.items()):
             p = method.param(key)
             if p is None:
-                near = [k for k in known if edit_distance(str(key), k) <= 1]
-                if key in known_parameter_names() and not near:
-                    ignored.setdefault(f"'{method.name}' does not use '{key}'", []).append(where)
-                    continue
-                hint = did_you_mean(key, near or known or known_parameter_names())
-                takes = ", ".join(sorted(known)) or "no parameters"
-                raise UserError(f"{where}: '{method.name}' has no parameter '{key}'{hint}; it takes: {takes}")
+                error = unknown_parameter(method.name, known, key, where, known_parameter_names())
+                if error is not None:
+                    raise error
+                ignored.setdefault(f"'{method.name}' does not use '{key}'", []).append(where)
+                continue
             if per_model_block and not p.per_model:
                 ignored.setdefault(
                     f"'{key}' is a global parameter of '{method.name}': it counts only in the top-level or slice "

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from moekit.config import check_keys, fits_float32, parse_dtype
 from moekit.errors import UserError, did_you_mean
 from moekit.moe.layouts import LAYOUTS, NOT_BUILT, architecture_names
+
+if TYPE_CHECKING:  # the keys and checks here need no torch: moekit/preflight.py reads them before its import
+    import torch
 
 MOE_KEYS = {
     "merge_method": "moe (optional: a config with `experts` is an MoE config)",

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from moekit.io.output_files import set_config_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 ROLES = ("gate", "up", "down")  # the dense MLP's projections, by role (Family.mlp)
 
@@ -136,6 +138,8 @@ SHARED_GATE_VALUE = 1e-30
 
 def shared_gate_value(dtype: torch.dtype) -> float:
     """The entries of a constant shared-expert gate: sigmoid(g . x) = 1/2 to working precision, yet g != 0."""
+    import torch
+
     subnormal = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
     return max(SHARED_GATE_VALUE, subnormal)
 
