@@ -593,20 +593,27 @@ def example_models_command(config_dir, force) -> None:
 @click.option(
     "--config",
     type=click.Path(dir_okay=False),
-    help="The config the merge ran from (it must equal the recipe): its relative paths resolve as they did.",
+    help="The config the merge ran from (it must equal the recipe): its relative paths resolve against its folder "
+    "(default: the folder the output records).",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="The merge's --seed, for the rerun.")
+@click.option(
+    "--seed",
+    type=int,
+    default=None,
+    help="The merge's --seed, for the rerun (default: what the output records).",
+)
 @click.option("--no-rerun", is_flag=True, help="Do not merge the recipe again (it needs the input models).")
 @click.option("--no-load", is_flag=True, help="Do not load the model in transformers.")
 def verify_command(out_dir, config, seed, no_rerun, no_load) -> None:
     """Check a merge output OUT: shards against the index, every tensor finite, shapes against config.json (the
     per-expert layout transformers 4.x and 5.x load), a transformers load, and that moekit_config.yaml merged
-    again gives the same tensor bytes. Prints one line per problem and exits 1 if there is any; exit 0 when all
-    checks pass, 2 when OUT cannot be checked at all (no such directory).
+    again (with the seed and config folder moekit_rerun.yaml records) gives the same tensor bytes. Prints one line
+    per problem and exits 1 if there is any; exit 0 when all checks pass, 2 when OUT cannot be checked at all.
 
     \b
-    Example:
-      moekit verify out/ties --config merge_configs/ties.yaml --seed 1
+    Examples:
+      moekit verify out/ties
+      moekit verify old/ties --config merge_configs/ties.yaml --seed 1   (an output with no moekit_rerun.yaml)
     """
     from moekit.verification import verify
 

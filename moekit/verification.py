@@ -15,9 +15,11 @@ Five checks, each reporting every problem it finds as one line (what, where, how
   dtypes, shapes and bytes (sha256 of each tensor's raw bytes), and the same config.json. Files around the
   weights (the model card, the recipe itself, the shard split) are not compared.
 
-The recipe holds the config as given, not the seed or the folder its relative paths were relative to: pass the
-merge's `seed`, and `config` (the file the merge ran from) when the recipe's paths are relative; that file must
-then equal the recipe.
+The recipe holds the config as given; `moekit_rerun.yaml` beside it records the rest of what the rerun needs:
+the merge's seed, the options that change its tensors, and the folder its relative paths resolved against
+(relative to the output, so that it keeps working when the output moves with its inputs, and an uploaded folder
+carries no absolute path). `seed` and `config` (the file the merge ran from, which must equal the recipe; its
+folder is then the base) override the record; outputs of moekit versions that wrote no record need them.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import yaml
 
 from moekit import transformers_io
 from moekit.errors import UserError
-from moekit.io.output_files import MARKER_NAME
+from moekit.io.output_files import MARKER_NAME, RERUN_NAME, RERUN_OPTIONS
 from moekit.io.safetensors_reader import (
     INDEX_NAME,
     TensorInfo,
@@ -65,13 +67,13 @@ def verify(
     out: str | Path,
     *,
     config: str | Path | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     rerun: bool = True,
     load: bool = True,
     print_fn: Callable[[str], None] | None = None,
 ) -> VerifyReport:
     """Check the merge output `out` (see the module doc). `config` and `seed` are the original merge's, for the
-    recipe's rerun; `rerun=False` and `load=False` skip the two slow checks. Bad input (no such directory, an
+    recipe's rerun (default: what moekit_rerun.yaml records; else no config and seed 0); `rerun=False` and `load=False` skip the two slow checks. Bad input (no such directory, an
     adapter) raises UserError; problems with the output are returned in the report."""
     out = Path(out)
     if not out.is_dir():
@@ -320,7 +322,7 @@ def _check_loads(out: Path, problems: list[str]) -> str:
 def _check_recipe(
     out: Path,
     config: str | Path | None,
-    seed: int,
+    seed: int | None,
     infos: dict,
     config_json: dict | None,
     problems: list[str],
@@ -336,6 +338,7 @@ def _check_recipe(
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         problems.append(f"{recipe_path}: not readable YAML ({str(e).splitlines()[0]})")
         return ""
+    record = read_rerun_record(out)
     if config is not None:
         given = yaml.safe_load(Path(config).read_text()) if Path(config).is_file() else None
         if given is None:
@@ -343,21 +346,45 @@ def _check_recipe(
         if given != recipe:
             problems.append(f"{recipe_path}: differs from {config}; the output was not made by that config")
             return ""
+    options = {k: v for k, v in (record or {}).items() if k in RERUN_OPTIONS}
+    if seed is None:
+        seed = record["seed"] if record else 0
+    relative_to = out / record["paths_relative_to"] if record and config is None else None
     with tempfile.TemporaryDirectory(prefix=".moekit-verify-", dir=out.parent) as tmp:
         again = Path(tmp) / "rerun"
         try:
-            merge(config if config is not None else recipe, again, seed=seed, print_fn=lambda *_: None)
-        except UserError as e:
-            hint = (
-                ""
-                if config is not None
-                else "; if its paths are relative, pass --config (the file it ran from)"
+            merge(
+                config if config is not None else recipe,
+                again,
+                seed=seed,
+                relative_to=relative_to,
+                print_fn=lambda *_: None,
+                **options,
             )
+        except UserError as e:
+            if config is not None:
+                hint = ""
+            elif record:
+                hint = (
+                    f"; its relative paths resolved against {relative_to} ({RERUN_NAME}'s paths_relative_to): if "
+                    "the inputs moved, pass --config (the file it ran from)"
+                )
+            else:
+                hint = (
+                    f"; this output has no {RERUN_NAME} (an older moekit wrote none): if its paths are relative, "
+                    "pass --config (the file it ran from)"
+                )
             problems.append(f"{recipe_path}: cannot rerun the recipe: {e}{hint}")
             return ""
         redo: dict[str, TensorInfo] = {}
         _check_files(again, redo, [], set())
-        _compare_tensors(infos, redo, recipe_path, seed, problems)
+        differ = _compare_tensors(infos, redo, recipe_path, problems)
+        if differ and record is None and seed == 0:  # first, so that the cut to MAX_LINES_PER_CHECK keeps it
+            problems.insert(
+                0,
+                f"{recipe_path}: no {RERUN_NAME} records the merge's seed (an output of an older moekit): if the "
+                "merge ran with --seed N, verify with --seed N",
+            )
         redo_config = json.loads((again / "config.json").read_text())
         if config_json is not None and redo_config != config_json:
             keys = sorted(
@@ -369,7 +396,41 @@ def _check_recipe(
     return f"rerun (seed {seed}) gives the same bytes for all {len(redo)} tensors and the same config.json"
 
 
-def _compare_tensors(held: dict, redo: dict, recipe_path: Path, seed: int, problems: list[str]) -> None:
+def read_rerun_record(out: Path) -> dict | None:
+    """What moekit_rerun.yaml records (None when there is none: an older moekit's output), with gate_dtype as a
+    torch dtype; a record that is not what moekit writes is a UserError that says how to go on without it."""
+    from moekit.config import parse_dtype
+
+    path = out / RERUN_NAME
+    if not path.is_file():
+        return None
+    fix = "fix or delete it, and pass --seed and --config (the file the merge ran from)"
+    try:
+        record = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: not readable YAML ({str(e).splitlines()[0]}); {fix}") from None
+    kinds = {
+        "seed": int,
+        "paths_relative_to": str,
+        "allow_crimes": bool,
+        "unsafe_truncate_embeddings": bool,
+        "gate_dtype": str,
+    }
+    if not isinstance(record, dict) or not {"seed", "paths_relative_to"} <= set(record):
+        raise UserError(f"{path}: needs a mapping with seed and paths_relative_to; {fix}")
+    for key, value in record.items():
+        kind = kinds.get(key)
+        if kind is None:
+            raise UserError(f"{path}: unknown key '{key}' (moekit writes {', '.join(kinds)}); {fix}")
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise UserError(f"{path}: {key} must be a {kind.__name__}, got {value!r}; {fix}")
+    if "gate_dtype" in record:
+        record["gate_dtype"] = parse_dtype(record["gate_dtype"], f"{path}: gate_dtype")
+    return record
+
+
+def _compare_tensors(held: dict, redo: dict, recipe_path: Path, problems: list[str]) -> int:
+    """Note every tensor the output and the rerun disagree on; returns how many differ in their bytes."""
     for name in sorted(set(redo) - set(held)):
         problems.append(f"{recipe_path}: the rerun makes tensor '{name}', which the output lacks")
     for name in sorted(set(held) - set(redo)):
@@ -389,8 +450,7 @@ def _compare_tensors(held: dict, redo: dict, recipe_path: Path, seed: int, probl
     finally:
         ours.close()
         theirs.close()
-    if differ and seed == 0:  # first, so that the cut to MAX_LINES_PER_CHECK keeps it
-        problems.insert(0, f"{recipe_path}: if the merge ran with --seed N, verify with --seed N")
+    return differ
 
 
 def _digest(reader: TensorReader, name: str) -> str:

@@ -143,6 +143,7 @@ def test_force_replaces_what_moekit_wrote_or_a_bare_model(make, micro_models, tm
         "config.json",
         "model.safetensors",
         "moekit_config.yaml",
+        "moekit_rerun.yaml",
     ]
     assert not litter(tmp_path) and not list(tmp_path.glob(".*moekit-lock"))
 

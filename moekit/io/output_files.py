@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     import torch
 
     from moekit.io.checkpoint import Checkpoint
+    from moekit.options import MergeOptions
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -32,6 +34,10 @@ TOKENIZER_FILES = (
 MARKER_NAME = (
     "moekit_config.yaml"  # the recipe: it also marks a directory as moekit's, which --force may replace
 )
+
+RERUN_NAME = "moekit_rerun.yaml"  # what a rerun of the recipe needs besides it: the seed, the config's folder
+# The merge options, besides the seed, that change the tensors a config makes (or whether it runs at all).
+RERUN_OPTIONS = ("allow_crimes", "unsafe_truncate_embeddings", "gate_dtype")
 
 CONFIG_DTYPES = ("float32", "float16", "bfloat16", "float64")  # the dtypes config.json may name
 
@@ -127,6 +133,27 @@ def write_recipe(
         f"```yaml\n{yaml.safe_dump(_named(raw_config, names), sort_keys=False)}```\n"
     )
     (dst / "README.md").write_text(card)
+
+
+def write_rerun_record(dst: Path, out: Path, base_dir: Path | None, options: MergeOptions) -> None:
+    """moekit_rerun.yaml: the seed, the options of RERUN_OPTIONS that are not their defaults, and the folder the
+    recipe's relative paths resolved against (the config's folder; the working directory for a config given as
+    a dict or text), written relative to the final output `out`, so that an uploaded folder carries no absolute
+    local path and `moekit verify` finds the inputs of an output moved with them."""
+    base = (base_dir if base_dir is not None else Path()).resolve()
+    record: dict = {
+        "seed": options.seed,
+        "paths_relative_to": Path(os.path.relpath(base, out.resolve())).as_posix(),
+    }
+    for name in RERUN_OPTIONS:
+        value = getattr(options, name)
+        if value not in (None, False):
+            record[name] = value if isinstance(value, bool) else str(value).removeprefix("torch.")
+    header = (
+        f"# What `moekit verify` needs, besides {MARKER_NAME}, to merge it again: paths_relative_to is the "
+        "folder its relative paths are relative to, from this folder.\n"
+    )
+    (dst / RERUN_NAME).write_text(header + yaml.safe_dump(record, sort_keys=False))
 
 
 def _named_refs(line: str, names: dict[str, str]) -> str:

@@ -35,6 +35,7 @@ def merge(
     options: MergeOptions | None = None,
     *,
     print_fn=print,
+    relative_to: str | Path | None = None,
     **keywords,
 ) -> Path | None:
     """Merge the models described by `config` (a path, YAML text or a dict) into the directory `out` (or the
@@ -47,11 +48,14 @@ def merge(
     path, or None for a dry run (which prints the plan with `print_fn` instead). How it runs is `options`, with
     any MergeOptions field given as a keyword on top (force, dry_run, shard_size, seed, allow_nonfinite,
     allow_pickle, progress, device, copy_tokenizer, write_model_card, allow_crimes, unsafe_truncate_embeddings,
-    intermediate_dir, gate_dtype, batch_size).
+    intermediate_dir, gate_dtype, batch_size). `relative_to` is the folder that the relative paths of a config
+    given as a dict or text resolve against (default: the working directory; a file's are its folder's).
     """
     options = MergeOptions(**keywords) if options is None else options.replace(**keywords)
     return_freed_memory_promptly()
     docs, path = read_yaml_documents(config)
+    if path is None and relative_to is not None:
+        path = Path(relative_to) / "<config>"  # parsing takes a config's base folder from its file's path
     if len(docs) > 1:  # mergekit-multi: named merges that later documents merge
         from moekit.merging.multi import merge_documents
 

@@ -33,6 +33,7 @@ from moekit.io.output_dir import (
     output_lock,
     resolve_out,
 )
+from moekit.io.output_files import write_rerun_record
 from moekit.io.writer import streaming_output
 from moekit.merging.job import CHUNK_ELEMENTS, PREFETCH_ELEMENTS, Job, MemoryPhase, OutputPlan, TensorRef
 from moekit.merging.methods.sparsify import Uniforms
@@ -330,6 +331,7 @@ def execute(
             )
             runner.run(lambda job, tensor, last: plan.write(writer, job, tensor, last))
         write_metadata(plan, tmp)
+        write_rerun_record(tmp, out, plan.config.base_dir, options)
 
 
 def describe_plan(

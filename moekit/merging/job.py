@@ -78,6 +78,7 @@ class OutputPlan:
 
     jobs: list[Job]
     models: list[Checkpoint]
+    config: object  # the parsed config; its `base_dir` is where the config's relative paths resolved
     vocab = None  # a dense merge's tokenizer_source: embedding inputs are re-laid in its token order
     rng_seed_offset = 0  # the run's generator is seeded with `seed + rng_seed_offset`
     warnings: tuple[str, ...] | list[str] = ()  # printed on stderr before the run
