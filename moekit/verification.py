@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from moekit import transformers_io
-from moekit.errors import UserError
+from moekit.errors import UserError, did_you_mean
 from moekit.io.output_files import MARKER_NAME, RERUN_NAME, RERUN_OPTIONS
 from moekit.io.safetensors_reader import (
     INDEX_NAME,
@@ -73,8 +73,9 @@ def verify(
     print_fn: Callable[[str], None] | None = None,
 ) -> VerifyReport:
     """Check the merge output `out` (see the module doc). `config` and `seed` are the original merge's, for the
-    recipe's rerun (default: what moekit_rerun.yaml records; else no config and seed 0); `rerun=False` and `load=False` skip the two slow checks. Bad input (no such directory, an
-    adapter) raises UserError; problems with the output are returned in the report."""
+    recipe's rerun (default: what moekit_rerun.yaml records; without one, no config and seed 0); `rerun=False`
+    and `load=False` skip the two slow checks. Bad input (no such directory, an adapter) raises UserError;
+    problems with the output are returned in the report."""
     out = Path(out)
     if not out.is_dir():
         raise UserError(f"{out}: no such directory; give a model directory that moekit merge wrote")
@@ -421,7 +422,9 @@ def read_rerun_record(out: Path) -> dict | None:
     for key, value in record.items():
         kind = kinds.get(key)
         if kind is None:
-            raise UserError(f"{path}: unknown key '{key}' (moekit writes {', '.join(kinds)}); {fix}")
+            raise UserError(
+                f"{path}: unknown key '{key}'{did_you_mean(key, kinds)} (moekit writes {', '.join(kinds)}); {fix}"
+            )
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise UserError(f"{path}: {key} must be a {kind.__name__}, got {value!r}; {fix}")
     if "gate_dtype" in record:

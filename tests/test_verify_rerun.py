@@ -192,7 +192,7 @@ def test_broken_record_is_one_line(project, tmp_path):
     record = out / "moekit_rerun.yaml"
     record.write_text("seed: 0\npaths_relative_to: ../proj/configs\nsed: 1\n")
     assert moekit.verify(out, load=False).problems == [
-        f"{record}: unknown key 'sed' (moekit writes seed, paths_relative_to, allow_crimes, "
+        f"{record}: unknown key 'sed' (did you mean 'seed'?) (moekit writes seed, paths_relative_to, allow_crimes, "
         "unsafe_truncate_embeddings, gate_dtype); fix or delete it, and pass --seed and --config (the file the "
         "merge ran from)"
     ]
