@@ -1,11 +1,14 @@
 """`calibrate_router`: train a clown-MoE's routers (and optionally Qwen2-MoE's shared-expert gate) on labelled text.
 
 Everything but the router weights is frozen. Objectives, per batch of token windows:
-* `lm`: next-token cross-entropy of the whole model (the router gets gradient through the top-k weights; a top-1
-  renormalised router, Mixtral with k = 1, has none: its one weight is always 1);
+* `lm`: next-token cross-entropy of the whole model. The routers' gradient is taken straight through every
+  expert: the forward pass routes exactly as at inference (the loss is the model's own), but the backward pass
+  sees the full softmax over all experts, each weighted by how its output would have changed the loss. A top-1
+  renormalised router (Mixtral with k = 1) would otherwise get none: its one weight is always 1. It costs one
+  expert MLP per expert per token in training;
 * `label`: per token and MoE layer, -log of the router probability on the expert(s) built from the token's
   label's source model (read from `moekit_config.yaml`), averaged over layers and tokens;
-* `both`: their sum.
+* `both`: their sum, the label term times `label_coef`.
 The Switch load-balancing loss (times `balance_coef`) and the router z-loss (times `z_coef`) are always added.
 
 Before and after, the routing and the perplexity of held-out windows are measured per label (the same numbers as
@@ -45,6 +48,7 @@ OBJECTIVES = ("lm", "label", "both")
 # Router tensors on disk (Mixtral: block_sparse_moe.gate; Qwen MoE: mlp.gate) and Qwen2-MoE's shared-expert gate.
 ROUTER_ON_DISK = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight")
 SHARED_GATE_ON_DISK = re.compile(r"model\.layers\.(\d+)\.mlp\.shared_expert_gate\.weight")
+ROUTER_MODULE = re.compile(r"layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate$")
 CARD_HEADING = "## Router calibration (moekit calibrate-router)"
 
 
@@ -78,6 +82,7 @@ def calibrate_router(
     steps: int = 40,
     lr: float = 1e-3,
     objective: str = "label",
+    label_coef: float = 1.0,
     balance_coef: float = 0.01,
     z_coef: float = 1e-3,
     train_shared_gate: bool = False,
@@ -98,7 +103,9 @@ def calibrate_router(
     """
     moe_dir = Path(moe_dir)
     out = Path(out)
-    _check_options(steps, lr, objective, balance_coef, z_coef, window, batch_size, heldout_fraction)
+    _check_options(
+        steps, lr, objective, label_coef, balance_coef, z_coef, window, batch_size, heldout_fraction
+    )
     for label, value in [*data.items(), *(heldout or {}).items()]:
         _texts(label, value)  # a bad file is reported before the model is loaded
     with transformers_bars(progress):
@@ -110,22 +117,18 @@ def calibrate_router(
     train, held = _windows(data, heldout, tokenizer, window, heldout_fraction)
 
     params = _trainable(model, train_shared_gate)
-    if objective == "lm" and top_k == 1 and model.config.model_type == "mixtral":
-        print_fn(
-            "warning: a top-1 Mixtral router gets no gradient from the lm objective; use --objective label"
-        )
     before = evaluate(model, held, targets, num_experts, top_k, batch_size)
     start = time.perf_counter()
     losses = _train(
-        model, train, targets, params, steps, lr, objective, balance_coef, z_coef, batch_size, seed, top_k,
-        num_experts, progress,
+        model, train, targets, params, steps, lr, objective, (label_coef, balance_coef, z_coef), batch_size, seed,
+        top_k, num_experts, progress,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     after = evaluate(model, held, targets, num_experts, top_k, batch_size)
     settings = {
         "data": {label: _origin(v) for label, v in data.items()},
         "heldout": {label: _origin(v) for label, v in heldout.items()} if heldout else f"last {heldout_fraction}",
-        "steps": steps, "lr": lr, "objective": objective, "balance_coef": balance_coef, "z_coef": z_coef,
+        "steps": steps, "lr": lr, "objective": objective, "label_coef": label_coef, "balance_coef": balance_coef, "z_coef": z_coef,
         "train_shared_gate": train_shared_gate, "window": window, "batch_size": batch_size, "seed": seed,
         "targets": targets, "train_windows": sum(len(w) for w in train.values()), "seconds": round(seconds, 1),
     }  # fmt: skip
@@ -133,7 +136,9 @@ def calibrate_router(
     return CalibrationResult(out, before, after, steps, seconds, targets, losses)
 
 
-def _check_options(steps, lr, objective, balance_coef, z_coef, window, batch_size, heldout_fraction) -> None:
+def _check_options(
+    steps, lr, objective, label_coef, balance_coef, z_coef, window, batch_size, heldout_fraction
+) -> None:
     if objective not in OBJECTIVES:
         raise UserError(
             f"--objective {objective!r} is unknown{did_you_mean(objective, OBJECTIVES)}; use lm, label or both"
@@ -141,6 +146,7 @@ def _check_options(steps, lr, objective, balance_coef, z_coef, window, batch_siz
     for name, value, ok in (
         ("--steps", steps, steps >= 0),
         ("--lr", lr, lr > 0),
+        ("--label-coef", label_coef, label_coef > 0),
         ("--balance-coef", balance_coef, balance_coef >= 0),
         ("--z-coef", z_coef, z_coef >= 0),
         ("--window", window, window >= 2),
@@ -263,7 +269,7 @@ def _trainable(model, train_shared_gate: bool) -> dict[int, dict[str, torch.nn.P
         p.requires_grad_(False)
     params: dict[int, dict[str, torch.nn.Parameter]] = {}
     for name, module in model.named_modules():
-        if m := re.search(r"layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate$", name):
+        if m := ROUTER_MODULE.search(name):
             params.setdefault(int(m[1]), {})["router"] = module.weight
         elif train_shared_gate and (m := re.search(r"layers\.(\d+)\.mlp\.shared_expert_gate$", name)):
             params.setdefault(int(m[1]), {})["shared_gate"] = module.weight
@@ -285,6 +291,39 @@ def _label_loss(router_logits, target_mask: torch.Tensor, labelled: torch.Tensor
     return total / len(router_logits)
 
 
+@contextlib.contextmanager
+def _straight_through_routing(model):
+    """Routers return all experts, weighted `top-k weights + p - p.detach()` (p: the full softmax).
+
+    The forward value is the top-k routing itself, so the MoE output and the loss are the model's at inference;
+    the gradient reaching the router logits is that of the dense mixture sum_e p_e * expert_e(x): an unselected
+    expert's output, weighted 0 in the forward pass, still says whether choosing it would have lowered the loss.
+    """
+
+    def route_through_all(module, args, output):
+        if not (isinstance(output, tuple) and len(output) == 3):
+            raise UserError(
+                f"--objective lm: the router {type(module).__name__} does not return (logits, weights, indices) "
+                "as Mixtral's and Qwen2-MoE's do; use --objective label"
+            )
+        logits, weights, indices = output
+        probs = torch.softmax(logits.float(), dim=-1)
+        chosen = torch.zeros_like(probs).scatter(-1, indices, weights.detach().float())
+        every = torch.arange(probs.shape[-1], device=indices.device).expand_as(probs)
+        return logits, (chosen + probs - probs.detach()).to(weights.dtype), every
+
+    handles = [
+        module.register_forward_hook(route_through_all)
+        for name, module in model.named_modules()
+        if ROUTER_MODULE.search(name)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _forward(model, ids, mask, lm: bool):
     out = model(
         input_ids=ids, attention_mask=mask, output_router_logits=True, use_cache=False,
@@ -300,9 +339,9 @@ def _lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tor
 
 
 def _train(
-    model, train, targets, params, steps, lr, objective, balance_coef, z_coef, batch_size, seed, top_k,
-    num_experts, progress,
+    model, train, targets, params, steps, lr, objective, coefs, batch_size, seed, top_k, num_experts, progress,
 ) -> list[float]:  # fmt: skip
+    label_coef, balance_coef, z_coef = coefs
     pool = [(label, w) for label, windows in train.items() for w in windows]
     if steps == 0:
         return []
@@ -327,7 +366,9 @@ def _train(
             row_labels = [label_ids[label] for label, _ in batch]
             ids, mask = _padded([w for _, w in batch])
             ids, mask = ids.to(device), mask.to(device)
-            logits, router_logits = _forward(model, ids, mask, objective != "label")
+            lm = objective != "label"
+            with _straight_through_routing(model) if lm else contextlib.nullcontext():
+                logits, router_logits = _forward(model, ids, mask, lm)
             token_mask = mask.reshape(-1).bool()
             router_logits = [r.reshape(-1, num_experts)[token_mask] for r in router_logits]
             loss = 0.0
@@ -335,7 +376,9 @@ def _train(
                 loss = loss + _lm_loss(logits, ids, mask)
             if objective in ("label", "both"):
                 target_mask, labelled = _token_targets(row_labels, labels, targets, mask, num_experts)
-                loss = loss + _label_loss(router_logits, target_mask[token_mask], labelled[token_mask])
+                loss = loss + label_coef * _label_loss(
+                    router_logits, target_mask[token_mask], labelled[token_mask]
+                )
             for r in router_logits:
                 chosen = torch.topk(r.detach().float(), top_k, dim=-1).indices
                 loss = loss + (

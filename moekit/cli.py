@@ -413,6 +413,7 @@ def inspect_command(model_dir, no_compare) -> None:
 @click.option("--steps", type=int, default=40, show_default=True, help="Optimiser steps (0: copy the model).")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate of the routers.")
 @click.option("--objective", default="label", show_default=True, help="lm, label or both.")
+@click.option("--label-coef", type=float, default=1.0, show_default=True, help="Label loss weight.")
 @click.option(
     "--balance-coef", type=float, default=0.01, show_default=True, help="Load-balancing loss weight."
 )
@@ -429,7 +430,8 @@ def calibrate_router_command(moe_dir, data, heldout, out, quiet, **options):
 
     The label objective pushes the tokens of LABEL to the expert built from LABEL's source model (the label
     names the source's directory, or a word of it: 'code' for models/smollm2-code); lm trains on next-token
-    loss; both adds them. A load-balancing loss and the router z-loss are always added. Without --heldout,
+    loss, its gradient taken straight through every expert (so top-1 routers learn too); both adds them
+    (the label term times --label-coef). A load-balancing loss and the router z-loss are always added. Without --heldout,
     the last 10% of each label's windows are held out.
 
     \b
