@@ -35,7 +35,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", type=Path, default=None, help="the demo's folder (default: $MOEKIT_CACHE/demo)")
     ap.add_argument("-o", "--out", type=Path, default=None, help="default: DEMO/merges/clown_moe_calibrated")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--objective", default="both")
+    ap.add_argument("--label-coef", type=float, default=0.3)
     ap.add_argument(
         "--window", type=int, default=256, help="route-stats' default, so 'before' is the README's"
     )
@@ -58,7 +60,8 @@ def main() -> int:
         print(f"{d}: {len(windows)} training windows -> {train}")
         cmd += ["--data", f"{d}={train}", "--heldout", f"{d}={demo / f'heldout_{d}.txt'}"]
     out = args.out or demo / "merges" / "clown_moe_calibrated"
-    cmd += ["-o", str(out), "--steps", str(args.steps), "--window", str(args.window), *args.extra]
+    cmd += ["-o", str(out), "--steps", str(args.steps), "--window", str(args.window)]
+    cmd += ["--objective", args.objective, "--label-coef", str(args.label_coef), *args.extra]
     print("$ moekit " + " ".join(cmd[3:]), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)

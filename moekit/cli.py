@@ -410,10 +410,10 @@ def inspect_command(model_dir, no_compare) -> None:
 )
 @click.option("--heldout", "heldout", multiple=True, metavar="LABEL=FILE", help="Held-out text per label.")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output model directory.")
-@click.option("--steps", type=int, default=40, show_default=True, help="Optimiser steps (0: copy the model).")
+@click.option("--steps", type=int, default=20, show_default=True, help="Optimiser steps (0: copy the model).")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate of the routers.")
-@click.option("--objective", default="label", show_default=True, help="lm, label or both.")
-@click.option("--label-coef", type=float, default=1.0, show_default=True, help="Label loss weight.")
+@click.option("--objective", default="both", show_default=True, help="lm, label or both.")
+@click.option("--label-coef", type=float, default=0.3, show_default=True, help="Label loss weight.")
 @click.option(
     "--balance-coef", type=float, default=0.01, show_default=True, help="Load-balancing loss weight."
 )
@@ -430,14 +430,14 @@ def calibrate_router_command(moe_dir, data, heldout, out, quiet, **options):
 
     The label objective pushes the tokens of LABEL to the expert built from LABEL's source model (the label
     names the source's directory, or a word of it: 'code' for models/smollm2-code); lm trains on next-token
-    loss, its gradient taken straight through every expert (so top-1 routers learn too); both adds them
-    (the label term times --label-coef). A load-balancing loss and the router z-loss are always added. Without --heldout,
-    the last 10% of each label's windows are held out.
+    loss, its gradient taken straight through every expert (so top-1 routers learn too); both (the default)
+    adds them, the label term times --label-coef. A load-balancing loss and the router z-loss are always
+    added. Without --heldout, the last 10% of each label's windows are held out.
 
     \b
     Example:
       moekit calibrate-router out/clown --data code=train.py --data legal=LICENSE \\
-          --heldout code=held.py --heldout legal=GPL -o out/clown-cal --steps 40
+          --heldout code=held.py --heldout legal=GPL -o out/clown-cal
     """
     from moekit.calibrate import calibrate_router, comparison_rows
     from moekit.stats.prompts import parse_prompts_option
