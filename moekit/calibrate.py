@@ -93,7 +93,6 @@ def calibrate_router(
     device: str = "cpu",
     force: bool = False,
     progress: bool = False,
-    print_fn=print,
 ) -> CalibrationResult:
     """Calibrate the routers of the MoE in `moe_dir` on `data` (label -> text file or list of texts) into `out`.
 
@@ -128,8 +127,9 @@ def calibrate_router(
     settings = {
         "data": {label: _origin(v) for label, v in data.items()},
         "heldout": {label: _origin(v) for label, v in heldout.items()} if heldout else f"last {heldout_fraction}",
-        "steps": steps, "lr": lr, "objective": objective, "label_coef": label_coef, "balance_coef": balance_coef, "z_coef": z_coef,
-        "train_shared_gate": train_shared_gate, "window": window, "batch_size": batch_size, "seed": seed,
+        "steps": steps, "lr": lr, "objective": objective, "label_coef": label_coef,
+        "balance_coef": balance_coef, "z_coef": z_coef, "train_shared_gate": train_shared_gate, "window": window,
+        "batch_size": batch_size, "seed": seed,
         "targets": targets, "train_windows": sum(len(w) for w in train.values()), "seconds": round(seconds, 1),
     }  # fmt: skip
     _write(moe_dir, out, model, params, force, settings, before, after)
@@ -303,7 +303,7 @@ def _straight_through_routing(model):
     def route_through_all(module, args, output):
         if not (isinstance(output, tuple) and len(output) == 3):
             raise UserError(
-                f"--objective lm: the router {type(module).__name__} does not return (logits, weights, indices) "
+                f"--objective lm/both: the router {type(module).__name__} does not return (logits, weights, indices) "
                 "as Mixtral's and Qwen2-MoE's do; use --objective label"
             )
         logits, weights, indices = output

@@ -455,7 +455,7 @@ def calibrate_router_command(moe_dir, data, heldout, out, quiet, **options):
 
     result = calibrate_router(
         moe_dir, labelled(data, "--data"), out, heldout=labelled(heldout, "--heldout") or None,
-        progress=not quiet and sys.stderr.isatty(), print_fn=lambda line: click.echo(line, err=True), **options,
+        progress=not quiet and sys.stderr.isatty(), **options,
     )  # fmt: skip
     if not quiet:
         rows = [("held-out", "before", "after"), *comparison_rows(result.before, result.after)]
